@@ -1,0 +1,121 @@
+"""`d3dc`: parse, call the library, print."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from d3d_cluster.spec import Spec, SpecError, load_spec
+
+console = Console(highlight=False)
+
+
+def _spec(path: str | None, workdir: str | None) -> Spec:
+    """The spec from a file, or the embedded quickstart default; --workdir overrides its workdir."""
+    try:
+        spec = load_spec(path) if path else Spec()
+        return spec.with_overrides(workdir=workdir) if workdir else spec
+    except SpecError as error:
+        raise click.ClickException(str(error)) from None
+
+
+spec_option = click.option("-c", "--spec", "spec_path", type=click.Path(exists=True, dir_okay=False),
+                           help="Job spec (YAML). Default: the embedded quickstart spec.")
+workdir_option = click.option("--workdir", type=click.Path(file_okay=False),
+                              help="Where data and runs go (overrides the spec's workdir).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """D3D on a cluster: prepare video shards, train the flow teacher, distill the RGB student."""
+
+
+@main.command()
+@spec_option
+@workdir_option
+def quickstart(spec_path: str | None, workdir: str | None) -> None:
+    """Make a small motion dataset, prepare shards, train teacher, student and RGB baseline; print the table."""
+    from d3d_cluster.launch.pipeline import run_pipeline
+    from d3d_cluster.launch.rundir import RESULTS_NAME, RunDir, write_json
+
+    spec = _spec(spec_path, workdir)
+    started = time.time()
+    _prepare(spec)
+    prep_seconds = time.time() - started
+    run = RunDir.create(spec)
+    console.print(f"run directory: {run.path}")
+    results = run_pipeline(run, echo=console.print)
+    results.update(prep_seconds=round(prep_seconds, 1), wall_seconds=round(time.time() - started, 1))
+    write_json(run.path / RESULTS_NAME, results)
+    _print_results(results)
+    console.print(f"results written to {run.path / RESULTS_NAME}")
+
+
+@main.command()
+@spec_option
+@workdir_option
+def prep(spec_path: str | None, workdir: str | None) -> None:
+    """Turn the spec's raw videos (or a generated motion dataset) into WebDataset shards."""
+    _prepare(_spec(spec_path, workdir))
+
+
+@main.command()
+@click.argument("stage", type=click.Choice(["teacher", "student", "baseline", "pipeline"]))
+@spec_option
+@workdir_option
+def train(stage: str, spec_path: str | None, workdir: str | None) -> None:
+    """Train one stage (or teacher, student and baseline in turn) on the spec's shards."""
+    from d3d_cluster.launch.pipeline import QUICKSTART_STAGES, results_table, run_pipeline, run_stage
+    from d3d_cluster.launch.rundir import RunDir
+
+    spec = _spec(spec_path, workdir)
+    run = RunDir.create(spec)
+    if stage == "pipeline":
+        _print_results(run_pipeline(run, QUICKSTART_STAGES, echo=console.print))
+    else:
+        run_stage(run, stage, echo=console.print)
+        _print_results(results_table(run, (stage,)))
+
+
+@main.command("check-spec")
+@click.argument("spec_path", type=click.Path(exists=True, dir_okay=False))
+def check_spec(spec_path: str) -> None:
+    """Validate a job spec and print it resolved, with every default filled in."""
+    spec = _spec(spec_path, None)
+    click.echo(spec.to_yaml(), nl=False)
+    click.echo(f"# ok: world size {spec.world_size}, gradient accumulation {spec.grad_accumulation}", err=True)
+
+
+def _prepare(spec: Spec) -> None:
+    from dataprep.prepare import prepare_dataset
+    from dataprep.synthetic import make_motion_dataset
+
+    labels = spec.path(spec.prep.labels)
+    if spec.prep.source == "synthetic" and not labels.exists():
+        console.print(f"making the synthetic motion dataset in {labels.parent}")
+        make_motion_dataset(spec.prep.synthetic, labels.parent, seed=spec.prep.seed)
+    elif not labels.exists():
+        raise click.ClickException(f"prep.labels: {labels} does not exist")
+    prepare_dataset(spec.prep, labels, spec.path(spec.data.shards), progress=True)
+
+
+def _print_results(results: dict) -> None:
+    table = Table(title=f"{results['run']}: top-1 on {results['val_samples']} validation videos "
+                        f"(chance {results['chance']:.1%})")
+    for column in ("model", "input", "top-1", "clips/s (train)", "wall s"):
+        table.add_column(column, justify="left" if column in ("model", "input") else "right")
+    for name, row in results["models"].items():
+        table.add_row(name, row["input"], f"{row['top1']:.1%}",
+                      f"{row['clips_per_second']:.1f}" if "clips_per_second" in row else "",
+                      f"{row['wall_seconds']:.0f}" if "wall_seconds" in row else "")
+    console.print(table)
+    if "wall_seconds" in results:
+        console.print(f"prep {results['prep_seconds']:.0f} s, total wall time {results['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Random access to the samples of a split through the DALI index files `dataprep` writes.
+
+The loader picks samples itself (see `order`), so it reads each sample's members straight from the tar at
+the offsets the `.idx` files record, instead of letting a DALI reader stream the tars in its own order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from d3d_cluster.data.schema import Manifest
+
+
+@dataclass(frozen=True)
+class Member:
+    tar: int  # position in SampleTable.tars
+    offset: int
+    size: int
+
+
+class SampleTable:
+    """Every sample of one split: its key and where each of its members lies."""
+
+    def __init__(self, tars: list[Path], indexes: list[Path]):
+        self.tars = tars
+        self.keys: list[str] = []
+        self.members: list[dict[str, Member]] = []
+        for tar_number, index in enumerate(indexes):
+            self._read_index(tar_number, index)
+        self._handles: dict[int, int] = {}
+
+    @classmethod
+    def from_manifest(cls, shard_dir: str | os.PathLike, split: str) -> "SampleTable":
+        tars, indexes = Manifest.load(shard_dir).shard_paths(shard_dir, split)
+        return cls(tars, indexes)
+
+    def _read_index(self, tar_number: int, index: Path) -> None:
+        lines = index.read_text().splitlines()
+        header = lines[0].split() if lines else []
+        if len(header) != 2 or not header[0].startswith("v1"):
+            raise ValueError(f"{index}: not a DALI webdataset index (header {lines[:1]!r})")
+        first = len(self.keys)
+        for line_number, line in enumerate(lines[1:], start=2):
+            fields = line.split()
+            if not fields or len(fields) % 4:
+                raise ValueError(f"{index}:{line_number}: expected groups of 'ext offset size name'")
+            members, key = {}, None
+            for ext, offset, size, name in zip(*[iter(fields)] * 4):
+                members[ext] = Member(tar_number, int(offset), int(size))
+                key = name[: -len(ext) - 1]
+            self.keys.append(key)
+            self.members.append(members)
+        if len(self.keys) - first != int(header[1]):
+            raise ValueError(f"{index}: header says {header[1]} samples, found {len(self.keys) - first}")
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def read(self, sample: int, ext: str) -> np.ndarray:
+        """The raw bytes of one member as a uint8 array (what DALI's decoders take)."""
+        member = self.members[sample].get(ext)
+        if member is None:
+            raise KeyError(f"sample {self.keys[sample]!r} has no {ext!r} member")
+        handle = self._handles.get(member.tar)
+        if handle is None:
+            handle = self._handles[member.tar] = os.open(self.tars[member.tar], os.O_RDONLY)
+        data = os.pread(handle, member.size, member.offset)
+        if len(data) != member.size:
+            raise OSError(f"{self.tars[member.tar]}: sample {self.keys[sample]!r} {ext} is truncated")
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def label(self, sample: int) -> int:
+        return int(self.read(sample, "cls").tobytes())
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            os.close(handle)
+        self._handles.clear()

@@ -1,0 +1,142 @@
+"""The shard schema: the one contract between `dataprep` (writer) and the DALI loader (reader).
+
+A split is a set of WebDataset tars `<split>-NNNNNN.tar`, each with a DALI index `<split>-NNNNNN.idx`,
+described by `manifest.json` at the root of the shard directory. Each sample holds:
+
+- `rgb.webm`  : the RGB video, F frames, 8-bit 4:2:0 VP9 (decodable by DALI's CPU and NVDEC decoders).
+- `flow.webm` : TV-L1 optical flow between consecutive RGB frames, F-1 frames. Each frame is gray and
+                twice as wide as the RGB frame: the quantized x component on the left half, y on the right.
+                Gray survives 4:2:0 chroma subsampling intact, and one video keeps both components in step.
+- `cls`       : the class index, ASCII.
+- `json`      : metadata (`key`, `label`, `source`, `frames`).
+
+Flow i is the motion from RGB frame i to frame i+1, so a clip of RGB frames [s, s+T) pairs with flow
+frames [s, s+T) and a clip may start anywhere in [0, F-1-T].
+
+Flow is quantized as I3D prepared it: clipped to [-bound, bound] pixels, mapped linearly onto [0, 255].
+The loader maps it back to [-1, 1] with `q / 127.5 - 1`, so negating a component (horizontal flip) is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+RGB_EXT = "rgb.webm"
+FLOW_EXT = "flow.webm"
+LABEL_EXT = "cls"
+META_EXT = "json"
+SAMPLE_EXTS = (RGB_EXT, FLOW_EXT, LABEL_EXT, META_EXT)
+SPLITS = ("train", "val")
+MANIFEST_NAME = "manifest.json"
+
+
+def quantize_flow(flow: np.ndarray, bound: float) -> np.ndarray:
+    """(..., 2) float pixels -> (..., 2) uint8, clipped to [-bound, bound]."""
+    scaled = (np.clip(flow, -bound, bound) + bound) * (255.0 / (2.0 * bound))
+    return np.rint(scaled).astype(np.uint8)
+
+
+def dequantize_flow(quantized: np.ndarray, bound: float) -> np.ndarray:
+    """Inverse of `quantize_flow`, back to float pixels (up to the quantization step)."""
+    return quantized.astype(np.float32) * (2.0 * bound / 255.0) - bound
+
+
+def flow_to_frame(quantized: np.ndarray) -> np.ndarray:
+    """(H, W, 2) uint8 flow -> (H, 2W, 3) gray RGB frame with x on the left half and y on the right."""
+    gray = np.concatenate([quantized[..., 0], quantized[..., 1]], axis=1)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def frame_to_flow(frame: np.ndarray) -> np.ndarray:
+    """Inverse of `flow_to_frame` for (..., H, 2W, C) decoded frames -> (..., H, W, 2) uint8."""
+    gray = frame[..., 0]
+    width = gray.shape[-1] // 2
+    return np.stack([gray[..., :width], gray[..., width:]], axis=-1)
+
+
+@dataclass
+class ShardInfo:
+    path: str  # relative to the manifest's directory
+    index: str
+    samples: int
+    sha256: str
+
+
+@dataclass
+class SplitInfo:
+    shards: list[ShardInfo] = field(default_factory=list)
+    samples: int = 0
+    class_counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Manifest:
+    classes: list[str]
+    frames: int  # RGB frames per sample; flow has frames - 1
+    height: int
+    width: int
+    fps: float
+    keyframe_interval: int
+    flow: dict  # algorithm, bound and the algorithm's parameters, as used
+    splits: dict[str, SplitInfo]
+    rejects: int = 0
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def flow_bound(self) -> float:
+        return float(self.flow["bound"])
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no shard manifest (run `d3dc prep` first)")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("schema_version") != SCHEMA_VERSION:
+                raise ValueError(f"schema_version {raw.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+            raw["splits"] = {
+                name: SplitInfo(
+                    shards=[ShardInfo(**shard) for shard in split["shards"]],
+                    samples=split["samples"],
+                    class_counts=split["class_counts"],
+                )
+                for name, split in raw["splits"].items()
+            }
+            return cls(**raw)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: malformed manifest: {error}") from error
+
+    def shard_paths(self, directory: str | os.PathLike, split: str) -> tuple[list[Path], list[Path]]:
+        """Absolute tar and index paths of a split; a missing file is an error naming it."""
+        if split not in self.splits:
+            raise ValueError(f"{Path(directory) / MANIFEST_NAME}: no split {split!r} (has {sorted(self.splits)})")
+        root = Path(directory)
+        tars = [root / shard.path for shard in self.splits[split].shards]
+        indexes = [root / shard.index for shard in self.splits[split].shards]
+        missing = [str(p) for p in tars + indexes if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"missing shard files for split {split!r}: {', '.join(missing)}")
+        return tars, indexes
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

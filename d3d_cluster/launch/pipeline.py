@@ -1,0 +1,68 @@
+"""Teacher, then student (and the RGB-only baseline), each as a multi-rank job; then the results table."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from d3d_cluster.launch.executor import make_executor
+from d3d_cluster.launch.job import StageJob
+from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir, write_json
+from d3d_cluster.train.evaluate import Predictions, ensemble_top1
+
+QUICKSTART_STAGES = ("teacher", "student", "baseline")
+
+
+def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll_seconds: float = 1.0) -> dict:
+    """Submit one stage, relay its rank-0 output and metrics endpoints while it runs, wait for it."""
+    spec = run.spec()
+    executor = make_executor(spec.cluster, run.stage(stage) / "submitit", f"{spec.name}-{stage}")
+    job = executor.submit(StageJob(str(run.path), stage))
+    run.event("submitted", stage=stage, job_id=job.job_id, executor=spec.cluster.executor)
+    echo(f"[{stage}] submitted job {job.job_id} ({spec.world_size} ranks, logs in {job.paths.folder})")
+    relayed = 0
+    while not job.done():
+        time.sleep(poll_seconds)
+        relayed = _relay(job.paths.stdout, relayed, echo)
+    _relay(job.paths.stdout, relayed, echo)
+    job.results()  # raises with the failing rank's error output
+    return json.loads((run.stage(stage) / SUMMARY_NAME).read_text())
+
+
+def _relay(log: Path, offset: int, echo: Callable[[str], None]) -> int:
+    if not log.exists():
+        return offset
+    with log.open() as handle:
+        handle.seek(offset)
+        text = handle.read()
+    complete, _, _ = text.rpartition("\n")
+    for line in complete.splitlines():
+        if line.startswith("["):
+            echo(line)
+    return offset + len(complete) + (1 if complete else 0)
+
+
+def results_table(run: RunDir, stages: tuple[str, ...]) -> dict:
+    summaries = {stage: json.loads((run.path / stage / SUMMARY_NAME).read_text()) for stage in stages}
+    predictions = {stage: Predictions.load(run.path / stage) for stage in stages}
+    models = {
+        stage: {"input": "flow" if stage == "teacher" else "rgb", "top1": summaries[stage]["top1"],
+                "clips_per_second": summaries[stage]["clips_per_second"], "wall_seconds": summaries[stage]["wall_seconds"]}
+        for stage in stages
+    }
+    if {"teacher", "student"} <= set(stages):
+        models["student+teacher"] = {"input": "rgb+flow",
+                                     "top1": ensemble_top1(predictions["student"], predictions["teacher"])}
+    reference = next(iter(predictions.values()))
+    return {"run": run.path.name, "val_samples": len(reference.labels),
+            "chance": 1.0 / reference.logits.shape[1], "models": models}
+
+
+def run_pipeline(run: RunDir, stages: tuple[str, ...] = QUICKSTART_STAGES, echo: Callable[[str], None] = print) -> dict:
+    for stage in stages:
+        run_stage(run, stage, echo)
+    results = results_table(run, stages)
+    write_json(run.path / RESULTS_NAME, results)
+    return results

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from d3d_cluster.spec import Spec, SpecError, load_spec, parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quickstart_job_file_is_the_embedded_default():
+    assert load_spec(REPO / "jobs" / "quickstart.yaml") == Spec()
+
+
+def test_default_spec_accumulates_nothing_at_two_ranks():
+    spec = Spec()
+    assert spec.world_size == 2 and spec.grad_accumulation == 1
+
+
+@pytest.mark.parametrize(
+    "tree, message",
+    [
+        ({"teacher": {"optimzer": {}}}, "unknown key teacher.optimzer (expected one of: epochs, optimizer)"),
+        ({"student": {"distill": {"weight": -1}}}, "student.distill.weight: Input should be greater than or equal to 0"),
+        ({"cluster": {"executor": "k8s"}}, "cluster.executor: Input should be 'local' or 'slurm' (got 'k8s')"),
+        ({"data": {"crop_size": "big"}}, "data.crop_size: Input should be a valid integer"),
+        ({"deepspeed": {"global_batch_size": 12}}, "must be a multiple of data.batch_size x world size (8 x 2 = 16)"),
+        ({"data": {"crop_size": 96}}, "data.crop_size (96) exceeds prep.short_side (64)"),
+        ({"data": {"clip_frames": 20}}, "data.clip_frames (20) needs at least clip_frames + 1 video frames"),
+        ({"name": "has space"}, "name: String should match pattern"),
+    ],
+)
+def test_bad_values_are_refused_naming_file_and_key(tree, message):
+    with pytest.raises(SpecError) as error:
+        parse_spec(tree, source="jobs/mine.yaml")
+    assert str(error.value).startswith("jobs/mine.yaml: ")
+    assert message in str(error.value)
+
+
+def test_load_names_the_file_for_broken_yaml(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("teacher: [unclosed\n")
+    with pytest.raises(SpecError, match=f"{path}: not valid YAML"):
+        load_spec(path)
+
+
+def test_a_spec_that_is_not_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(SpecError, match="a spec is a mapping of sections, got list"):
+        load_spec(path)
+
+
+def test_overrides_are_validated_again():
+    spec = Spec().with_overrides(**{"cluster.tasks_per_node": 1, "deepspeed.global_batch_size": 8})
+    assert spec.world_size == 1 and spec.grad_accumulation == 1
+    with pytest.raises(SpecError, match="cluster.tasks_per_node"):
+        Spec().with_overrides(**{"cluster.tasks_per_node": 0})
+
+
+def test_spec_is_frozen_and_round_trips_through_yaml(tmp_path):
+    spec = Spec().with_overrides(name="other", seed=3)
+    with pytest.raises(Exception):
+        spec.seed = 4
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec.to_yaml())
+    assert load_spec(path) == spec
+    assert yaml.safe_load(spec.to_yaml())["name"] == "other"
+
+
+def test_paths_resolve_against_the_workdir(tmp_path):
+    spec = Spec().with_overrides(workdir=str(tmp_path))
+    assert spec.path(spec.data.shards) == tmp_path / "shards"
+    assert spec.run_dir == tmp_path / "runs" / "quickstart"

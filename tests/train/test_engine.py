@@ -1,0 +1,42 @@
+import torch
+
+from d3d_cluster.spec import DeepSpeedSpec, OptimizerSpec
+from d3d_cluster.train.engine import build_optimizer, build_schedule, deepspeed_config
+
+
+def _lrs(settings: OptimizerSpec, total: int, per_epoch: int) -> list[float]:
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(settings, model)
+    schedule = build_schedule(settings, optimizer, total, per_epoch)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
+def test_warmup_rises_linearly_then_cosine_decays_towards_zero():
+    rates = _lrs(OptimizerSpec(lr=1.0, warmup_epochs=1.0), total=40, per_epoch=4)
+    assert rates[:4] == [0.2, 0.4, 0.6, 0.8]
+    assert rates[4] == 1.0
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    assert rates[-1] < 0.01
+
+
+def test_constant_schedule_holds_after_warmup():
+    rates = _lrs(OptimizerSpec(lr=0.5, warmup_epochs=0.0, schedule="constant"), total=10, per_epoch=5)
+    assert rates == [0.5] * 10
+
+
+def test_sgd_uses_momentum_from_the_spec():
+    optimizer = build_optimizer(OptimizerSpec(name="sgd", lr=0.1, momentum=0.8), torch.nn.Linear(2, 2))
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.8
+
+
+def test_deepspeed_config_keeps_the_global_batch_fixed():
+    config = deepspeed_config(DeepSpeedSpec(zero_stage=2, global_batch_size=64), micro_batch=8, accumulation=4,
+                              bf16=False)
+    assert config["train_batch_size"] == 64
+    assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] == 32
+    assert config["zero_optimization"] == {"stage": 2} and config["bf16"] == {"enabled": False}
