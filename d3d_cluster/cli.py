@@ -14,6 +14,11 @@ from d3d_cluster.spec import Spec, SpecError, load_spec
 console = Console(highlight=False)
 
 
+def echo(line: str) -> None:
+    """Relay a job's output line as it is: `[teacher] ...` is not rich markup."""
+    console.print(line, markup=False, soft_wrap=True)
+
+
 def _spec(path: str | None, workdir: str | None) -> Spec:
     """The spec from a file, or the embedded quickstart default; --workdir overrides its workdir."""
     try:
@@ -48,7 +53,7 @@ def quickstart(spec_path: str | None, workdir: str | None) -> None:
     prep_seconds = time.time() - started
     run = RunDir.create(spec)
     console.print(f"run directory: {run.path}")
-    results = run_pipeline(run, echo=console.print)
+    results = run_pipeline(run, echo=echo)
     results.update(prep_seconds=round(prep_seconds, 1), wall_seconds=round(time.time() - started, 1))
     write_json(run.path / RESULTS_NAME, results)
     _print_results(results)
@@ -69,15 +74,19 @@ def prep(spec_path: str | None, workdir: str | None) -> None:
 @workdir_option
 def train(stage: str, spec_path: str | None, workdir: str | None) -> None:
     """Train one stage (or teacher, student and baseline in turn) on the spec's shards."""
-    from d3d_cluster.launch.pipeline import QUICKSTART_STAGES, results_table, run_pipeline, run_stage
+    from d3d_cluster.launch.pipeline import QUICKSTART_STAGES, check_ready, results_table, run_pipeline, run_stage
     from d3d_cluster.launch.rundir import RunDir
 
     spec = _spec(spec_path, workdir)
+    try:
+        check_ready(spec, "teacher" if stage == "pipeline" else stage)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
     run = RunDir.create(spec)
     if stage == "pipeline":
-        _print_results(run_pipeline(run, QUICKSTART_STAGES, echo=console.print))
+        _print_results(run_pipeline(run, QUICKSTART_STAGES, echo=echo))
     else:
-        run_stage(run, stage, echo=console.print)
+        run_stage(run, stage, echo=echo)
         _print_results(results_table(run, (stage,)))
 
 
@@ -100,7 +109,8 @@ def _prepare(spec: Spec) -> None:
         make_motion_dataset(spec.prep.synthetic, labels.parent, seed=spec.prep.seed)
     elif not labels.exists():
         raise click.ClickException(f"prep.labels: {labels} does not exist")
-    prepare_dataset(spec.prep, labels, spec.path(spec.data.shards), progress=True)
+    prepare_dataset(spec.prep, labels, spec.path(spec.data.shards), progress=True,
+                    min_frames=spec.data.clip_frames + 1)
 
 
 def _print_results(results: dict) -> None:

@@ -47,6 +47,18 @@ class ClipShape:
         return self.video_frames - 1 - self.frames
 
 
+def clip_shape(shard_dir, clip_frames: int, crop_size: int) -> ClipShape:
+    """The clip geometry, refused with the shard directory named if the stored videos cannot supply it."""
+    manifest = Manifest.load(shard_dir)
+    if manifest.frames < clip_frames + 1:
+        raise ValueError(f"{shard_dir}: videos have {manifest.frames} frames; data.clip_frames = {clip_frames} "
+                         f"needs {clip_frames + 1} (flow lies between frames)")
+    if crop_size > min(manifest.height, manifest.width):
+        raise ValueError(f"{shard_dir}: data.crop_size = {crop_size} exceeds the stored "
+                         f"{manifest.height}x{manifest.width} frames")
+    return ClipShape(clip_frames, crop_size, manifest.frames, manifest.height, manifest.width)
+
+
 class _BatchSource:
     """DALI's external source: yields the encoded members and view parameters of the planned batches."""
 
@@ -115,14 +127,8 @@ class ClipLoader:
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
-        manifest = Manifest.load(shard_dir)
+        self.shape = clip_shape(shard_dir, clip_frames, crop_size)
         self.table = SampleTable.from_manifest(shard_dir, split)
-        self.shape = ClipShape(clip_frames, crop_size, manifest.frames, manifest.height, manifest.width)
-        if self.shape.max_start < 0:
-            raise ValueError(f"{shard_dir}: videos have {manifest.frames} frames; a {clip_frames}-frame clip "
-                             f"with its flow needs {clip_frames + 1}")
-        if crop_size > min(manifest.height, manifest.width):
-            raise ValueError(f"{shard_dir}: crop {crop_size} exceeds the {manifest.height}x{manifest.width} frames")
         self.modalities, self.batch_size, self.rank, self.world = tuple(modalities), batch_size, rank, world
         self.seed, self.train = seed, train
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)

@@ -7,17 +7,36 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from d3d_cluster.data.pipeline import clip_shape
+from d3d_cluster.data.schema import SPLITS, Manifest
 from d3d_cluster.launch.executor import make_executor
 from d3d_cluster.launch.job import StageJob
 from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir, write_json
+from d3d_cluster.spec import Spec
 from d3d_cluster.train.evaluate import Predictions, ensemble_top1
+from d3d_cluster.train.stages import EXPORT_NAME, STAGES
 
 QUICKSTART_STAGES = ("teacher", "student", "baseline")
+
+
+def check_ready(spec: Spec, stage: str) -> None:
+    """Refuse, before anything is written or submitted, a stage whose inputs are missing."""
+    shards = spec.path(spec.data.shards)
+    manifest = Manifest.load(shards)
+    for split in SPLITS:
+        manifest.shard_paths(shards, split)
+    clip_shape(shards, spec.data.clip_frames, spec.data.crop_size)
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
+    teacher = spec.run_dir / "teacher" / EXPORT_NAME
+    if stage == "student" and not teacher.is_file():
+        raise FileNotFoundError(f"{teacher}: the student needs a finished teacher in this run; train the teacher first")
 
 
 def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll_seconds: float = 1.0) -> dict:
     """Submit one stage, relay its rank-0 output and metrics endpoints while it runs, wait for it."""
     spec = run.spec()
+    check_ready(spec, stage)
     executor = make_executor(spec.cluster, run.stage(stage) / "submitit", f"{spec.name}-{stage}")
     job = executor.submit(StageJob(str(run.path), stage))
     run.event("submitted", stage=stage, job_id=job.job_id, executor=spec.cluster.executor)

@@ -1,0 +1,76 @@
+import io
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from dataprep.synthetic import render_video
+from dataprep.video import (
+    VideoError,
+    dali_decode,
+    dali_decodes,
+    encode_vp9,
+    read_video,
+    resample_fps,
+    resize_short_side,
+)
+
+
+def _motion_video(frames=12, size=32):
+    return render_video(np.random.default_rng(0), "sideways", frames, size)
+
+
+def test_vp9_round_trips_through_dali_with_every_frame_and_small_pixel_error():
+    colours = cv2.resize(np.random.default_rng(0).uniform(0, 255, (3, 4, 3)), (64, 32), interpolation=cv2.INTER_LINEAR)
+    frames = np.stack([colours[:, shift : shift + 48] for shift in range(10)]).astype(np.uint8)  # a smooth pan
+    decoded = dali_decode(encode_vp9(frames, 25.0, keyframe_interval=8, crf=10))
+    assert decoded.shape == frames.shape and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(int) - frames).mean() < 1.5
+
+
+def test_every_gray_level_survives_vp9_and_dali_within_one():
+    levels = np.kron(np.arange(256, dtype=np.uint8).reshape(16, 16), np.ones((2, 2), np.uint8))
+    gray = np.repeat(levels[None, ..., None], 3, axis=3).repeat(4, axis=0)
+    decoded = dali_decode(encode_vp9(gray, 25.0, keyframe_interval=8, crf=0))
+    assert np.abs(decoded.astype(int) - gray).max() <= 1
+    assert np.array_equal(decoded[..., 0], decoded[..., 1]) and np.array_equal(decoded[..., 0], decoded[..., 2])
+
+
+def test_keyframes_come_at_most_every_keyframe_interval():
+    blob = encode_vp9(_motion_video(frames=20), 25.0, keyframe_interval=4, crf=10)
+    with av.open(io.BytesIO(blob)) as container:
+        keys = [packet.is_keyframe for packet in container.demux(video=0) if packet.size]
+    positions = np.flatnonzero(keys)
+    assert len(keys) == 20 and positions[0] == 0
+    assert np.diff(np.append(positions, len(keys))).max() <= 4
+
+
+def test_dali_decodes_marks_only_the_bad_blobs():
+    frames = _motion_video()
+    good = encode_vp9(frames, 25.0, keyframe_interval=4, crf=10)
+    counts = dali_decodes([good, b"not a video" * 20, good[: len(good) // 2], b"", good])
+    assert counts[0] == counts[4] == 12
+    assert counts[1] is None and counts[3] is None
+    assert counts[2] != 12  # a truncated stream decodes short or not at all: either way it is caught
+
+
+def test_resample_fps_picks_the_frames_shown_at_the_new_rate():
+    frames = np.arange(30)[:, None, None, None]
+    assert resample_fps(frames, 30, 30) is frames
+    assert resample_fps(frames, 30, 15).ravel().tolist() == list(range(0, 30, 2))
+    assert resample_fps(frames[:4], 10, 25).ravel().tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
+
+
+def test_resize_short_side_keeps_the_aspect_ratio_with_even_sides():
+    landscape = resize_short_side(np.zeros((2, 40, 90, 3), np.uint8), 32)
+    portrait = resize_short_side(np.zeros((2, 90, 40, 3), np.uint8), 33)
+    assert landscape.shape == (2, 32, 72, 3)
+    assert portrait.shape[1] % 2 == 0 and portrait.shape[2] % 2 == 0 and portrait.shape[2] in (32, 34)
+
+
+def test_read_video_names_the_file_it_cannot_read(tmp_path):
+    bogus = tmp_path / "notes.mp4"
+    bogus.write_text("not a video\n")
+    with pytest.raises(VideoError, match="notes.mp4: unreadable video"):
+        read_video(bogus)

@@ -1,0 +1,55 @@
+import yaml
+from click.testing import CliRunner
+
+from d3d_cluster.cli import main
+
+
+def test_help_lists_every_command_with_its_help():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    for command in ("quickstart", "prep", "train", "check-spec"):
+        assert command in result.output
+    assert "Make a small motion dataset" in result.output
+
+
+def test_check_spec_refuses_a_bad_spec_naming_file_and_key(tmp_path):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(yaml.safe_dump({"student": {"distill": {"wieght": 1}}}))
+    result = CliRunner().invoke(main, ["check-spec", str(spec)])
+    assert result.exit_code != 0
+    assert f"{spec}: unknown key student.distill.wieght (expected one of: weight)" in result.output
+
+
+def test_check_spec_prints_the_resolved_spec(tmp_path):
+    spec = tmp_path / "ok.yaml"
+    spec.write_text(yaml.safe_dump({"name": "mine", "cluster": {"tasks_per_node": 1}}))
+    result = CliRunner().invoke(main, ["check-spec", str(spec)])
+    assert result.exit_code == 0
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["name"] == "mine" and resolved["data"]["crop_size"] == 56
+
+
+def test_training_without_shards_is_refused_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "work"
+    result = CliRunner().invoke(main, ["train", "teacher", "--workdir", str(workdir)])
+    assert result.exit_code != 0
+    assert "manifest.json: no shard manifest (run `d3dc prep` first)" in result.output
+    assert not workdir.exists()
+
+
+def test_student_without_a_finished_teacher_is_refused_before_submission(tmp_path, tiny_shards):
+    spec = tmp_path / "spec.yaml"
+    tree = {"workdir": str(tmp_path / "work"), "data": {"shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24}}
+    spec.write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(main, ["train", "student", "-c", str(spec)])
+    assert result.exit_code != 0
+    assert "teacher/model.pt: the student needs a finished teacher in this run" in result.output
+    assert not (tmp_path / "work" / "runs").exists()
+
+
+def test_clips_larger_than_the_stored_videos_are_refused_before_submission(tmp_path, tiny_shards):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "data": {"shards": str(tiny_shards)}}))
+    result = CliRunner().invoke(main, ["train", "teacher", "-c", str(spec)])
+    assert result.exit_code != 0
+    assert "data.clip_frames = 16 needs 17 (flow lies between frames)" in result.output
