@@ -24,7 +24,7 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"student": {"distill": {"weight": -1}}}, "student.distill.weight: Input should be greater than or equal to 0"),
         ({"cluster": {"executor": "k8s"}}, "cluster.executor: Input should be 'local' or 'slurm' (got 'k8s')"),
         ({"data": {"crop_size": "big"}}, "data.crop_size: Input should be a valid integer"),
-        ({"deepspeed": {"global_batch_size": 12}}, "must be a multiple of data.batch_size x world size (8 x 2 = 16)"),
+        ({"deepspeed": {"global_batch_size": 24}}, "must be a multiple of data.batch_size x world size (16 x 2 = 32)"),
         ({"data": {"crop_size": 96}}, "data.crop_size (96) exceeds prep.short_side (64)"),
         ({"data": {"clip_frames": 20}}, "data.clip_frames (20) needs at least clip_frames + 1 video frames"),
         ({"name": "has space"}, "name: String should match pattern"),
@@ -52,8 +52,8 @@ def test_a_spec_that_is_not_a_mapping_is_refused(tmp_path):
 
 
 def test_overrides_are_validated_again():
-    spec = Spec().with_overrides(**{"cluster.tasks_per_node": 1, "deepspeed.global_batch_size": 8})
-    assert spec.world_size == 1 and spec.grad_accumulation == 1
+    spec = Spec().with_overrides(**{"cluster.tasks_per_node": 1})
+    assert spec.world_size == 1 and spec.grad_accumulation == 2
     with pytest.raises(SpecError, match="cluster.tasks_per_node"):
         Spec().with_overrides(**{"cluster.tasks_per_node": 0})
 
