@@ -14,13 +14,13 @@ from d3d_cluster.train.evaluate import Predictions
 REDUCED = {
     "name": "reduced",
     "prep": {
-        "synthetic": {"classes": 3, "videos_per_class": 12, "frames": 12, "size": 32, "val_fraction": 0.25},
+        "synthetic": {"classes": 3, "videos_per_class": 16, "frames": 12, "size": 32, "val_fraction": 0.25},
         "short_side": 32,
         "shard_samples": 8,
     },
-    "data": {"clip_frames": 8, "crop_size": 24, "batch_size": 4},
-    "deepspeed": {"global_batch_size": 8},
-    "teacher": {"epochs": 6},
+    "data": {"clip_frames": 8, "crop_size": 24, "batch_size": 8},
+    "deepspeed": {"global_batch_size": 16},
+    "teacher": {"epochs": 40},
     "student": {"epochs": 2},
 }
 
@@ -39,7 +39,7 @@ def test_reduced_quickstart_trains_teacher_student_and_baseline(tmp_path):
     run = RunDir(workdir / "runs" / "reduced")
     results = json.loads((run.path / "results.json").read_text())
     assert set(results["models"]) == {"teacher", "student", "baseline", "student+teacher"}
-    assert results["val_samples"] == 9 and results["chance"] == pytest.approx(1 / 3)
+    assert results["val_samples"] == 12 and results["chance"] == pytest.approx(1 / 3)
     for name in ("teacher", "student", "baseline"):
         row = results["models"][name]
         assert 0.0 <= row["top1"] <= 1.0 and row["clips_per_second"] > 0
@@ -47,13 +47,13 @@ def test_reduced_quickstart_trains_teacher_student_and_baseline(tmp_path):
     assert results["models"]["teacher"]["top1"] > 0.6
 
     manifest = json.loads((workdir / "shards" / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 36
+    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 48
 
     events = [(e["event"], e["stage"]) for e in run.events()]
     for stage in ("teacher", "student", "baseline"):
         assert [e for e in events if e[1] == stage] == [("submitted", stage), ("started", stage), ("finished", stage)]
         predictions = Predictions.load(run.path / stage)
-        assert len(predictions.keys) == 9 and len(np.unique(predictions.keys)) == 9
+        assert len(predictions.keys) == 12 and len(np.unique(predictions.keys)) == 12
         steps = [json.loads(line) for line in (run.path / stage / "train_log.jsonl").read_text().splitlines()]
         assert all(np.isfinite(s["loss"]) for s in steps)
     student_log = (run.path / "student" / "train_log.jsonl").read_text().splitlines()
