@@ -91,6 +91,8 @@ class StageSpec(_Section):
 
 class StudentSpec(StageSpec):
     epochs: int = Field(20, ge=1, description="RGB learns motion more slowly than flow shows it")
+    # At lr 3e-3 after a 1-epoch warmup the RGB network often collapsed to constant logits.
+    optimizer: OptimizerSpec = OptimizerSpec(lr=1e-3, warmup_epochs=2.0)
     distill: DistillSpec = DistillSpec()
 
 
