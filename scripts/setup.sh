@@ -35,4 +35,4 @@ if [ ! -f "$VENV/.d3dc-installed" ] || [ pyproject.toml -nt "$VENV/.d3dc-install
   "$PY" -m pip install -q -e ".[test]"
   touch "$VENV/.d3dc-installed"
 fi
-echo "setup: ready ($("$PY" -c 'import torch, deepspeed, nvidia.dali as d; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, dali {d.__version__}")' 2>/dev/null))"
+echo "setup: ready ($("$PY" -c 'from importlib.metadata import version as v; print(", ".join(f"{p} {v(p)}" for p in ("torch", "deepspeed", "nvidia-dali-cuda120", "submitit")))'))"
