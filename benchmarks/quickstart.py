@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from d3d_cluster.launch.pipeline import QUICKSTART_STAGES, run_pipeline
+from d3d_cluster.launch.pipeline import run_pipeline
 from d3d_cluster.launch.rundir import RunDir
 from d3d_cluster.spec import Spec, load_spec
 
@@ -39,7 +39,7 @@ def main() -> None:
     for seed in args.seeds:
         seeded = spec.with_overrides(seed=seed, name=f"{spec.name}-seed{seed}")
         began = time.time()
-        results = run_pipeline(RunDir.create(seeded), QUICKSTART_STAGES)
+        results = run_pipeline(RunDir.create(seeded))
         results["wall_seconds"] = time.time() - began
         runs[seed] = results
         print(json.dumps({"seed": seed, **{m: r["top1"] for m, r in results["models"].items()}}), flush=True)

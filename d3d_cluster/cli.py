@@ -74,7 +74,7 @@ def prep(spec_path: str | None, workdir: str | None) -> None:
 @workdir_option
 def train(stage: str, spec_path: str | None, workdir: str | None) -> None:
     """Train one stage (or teacher, student and baseline in turn) on the spec's shards."""
-    from d3d_cluster.launch.pipeline import QUICKSTART_STAGES, check_ready, results_table, run_pipeline, run_stage
+    from d3d_cluster.launch.pipeline import check_ready, results_table, run_pipeline, run_stage
     from d3d_cluster.launch.rundir import RunDir
 
     spec = _spec(spec_path, workdir)
@@ -84,7 +84,7 @@ def train(stage: str, spec_path: str | None, workdir: str | None) -> None:
         raise click.ClickException(str(error)) from None
     run = RunDir.create(spec)
     if stage == "pipeline":
-        _print_results(run_pipeline(run, QUICKSTART_STAGES, echo=echo))
+        _print_results(run_pipeline(run, echo=echo))
     else:
         run_stage(run, stage, echo=echo)
         _print_results(results_table(run, (stage,)))

@@ -9,7 +9,7 @@ import submitit
 from d3d_cluster.spec import ClusterSpec
 
 
-def make_executor(cluster: ClusterSpec, folder: Path, job_name: str) -> submitit.Executor:
+def make_executor(cluster: ClusterSpec, folder: Path) -> submitit.Executor:
     if cluster.executor != "local":
         raise ValueError(f"cluster.executor {cluster.executor!r}: only the local executor runs stages for now")
     if cluster.nodes != 1:

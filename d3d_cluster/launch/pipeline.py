@@ -14,9 +14,7 @@ from d3d_cluster.launch.job import StageJob
 from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir, write_json
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.evaluate import Predictions, ensemble_top1
-from d3d_cluster.train.stages import EXPORT_NAME, STAGES
-
-QUICKSTART_STAGES = ("teacher", "student", "baseline")
+from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES
 
 
 def check_ready(spec: Spec, stage: str) -> None:
@@ -37,7 +35,7 @@ def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll
     """Submit one stage, relay its rank-0 output and metrics endpoints while it runs, wait for it."""
     spec = run.spec()
     check_ready(spec, stage)
-    executor = make_executor(spec.cluster, run.stage(stage) / "submitit", f"{spec.name}-{stage}")
+    executor = make_executor(spec.cluster, run.stage(stage) / "submitit")
     job = executor.submit(StageJob(str(run.path), stage))
     run.event("submitted", stage=stage, job_id=job.job_id, executor=spec.cluster.executor)
     echo(f"[{stage}] submitted job {job.job_id} ({spec.world_size} ranks, logs in {job.paths.folder})")
@@ -53,21 +51,20 @@ def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll
 def _relay(log: Path, offset: int, echo: Callable[[str], None]) -> int:
     if not log.exists():
         return offset
-    with log.open() as handle:
+    with log.open("rb") as handle:
         handle.seek(offset)
-        text = handle.read()
-    complete, _, _ = text.rpartition("\n")
-    for line in complete.splitlines():
+        complete, newline, _ = handle.read().rpartition(b"\n")
+    for line in complete.decode(errors="replace").splitlines():
         if line.startswith("["):
             echo(line)
-    return offset + len(complete) + (1 if complete else 0)
+    return offset + len(complete) + len(newline)
 
 
 def results_table(run: RunDir, stages: tuple[str, ...]) -> dict:
     summaries = {stage: json.loads((run.path / stage / SUMMARY_NAME).read_text()) for stage in stages}
     predictions = {stage: Predictions.load(run.path / stage) for stage in stages}
     models = {
-        stage: {"input": "flow" if stage == "teacher" else "rgb", "top1": summaries[stage]["top1"],
+        stage: {"input": STAGE_INPUT[stage], "top1": summaries[stage]["top1"],
                 "clips_per_second": summaries[stage]["clips_per_second"], "wall_seconds": summaries[stage]["wall_seconds"]}
         for stage in stages
     }
@@ -79,7 +76,7 @@ def results_table(run: RunDir, stages: tuple[str, ...]) -> dict:
             "chance": 1.0 / reference.logits.shape[1], "models": models}
 
 
-def run_pipeline(run: RunDir, stages: tuple[str, ...] = QUICKSTART_STAGES, echo: Callable[[str], None] = print) -> dict:
+def run_pipeline(run: RunDir, stages: tuple[str, ...] = STAGES, echo: Callable[[str], None] = print) -> dict:
     for stage in stages:
         run_stage(run, stage, echo)
     results = results_table(run, stages)

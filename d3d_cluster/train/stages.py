@@ -19,6 +19,7 @@ from d3d_cluster.models import S3DG, d3d_loss
 from d3d_cluster.spec import ModelSpec, Spec, StageSpec
 
 STAGES = ("teacher", "student", "baseline")
+STAGE_INPUT = {"teacher": "flow", "student": "rgb", "baseline": "rgb"}
 INPUT_CHANNELS = {"rgb": 3, "flow": 2}
 EXPORT_NAME = "model.pt"
 
@@ -65,10 +66,10 @@ def load_frozen_teacher(spec: Spec, teacher_dir: Path, num_classes: int, device:
 
 def build_stage(spec: Spec, name: str, run_dir: Path, num_classes: int, device: torch.device) -> Stage:
     if name == "teacher":
-        return Stage(name, "flow", spec.teacher)
+        return Stage(name, STAGE_INPUT[name], spec.teacher)
     if name == "baseline":
-        return Stage(name, "rgb", spec.student)
+        return Stage(name, STAGE_INPUT[name], spec.student)
     if name == "student":
         teacher = load_frozen_teacher(spec, run_dir / "teacher", num_classes, device)
-        return Stage(name, "rgb", spec.student, spec.student.distill.weight, teacher)
+        return Stage(name, STAGE_INPUT[name], spec.student, spec.student.distill.weight, teacher)
     raise ValueError(f"unknown stage {name!r} (expected one of {', '.join(STAGES)})")
