@@ -44,7 +44,8 @@ def main() -> None:
 def quickstart(spec_path: str | None, workdir: str | None) -> None:
     """Make a small motion dataset, prepare shards, train teacher, student and RGB baseline; print the table."""
     from d3d_cluster.launch.pipeline import run_pipeline
-    from d3d_cluster.launch.rundir import RESULTS_NAME, RunDir, write_json
+    from d3d_cluster.files import write_json_atomically
+    from d3d_cluster.launch.rundir import RESULTS_NAME, RunDir
 
     spec = _spec(spec_path, workdir)
     started = time.time()
@@ -54,7 +55,7 @@ def quickstart(spec_path: str | None, workdir: str | None) -> None:
     console.print(f"run directory: {run.path}")
     results = run_pipeline(run, echo=echo)
     results.update(prep_seconds=round(prep_seconds, 1), wall_seconds=round(time.time() - started, 1))
-    write_json(run.path / RESULTS_NAME, results)
+    write_json_atomically(run.path / RESULTS_NAME, results)
     _print_results(results)
     console.print(f"results written to {run.path / RESULTS_NAME}")
 

@@ -6,12 +6,12 @@ it on its own port; the target file under the run directory tells Prometheus whe
 
 from __future__ import annotations
 
-import json
-import os
 import socket
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from d3d_cluster.files import write_json_atomically
 
 LABELS = ("run", "stage", "rank")
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -67,17 +67,11 @@ def scrape_host(bind: str) -> str:
 
 def write_target(path: Path, host: str, port: int, labels: dict[str, str]) -> None:
     """Announce an endpoint in Prometheus file_sd format, atomically."""
-    _write_json(path, [{"targets": [f"{host}:{port}"], "labels": labels}])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomically(path, [{"targets": [f"{host}:{port}"], "labels": labels}], indent=None)
 
 
 def retire_target(path: Path) -> None:
     """Prometheus drops a target whose file lists nothing; deleting it can leave a stale target behind."""
     if path.exists():
-        _write_json(path, [])
-
-
-def _write_json(path: Path, content) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content) + "\n")
-    os.replace(tmp, path)
+        write_json_atomically(path, [], indent=None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import webdataset
 from tqdm import tqdm
 
 from d3d_cluster.data import schema
+from d3d_cluster.files import replace_atomically
 from d3d_cluster.spec import PrepSpec
 from dataprep import video
 from dataprep.flow import compute_flow, flow_settings
@@ -69,13 +69,6 @@ def _wds2idx() -> str:
     if not found:
         raise FileNotFoundError("wds2idx not found next to the Python interpreter or on PATH (it ships with DALI)")
     return found
-
-
-def _replace_with(path: Path, write) -> None:
-    """Writes through a .tmp sibling and renames, so a file that exists is complete."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _encode(record: VideoRecord, job: _Job) -> tuple[bytes, bytes, int]:
@@ -147,13 +140,13 @@ def _write_shard(job: _Job) -> tuple[str, dict]:
         "rejects": rejects,
     }
     if written:
-        _replace_with(tar, lambda tmp: _write_tar(tmp, written, job.classes))
-        _replace_with(index, lambda tmp: subprocess.run([_wds2idx(), tar, tmp], check=True, capture_output=True))
+        replace_atomically(tar, lambda tmp: _write_tar(tmp, written, job.classes))
+        replace_atomically(index, lambda tmp: subprocess.run([_wds2idx(), tar, tmp], check=True, capture_output=True))
         sidecar.update(sha256=schema.sha256_of(tar), frames=min(sample.frames for sample in written))
     else:
         tar.unlink(missing_ok=True)
         index.unlink(missing_ok=True)
-    _replace_with(sidecar_path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1) + "\n"))
+    replace_atomically(sidecar_path, lambda tmp: tmp.write_text(json.dumps(sidecar, indent=1) + "\n"))
     return job.name, sidecar
 
 
@@ -268,7 +261,7 @@ def _manifest(prep: PrepSpec, classes: list[str], jobs: dict, sidecars: dict, si
                     info.class_counts[label] += count
     ordered = [sidecars[job.name] for split_jobs in jobs.values() for job in split_jobs]
     rejects = [reject for sidecar in ordered for reject in sidecar["rejects"]]
-    _replace_with(out_dir / REJECTS_NAME, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rejects)))
+    replace_atomically(out_dir / REJECTS_NAME, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in rejects)))
     written = [sidecar for sidecar in ordered if sidecar["samples"]]
     if not written:
         raise RuntimeError(f"no video could be prepared; the reasons are in {out_dir / REJECTS_NAME}")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from d3d_cluster.files import write_json_atomically
+
 SCHEMA_VERSION = 1
 RGB_EXT = "rgb.webm"
 FLOW_EXT = "flow.webm"
@@ -94,11 +96,7 @@ class Manifest:
         return float(self.flow["bound"])
 
     def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomically(Path(directory) / MANIFEST_NAME, asdict(self))
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Manifest":

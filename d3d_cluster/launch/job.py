@@ -45,7 +45,8 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
                job_id: str) -> dict:
     from d3d_cluster.data.pipeline import ClipLoader
     from d3d_cluster.data.schema import Manifest
-    from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir, write_json
+    from d3d_cluster.files import replace_atomically, write_json_atomically
+    from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir
     from d3d_cluster.metrics import TrainMetrics, retire_target, scrape_host, write_target
     from d3d_cluster.train.engine import initialize
     from d3d_cluster.train.evaluate import gather_predictions
@@ -94,13 +95,12 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
         predictions = gather_predictions(*predict(engine.module, stage.modality, val, device), keys=val.table.keys)
         val.close()
         if rank == 0:
-            weights = stage_dir / EXPORT_NAME
-            torch.save({k: v.float().cpu() for k, v in engine.module.state_dict().items()}, weights.with_suffix(".tmp"))
-            os.replace(weights.with_suffix(".tmp"), weights)
+            weights = {k: v.float().cpu() for k, v in engine.module.state_dict().items()}
+            replace_atomically(stage_dir / EXPORT_NAME, lambda tmp: torch.save(weights, tmp))
             predictions.save(stage_dir)
             result = {**asdict(summary), "top1": predictions.top1(), "wall_seconds": time.time() - started,
                       "world_size": world, "device": device.type}
-            write_json(stage_dir / SUMMARY_NAME, result)
+            write_json_atomically(stage_dir / SUMMARY_NAME, result)
             run.event("finished", stage=stage_name, job_id=job_id, top1=result["top1"])
             print(f"[{stage_name}] done: {json.dumps(result)}", flush=True)
         torch.distributed.barrier()

@@ -11,7 +11,8 @@ from d3d_cluster.data.pipeline import clip_shape
 from d3d_cluster.data.schema import SPLITS, Manifest
 from d3d_cluster.launch.executor import make_executor
 from d3d_cluster.launch.job import StageJob
-from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir, write_json
+from d3d_cluster.files import write_json_atomically
+from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.evaluate import Predictions, ensemble_top1
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES
@@ -80,5 +81,5 @@ def run_pipeline(run: RunDir, stages: tuple[str, ...] = STAGES, echo: Callable[[
     for stage in stages:
         run_stage(run, stage, echo)
     results = results_table(run, stages)
-    write_json(run.path / RESULTS_NAME, results)
+    write_json_atomically(run.path / RESULTS_NAME, results)
     return results

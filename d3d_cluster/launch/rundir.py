@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from d3d_cluster.files import write_text_atomically
 from d3d_cluster.spec import Spec, load_spec
 
 SPEC_NAME = "spec.yaml"
@@ -23,7 +24,7 @@ class RunDir:
     def create(cls, spec: Spec) -> "RunDir":
         run = cls(spec.run_dir)
         run.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(run.path / SPEC_NAME, spec.to_yaml())
+        write_text_atomically(run.path / SPEC_NAME, spec.to_yaml())
         return run
 
     def spec(self) -> Spec:
@@ -49,11 +50,3 @@ class RunDir:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, content) -> None:
-    write_atomic(path, json.dumps(content, indent=2) + "\n")

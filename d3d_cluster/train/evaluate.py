@@ -6,13 +6,14 @@ score) are computed afterwards from the files, by averaging softmax scores of th
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from d3d_cluster.files import replace_atomically
 
 PREDICTIONS_NAME = "predictions.npz"
 
@@ -24,11 +25,11 @@ class Predictions:
     labels: np.ndarray  # (N,) int64
 
     def save(self, directory: Path) -> Path:
-        path = directory / PREDICTIONS_NAME
-        tmp = directory / (PREDICTIONS_NAME + ".tmp.npz")
-        np.savez(tmp, keys=self.keys, logits=self.logits, labels=self.labels)
-        os.replace(tmp, path)
-        return path
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as handle:  # a handle: given a name, savez would append ".npz"
+                np.savez(handle, keys=self.keys, logits=self.logits, labels=self.labels)
+
+        return replace_atomically(directory / PREDICTIONS_NAME, write)
 
     @classmethod
     def load(cls, directory: Path) -> "Predictions":
