@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from d3d_cluster.data.schema import Manifest
-
 
 @dataclass(frozen=True)
 class Member:
@@ -32,11 +30,6 @@ class SampleTable:
         for tar_number, index in enumerate(indexes):
             self._read_index(tar_number, index)
         self._handles: dict[int, int] = {}
-
-    @classmethod
-    def from_manifest(cls, shard_dir: str | os.PathLike, split: str) -> "SampleTable":
-        tars, indexes = Manifest.load(shard_dir).shard_paths(shard_dir, split)
-        return cls(tars, indexes)
 
     def _read_index(self, tar_number: int, index: Path) -> None:
         lines = index.read_text().splitlines()

@@ -47,9 +47,8 @@ class ClipShape:
         return self.video_frames - 1 - self.frames
 
 
-def clip_shape(shard_dir, clip_frames: int, crop_size: int) -> ClipShape:
+def clip_shape(manifest: Manifest, shard_dir, clip_frames: int, crop_size: int) -> ClipShape:
     """The clip geometry, refused with the shard directory named if the stored videos cannot supply it."""
-    manifest = Manifest.load(shard_dir)
     if manifest.frames < clip_frames + 1:
         raise ValueError(f"{shard_dir}: videos have {manifest.frames} frames; data.clip_frames = {clip_frames} "
                          f"needs {clip_frames + 1} (flow lies between frames)")
@@ -127,8 +126,9 @@ class ClipLoader:
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
-        self.shape = clip_shape(shard_dir, clip_frames, crop_size)
-        self.table = SampleTable.from_manifest(shard_dir, split)
+        manifest = Manifest.load(shard_dir)
+        self.shape = clip_shape(manifest, shard_dir, clip_frames, crop_size)
+        self.table = SampleTable(*manifest.shard_paths(shard_dir, split))
         self.modalities, self.batch_size, self.rank, self.world = tuple(modalities), batch_size, rank, world
         self.seed, self.train = seed, train
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)

@@ -24,7 +24,7 @@ def check_ready(spec: Spec, stage: str) -> None:
     manifest = Manifest.load(shards)
     for split in SPLITS:
         manifest.shard_paths(shards, split)
-    clip_shape(shards, spec.data.clip_frames, spec.data.crop_size)
+    clip_shape(manifest, shards, spec.data.clip_frames, spec.data.crop_size)
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
     teacher = spec.run_dir / "teacher" / EXPORT_NAME

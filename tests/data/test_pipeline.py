@@ -56,7 +56,7 @@ def test_epochs_must_be_read_in_order(tiny_shards):
 
 def _views_of_one_sample(shards, views):
     manifest = Manifest.load(shards)
-    table = SampleTable.from_manifest(shards, "train")
+    table = SampleTable(*manifest.shard_paths(shards, "train"))
     shape = ClipShape(8, 24, manifest.frames, manifest.height, manifest.width)
     plan = iter([(0, np.array([0] * len(views)), views)])
     pipe = _build_pipeline(_BatchSource(table, ("rgb", "flow"), plan), shape, ("rgb", "flow"), len(views), 1, None, 0)
