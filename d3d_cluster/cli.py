@@ -110,7 +110,7 @@ def _prepare(spec: Spec) -> None:
     elif not labels.exists():
         raise click.ClickException(f"prep.labels: {labels} does not exist")
     prepare_dataset(spec.prep, labels, spec.path(spec.data.shards), progress=True,
-                    min_frames=spec.data.clip_frames + 1)
+                    min_frames=spec.data.clip_span)
 
 
 def _print_results(results: dict) -> None:

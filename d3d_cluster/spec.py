@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class SpecError(ValueError):
@@ -58,11 +58,34 @@ class PrepSpec(_Section):
 class DataSpec(_Section):
     shards: str = "shards"
     clip_frames: int = Field(16, ge=1)
+    frame_stride: int = Field(1, ge=1, description="temporal stride: a clip spans (clip_frames - 1) x stride + 1 frames")
     crop_size: int = Field(56, ge=8)
+    crop_area: Optional[list[float]] = Field(
+        None, description="random resized crop: [min, max] fraction of the frame's area; null: a plain random "
+                          "crop_size crop (S3D-G)")
+    crop_aspect: list[float] = Field([0.75, 1.3333], description="[min, max] aspect ratio of resized crops")
     # BatchNorm statistics are per rank: with 8 clips per rank the RGB student of the quickstart did not
     # learn at all (top-1 at chance), with 16 it did; there is no SyncBatchNorm on CPU (gloo).
     batch_size: int = Field(16, ge=1, description="clips per rank per micro-step (BatchNorm sees this many)")
     reader_threads: int = Field(1, ge=1)
+    eval_clips: int = Field(1, ge=1, description="temporal clips per validation video; softmax scores averaged")
+    eval_crops: Literal[1, 3] = Field(1, description="spatial crops per validation clip: centre, or 3 along the long side")
+
+    @field_validator("crop_area", "crop_aspect")
+    @classmethod
+    def _range(cls, value: Optional[list[float]], info) -> Optional[list[float]]:
+        if value is None:
+            return value
+        ceiling = 1.0 if info.field_name == "crop_area" else float("inf")
+        if len(value) != 2 or not 0 < value[0] <= value[1] <= ceiling:
+            bound = "1" if ceiling == 1.0 else "inf"
+            raise ValueError(f"must be [min, max] with 0 < min <= max <= {bound}")
+        return value
+
+    @property
+    def clip_span(self) -> int:
+        """Video frames a clip covers, plus the one its last flow frame looks ahead to."""
+        return (self.clip_frames - 1) * self.frame_stride + 2
 
 
 class ModelSpec(_Section):
@@ -139,10 +162,11 @@ class Spec(_Section):
             )
         if self.data.crop_size > self.prep.short_side:
             raise ValueError(f"data.crop_size ({self.data.crop_size}) exceeds prep.short_side ({self.prep.short_side})")
-        if self.prep.source == "synthetic" and self.data.clip_frames > self.prep.synthetic.frames - 1:
+        if self.prep.source == "synthetic" and self.data.clip_span > self.prep.synthetic.frames:
             raise ValueError(
-                f"data.clip_frames ({self.data.clip_frames}) needs at least clip_frames + 1 video frames "
-                f"(prep.synthetic.frames is {self.prep.synthetic.frames}): flow is between frame pairs"
+                f"data.clip_frames ({self.data.clip_frames}) with data.frame_stride ({self.data.frame_stride}) "
+                f"needs {self.data.clip_span} video frames (flow is between frame pairs); "
+                f"prep.synthetic.frames is {self.prep.synthetic.frames}"
             )
         return self
 

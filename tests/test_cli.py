@@ -52,4 +52,4 @@ def test_clips_larger_than_the_stored_videos_are_refused_before_submission(tmp_p
     spec.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "data": {"shards": str(tiny_shards)}}))
     result = CliRunner().invoke(main, ["train", "teacher", "-c", str(spec)])
     assert result.exit_code != 0
-    assert "data.clip_frames = 16 needs 17 (flow lies between frames)" in result.output
+    assert "data.clip_frames = 16 at data.frame_stride = 1 needs 17 (flow lies between frames)" in result.output

@@ -26,7 +26,7 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"data": {"crop_size": "big"}}, "data.crop_size: Input should be a valid integer"),
         ({"deepspeed": {"global_batch_size": 24}}, "must be a multiple of data.batch_size x world size (16 x 2 = 32)"),
         ({"data": {"crop_size": 96}}, "data.crop_size (96) exceeds prep.short_side (64)"),
-        ({"data": {"clip_frames": 20}}, "data.clip_frames (20) needs at least clip_frames + 1 video frames"),
+        ({"data": {"clip_frames": 20}}, "data.clip_frames (20) with data.frame_stride (1) needs 21 video frames"),
         ({"name": "has space"}, "name: String should match pattern"),
     ],
 )

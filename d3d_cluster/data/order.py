@@ -1,60 +1,123 @@
-"""Which sample each rank reads, and how it is augmented: pure functions of (seed, epoch, sample).
+"""Which clip each rank reads, and how it is cut: pure functions of (seed, epoch, item).
 
-Keeping the order and the augmentation out of DALI makes them reproducible and resumable: a batch is
-fully described by its sample ids and the epoch, whatever the number of ranks or reader threads.
+Keeping the order and the augmentation out of DALI makes them reproducible and resumable: an epoch is a
+permutation of the split's items (an item is one view of one video: one clip when training, each of the
+clips x crops of a video when evaluating), consumed front to back by the whole world in global steps. The
+resume position is just how many items of that permutation the world has consumed, whatever the number of
+ranks, so a run may resume on another number of ranks and still see every remaining item exactly once.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The world's sample order for one epoch."""
+def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The world's item order for one epoch."""
     if not shuffle:
-        return np.arange(num_samples)
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+        return np.arange(num_items)
+    return np.random.default_rng([seed, epoch]).permutation(num_items)
 
 
-def rank_batches(order: np.ndarray, rank: int, world: int, batch_size: int, drop_last: bool) -> list[np.ndarray]:
-    """This rank's batches of an epoch.
+def global_steps(remaining: int, world: int, batch_size: int) -> list[int]:
+    """How many items each global step of the rest of an epoch takes: every item exactly once.
 
-    Training (`drop_last`) gives every rank the same number of full batches, so collectives never wait on a
-    rank that ran dry; the few samples left over are different ones each epoch. Evaluation keeps every
-    sample: ranks are padded by repeating samples from the start, and the caller drops duplicates by id.
+    Full steps take world x batch items. A remainder of at least one item per rank makes a last, smaller
+    step; a remainder smaller than the world joins the last full step instead (a rank then gets at most one
+    clip more than its batch), so no rank ever runs a step without data and all ranks run the same steps.
     """
-    if drop_last:
-        per_rank = (len(order) // world) // batch_size * batch_size
-        mine = order[rank::world][:per_rank]
-    else:
-        per_rank = math.ceil(len(order) / world)
-        padded = np.resize(order, per_rank * world)
-        mine = padded[rank::world]
-    return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    if remaining == 0:
+        return []
+    if remaining < world:
+        raise ValueError(f"{remaining} items cannot be shared among {world} ranks (fewer items than ranks)")
+    full, rest = divmod(remaining, world * batch_size)
+    sizes = [world * batch_size] * full
+    if rest >= world or not sizes:
+        sizes.append(rest)
+    elif rest:
+        sizes[-1] += rest
+    return sizes
+
+
+def rank_steps(order: np.ndarray, position: int, rank: int, world: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
+    """This rank's items for each remaining global step of an epoch, with the world position after the step.
+
+    A step's items are dealt round-robin, so ranks' shares differ by at most one item.
+    """
+    steps, start = [], position
+    for size in global_steps(len(order) - position, world, batch_size):
+        steps.append((order[start : start + size][rank::world], start + size))
+        start += size
+    return steps
 
 
 @dataclass(frozen=True)
 class View:
-    """Where a clip is cut from its video and whether it is mirrored."""
+    """Where a clip is cut from its video: first frame, crop box in pixels, mirrored or not."""
 
-    start: int  # first frame
-    crop_x: float  # crop position, 0..1 of the free margin (DALI's crop_pos_x)
-    crop_y: float
+    start: int
+    top: float
+    left: float
+    height: float
+    width: float
     flip: bool
 
 
-def train_view(seed: int, epoch: int, sample: int, max_start: int) -> View:
+@dataclass(frozen=True)
+class Geometry:
+    """What views are drawn from: the stored videos and the clips the model takes."""
+
+    video_frames: int  # RGB frames per stored video (flow has one fewer)
+    height: int
+    width: int
+    clip_frames: int
+    stride: int  # temporal stride between the frames of a clip
+    crop: int  # output side: clips are crop x crop
+
+    @property
+    def max_start(self) -> int:
+        """The last start frame whose clip, and the flow after its last frame, lie inside the video."""
+        return self.video_frames - 2 - (self.clip_frames - 1) * self.stride
+
+
+def train_view(geometry: Geometry, seed: int, epoch: int, sample: int, area: tuple[float, float] | None,
+               aspect: tuple[float, float]) -> View:
+    """A random temporal crop, a random (resized) spatial crop and a coin-flip mirror.
+
+    With `area` None the box is crop x crop pixels (the plain random crop of S3D-G); otherwise its area is a
+    uniform fraction of the frame's in `area` and its aspect ratio log-uniform in `aspect` (the
+    Inception-style random resized crop), tried 10 times, then the largest centred square.
+    """
     rng = np.random.default_rng([seed, epoch, sample, 1])
-    return View(
-        start=int(rng.integers(0, max_start + 1)),
-        crop_x=float(rng.random()),
-        crop_y=float(rng.random()),
-        flip=bool(rng.random() < 0.5),
-    )
+    start = int(rng.integers(0, geometry.max_start + 1))
+    frame_h, frame_w = geometry.height, geometry.width
+    height = width = float(geometry.crop)
+    if area is not None:
+        height = width = float(min(frame_h, frame_w))
+        for _ in range(10):
+            target = frame_h * frame_w * rng.uniform(*area)
+            ratio = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1])))
+            w, h = np.sqrt(target * ratio), np.sqrt(target / ratio)
+            if w <= frame_w and h <= frame_h:
+                height, width = float(h), float(w)
+                break
+    top = float(rng.uniform(0, frame_h - height)) if area is not None else float(rng.integers(0, frame_h - height + 1))
+    left = float(rng.uniform(0, frame_w - width)) if area is not None else float(rng.integers(0, frame_w - width + 1))
+    return View(start, top, left, height, width, flip=bool(rng.random() < 0.5))
 
 
-def center_view(max_start: int) -> View:
-    return View(start=max_start // 2, crop_x=0.5, crop_y=0.5, flip=False)
+def eval_views(geometry: Geometry, clips: int, crops: int) -> list[View]:
+    """The papers' test-time views: `clips` evenly spaced temporal clips x `crops` crops along the long side."""
+    starts = np.linspace(0, geometry.max_start, clips).round().astype(int) if clips > 1 else [geometry.max_start // 2]
+    side = geometry.crop
+    spare_h, spare_w = geometry.height - side, geometry.width - side
+    if crops == 1:
+        boxes = [(spare_h // 2, spare_w // 2)]
+    elif spare_w >= spare_h:
+        boxes = [(spare_h // 2, left) for left in (0, spare_w // 2, spare_w)]
+    else:
+        boxes = [(top, spare_w // 2) for top in (0, spare_h // 2, spare_h)]
+    return [View(int(start), float(top), float(left), float(side), float(side), False)
+            for start in starts for top, left in boxes]

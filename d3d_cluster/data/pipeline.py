@@ -1,14 +1,24 @@
 """One DALI pipeline per rank: encoded clips in, augmented float clips on the device out.
 
-The loader chooses the samples and their views (`order`) and feeds the encoded bytes through
-`external_source`; DALI decodes (on the GPU with NVDEC when `device_id` is set, else on the CPU), cuts the
-clip at the chosen start frame, crops, mirrors and normalizes. RGB and flow of a sample share one view,
-and a mirrored flow has its x component negated, since mirroring reverses horizontal motion.
+The loader chooses the items and their views (`order`) and feeds the encoded bytes through
+`external_source`; DALI decodes (on the GPU with NVDEC when `device_id` is set, else on the CPU) from the
+chosen start frame with the chosen stride, resizes the chosen box to the crop size, mirrors and normalizes.
+RGB and flow of a sample share one view. Flow is a displacement in pixels, so it is scaled with the box
+(a box resized by k moves k times as far) and its x component is negated when mirrored.
+
+Resume: the loader's `state()` (epoch, items the world consumed, seed, shard-list hash) is all it needs
+to continue after the last batch it handed out, on any number of ranks (DALI's own checkpointing cannot
+hold a video decoder: NOTES). A sample DALI cannot decode is skipped, named and counted in `skipped`:
+DALI has no skip option and a failed pipeline is dead, so the loader finds the culprit by decoding the
+suspects one by one and rebuilds the pipeline after it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import sys
+from collections import deque
+from dataclasses import asdict, dataclass
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -18,8 +28,9 @@ from nvidia.dali.pipeline import Pipeline
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from d3d_cluster.data.index import SampleTable
-from d3d_cluster.data.order import View, center_view, epoch_order, rank_batches, train_view
+from d3d_cluster.data.order import Geometry, View, epoch_order, eval_views, global_steps, rank_steps, train_view
 from d3d_cluster.data.schema import FLOW_EXT, RGB_EXT, Manifest
+from d3d_cluster.spec import DataSpec
 
 # Kinetics RGB statistics (0-255 scale), as video models trained on Kinetics normalize.
 RGB_MEAN = (110.2, 100.6, 96.0)
@@ -29,81 +40,99 @@ MODALITIES = ("rgb", "flow")
 
 class Batch(NamedTuple):
     rgb: torch.Tensor | None  # (N, 3, T, S, S) float32
-    flow: torch.Tensor | None  # (N, 2, T, S, S) float32 in [-1, 1]
+    flow: torch.Tensor | None  # (N, 2, T, S, S) float32, 1.0 = the flow bound (more where a box was enlarged)
     labels: torch.Tensor  # (N,) int64
     samples: torch.Tensor  # (N,) int64 sample ids in the split's SampleTable
+    views: torch.Tensor  # (N,) int64 which of a video's evaluation views (0 when training)
 
 
 @dataclass(frozen=True)
-class ClipShape:
-    frames: int  # T, frames per clip
-    crop: int  # S, square crop side
-    video_frames: int  # RGB frames per stored video (flow has one fewer)
-    height: int
-    width: int
+class LoaderState:
+    """Where the world stands in the item order; saved with checkpoints."""
 
-    @property
-    def max_start(self) -> int:
-        return self.video_frames - 1 - self.frames
+    epoch: int
+    position: int  # items of this epoch's order consumed by the whole world
+    seed: int
+    shards: str  # hash of the split's shard list: a resume on other shards is refused
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "LoaderState":
+        return cls(**state)
 
 
-def clip_shape(manifest: Manifest, shard_dir, clip_frames: int, crop_size: int) -> ClipShape:
+def shard_list_hash(manifest: Manifest, split: str) -> str:
+    lines = "".join(f"{shard.path} {shard.sha256}\n" for shard in manifest.splits[split].shards)
+    return hashlib.sha256(lines.encode()).hexdigest()[:16]
+
+
+def clip_geometry(manifest: Manifest, shard_dir, data: DataSpec) -> Geometry:
     """The clip geometry, refused with the shard directory named if the stored videos cannot supply it."""
-    if manifest.frames < clip_frames + 1:
-        raise ValueError(f"{shard_dir}: videos have {manifest.frames} frames; data.clip_frames = {clip_frames} "
-                         f"needs {clip_frames + 1} (flow lies between frames)")
-    if crop_size > min(manifest.height, manifest.width):
-        raise ValueError(f"{shard_dir}: data.crop_size = {crop_size} exceeds the stored "
+    if manifest.frames < data.clip_span:
+        raise ValueError(f"{shard_dir}: videos have {manifest.frames} frames; data.clip_frames = {data.clip_frames} "
+                         f"at data.frame_stride = {data.frame_stride} needs {data.clip_span} "
+                         f"(flow lies between frames)")
+    if data.crop_size > min(manifest.height, manifest.width):
+        raise ValueError(f"{shard_dir}: data.crop_size = {data.crop_size} exceeds the stored "
                          f"{manifest.height}x{manifest.width} frames")
-    return ClipShape(clip_frames, crop_size, manifest.frames, manifest.height, manifest.width)
+    return Geometry(manifest.frames, manifest.height, manifest.width, data.clip_frames, data.frame_stride,
+                    data.crop_size)
+
+
+class _Planned(NamedTuple):
+    epoch: int
+    end: int  # world position after this step
+    samples: list[int]
+    views: list[int]
 
 
 class _BatchSource:
-    """DALI's external source: yields the encoded members and view parameters of the planned batches."""
+    """DALI's external source: the encoded members and view parameters of the planned batches, in order.
 
-    def __init__(self, table: SampleTable, modalities: tuple[str, ...], plan: Iterator[tuple[int, np.ndarray, list[View]]]):
-        self.table, self.modalities, self.plan = table, modalities, plan
+    What it hands to DALI is remembered in `inflight` until the loader takes the batch out, so a failure can
+    be traced back to the samples DALI was working on.
+    """
+
+    def __init__(self, loader: "ClipLoader", plan: Iterator[_Planned]):
+        self.loader, self.plan, self.inflight = loader, plan, deque()
 
     def __call__(self):
-        epoch, samples, views = next(self.plan)  # StopIteration ends the stream
-        columns = [
-            [np.array(self.table.label(s), dtype=np.int64) for s in samples],
-            [np.array(s, dtype=np.int64) for s in samples],
-            [np.array(v.start, dtype=np.int32) for v in views],
-            [np.array(v.crop_x, dtype=np.float32) for v in views],
-            [np.array(v.crop_y, dtype=np.float32) for v in views],
-            [np.array(v.flip, dtype=np.int32) for v in views],
-            [np.array([-1.0 if v.flip else 1.0, 1.0], dtype=np.float32).reshape(2, 1, 1, 1) for v in views],
-        ]
-        for modality in self.modalities:
-            ext = RGB_EXT if modality == "rgb" else FLOW_EXT
-            columns.append([self.table.read(s, ext) for s in samples])
-        return tuple(columns)
+        planned = next(self.plan)  # StopIteration ends the stream
+        self.inflight.append(planned)
+        return self.loader.columns(planned)
 
 
-def _build_pipeline(source: _BatchSource, shape: ClipShape, modalities, batch_size: int, threads: int,
-                    device_id: int | None, seed: int) -> Pipeline:
+def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, threads: int, device_id: int | None,
+                    seed: int) -> Pipeline:
     decoder = "cpu" if device_id is None else "mixed"
-    pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed, prefetch_queue_depth=2)
+    pipe = Pipeline(batch_size=max_batch, num_threads=threads, device_id=device_id, seed=seed,
+                    prefetch_queue_depth=2)
     with pipe:
-        labels, samples, start, crop_x, crop_y, flip, flow_sign, *encoded = fn.external_source(
-            source=source, num_outputs=7 + len(modalities), batch=True,
-            dtype=[types.INT64, types.INT64, types.INT32, types.FLOAT, types.FLOAT, types.INT32, types.FLOAT]
-            + [types.UINT8] * len(modalities),
+        flow_columns = [types.FLOAT] if "flow" in modalities else []
+        labels, samples, views, start, box_start, box_end, flip, *rest = fn.external_source(
+            source=source, num_outputs=7 + len(flow_columns) + len(modalities), batch=True,
+            dtype=[types.INT64, types.INT64, types.INT64, types.INT32, types.FLOAT, types.FLOAT, types.INT32]
+            + flow_columns + [types.UINT8] * len(modalities),
         )
-        crop = dict(crop=(shape.crop, shape.crop), crop_pos_x=crop_x, crop_pos_y=crop_y, mirror=flip,
-                    output_layout="CFHW", dtype=types.FLOAT)
+        flow_scale, encoded = (rest[0], rest[1:]) if flow_columns else (None, rest)
+        side = geometry.crop
+        box = dict(size=[side, side], roi_start=box_start, roi_end=box_end, interp_type=types.INTERP_LINEAR)
+        finish = dict(mirror=flip, output_layout="CFHW", dtype=types.FLOAT)
         outputs = []
         for modality, blob in zip(modalities, encoded):
-            video = fn.decoders.video(blob, device=decoder, start_frame=start, sequence_length=shape.frames)
+            video = fn.decoders.video(blob, device=decoder, start_frame=start, stride=geometry.stride,
+                                      sequence_length=geometry.clip_frames)
             if modality == "rgb":
-                outputs.append(fn.crop_mirror_normalize(video, mean=list(RGB_MEAN), std=list(RGB_STD), **crop))
+                video = fn.resize(video, **box)
+                outputs.append(fn.crop_mirror_normalize(video, mean=list(RGB_MEAN), std=list(RGB_STD), **finish))
             else:
-                halves = fn.reshape(video[:, :, :, 0], shape=[shape.frames, shape.height, 2, shape.width])
-                flow = fn.transpose(halves, perm=[0, 1, 3, 2], output_layout="FHWC")
-                flow = fn.crop_mirror_normalize(flow, mean=[127.5, 127.5], std=[127.5, 127.5], **crop)
-                outputs.append(flow * (flow_sign if device_id is None else flow_sign.gpu()))
-        pipe.set_outputs(labels, samples, *outputs)
+                halves = fn.reshape(video[:, :, :, 0], shape=[geometry.clip_frames, geometry.height, 2, geometry.width])
+                flow = fn.resize(fn.transpose(halves, perm=[0, 1, 3, 2], output_layout="FHWC"), **box)
+                flow = fn.crop_mirror_normalize(flow, mean=[127.5, 127.5], std=[127.5, 127.5], **finish)
+                outputs.append(flow * (flow_scale if device_id is None else flow_scale.gpu()))
+        pipe.set_outputs(labels, samples, views, *outputs)
     pipe.build()
     return pipe
 
@@ -118,40 +147,117 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
 
 
 class ClipLoader:
-    """Batches of one split for one rank, epoch after epoch, in the order `order` prescribes."""
+    """Batches of one split for one rank, epoch after epoch, in the order `order` prescribes.
 
-    def __init__(self, shard_dir, split: str, *, modalities: tuple[str, ...], clip_frames: int, crop_size: int,
-                 batch_size: int, rank: int, world: int, seed: int, train: bool, threads: int = 1,
-                 device_id: int | None = None, first_epoch: int = 0, epochs: int = 1):
+    Training reads one random view per video; evaluation reads every video's `eval_clips` x `eval_crops`
+    views. Every item is read exactly once per epoch by the world, and every rank runs the same number of steps.
+    """
+
+    def __init__(self, shard_dir, split: str, data: DataSpec, *, modalities: tuple[str, ...], rank: int, world: int,
+                 seed: int, train: bool, device_id: int | None = None, first_epoch: int = 0, epochs: int = 1,
+                 resume: LoaderState | None = None):
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
         manifest = Manifest.load(shard_dir)
-        self.shape = clip_shape(manifest, shard_dir, clip_frames, crop_size)
+        self.geometry = clip_geometry(manifest, shard_dir, data)
         self.table = SampleTable(*manifest.shard_paths(shard_dir, split))
-        self.modalities, self.batch_size, self.rank, self.world = tuple(modalities), batch_size, rank, world
+        self.shards = [shard.path for shard in manifest.splits[split].shards]
+        self.shard_hash = shard_list_hash(manifest, split)
+        self.modalities, self.data, self.rank, self.world = tuple(modalities), data, rank, world
         self.seed, self.train = seed, train
+        self.views = [None] if train else eval_views(self.geometry, data.eval_clips, data.eval_crops)
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
-        self.first_epoch, self.end_epoch, self._next_epoch = first_epoch, first_epoch + epochs, first_epoch
-        source = _BatchSource(self.table, self.modalities, self._plan())
-        self.pipe = _build_pipeline(source, self.shape, self.modalities, batch_size, threads, device_id, seed)
+        self.device_id, self.first_epoch, self.end_epoch = device_id, first_epoch, first_epoch + epochs
+        position = 0
+        if resume is not None:
+            self._check_resumable(resume, shard_dir, split)
+            first_epoch, position = resume.epoch, resume.position
+        self._consumed = (first_epoch, position)  # epoch and world position after the last batch handed out
+        self._next_epoch = first_epoch
+        self.skipped: list[dict] = []  # corrupt samples: key, shard, modality, error
+        self._corrupt: set[int] = set()
+        self._start_pipeline()
 
-    def batches(self, epoch: int) -> list[np.ndarray]:
-        order = epoch_order(len(self.table), self.seed, epoch, shuffle=self.train)
-        return rank_batches(order, self.rank, self.world, self.batch_size, drop_last=self.train)
+    def _check_resumable(self, state: LoaderState, shard_dir, split: str) -> None:
+        if state.shards != self.shard_hash:
+            raise ValueError(f"{shard_dir}: the {split} shards changed since the checkpoint was taken "
+                             f"(shard list hash {state.shards}, now {self.shard_hash})")
+        if state.seed != self.seed:
+            raise ValueError(f"resume state has seed {state.seed}, the loader {self.seed}: the order would differ")
+        if not self.first_epoch <= state.epoch <= self.end_epoch:
+            raise ValueError(f"resume state at epoch {state.epoch} is outside [{self.first_epoch}, {self.end_epoch}]")
+
+    @property
+    def skipped_samples(self) -> list[int]:
+        return sorted(self._corrupt)
+
+    @property
+    def items(self) -> int:
+        return len(self.table) * len(self.views)
+
+    def state(self) -> LoaderState:
+        """The resume state after the last batch handed out; an epoch's end reads as the next epoch's start."""
+        epoch, position = self._consumed
+        if position == self.items:
+            epoch, position = epoch + 1, 0
+        return LoaderState(epoch, position, self.seed, self.shard_hash)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return epoch_order(self.items, self.seed, epoch, shuffle=self.train)
+
+    def steps(self, position: int = 0) -> int:
+        """Steps of an epoch from a world position; the same on every rank."""
+        return len(global_steps(self.items - position, self.world, self.data.batch_size))
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (the same on every rank when training)."""
-        return len(self.batches(self.first_epoch))
+        """Steps of a whole epoch."""
+        return self.steps()
 
-    def _plan(self):
-        for epoch in range(self.first_epoch, self.end_epoch):
-            for samples in self.batches(epoch):
-                if self.train:
-                    views = [train_view(self.seed, epoch, int(s), self.shape.max_start) for s in samples]
-                else:
-                    views = [center_view(self.shape.max_start)] * len(samples)
-                yield epoch, samples, views
+    def _plan(self, epoch: int, position: int) -> Iterator[_Planned]:
+        views = len(self.views)
+        for e in range(epoch, self.end_epoch):
+            for items, end in rank_steps(self._order(e), position if e == epoch else 0, self.rank, self.world,
+                                         self.data.batch_size):
+                samples = [int(item) // views for item in items]
+                kept = [(s, int(item) % views) for s, item in zip(samples, items) if s not in self._corrupt]
+                if not kept:
+                    raise RuntimeError(f"rank {self.rank}: every sample of a step is corrupt: "
+                                       f"{[self.table.keys[s] for s in samples]}")
+                yield _Planned(e, end, [s for s, _ in kept], [v for _, v in kept])
+
+    def _view(self, epoch: int, sample: int, view: int) -> View:
+        if self.train:
+            area = tuple(self.data.crop_area) if self.data.crop_area else None
+            return train_view(self.geometry, self.seed, epoch, sample, area, tuple(self.data.crop_aspect))
+        return self.views[view]
+
+    def columns(self, planned: _Planned, modalities: tuple[str, ...] | None = None) -> tuple:
+        """What `_BatchSource` hands to DALI for one planned batch."""
+        views = [self._view(planned.epoch, s, v) for s, v in zip(planned.samples, planned.views)]
+        side = self.geometry.crop
+        columns = [
+            [np.array(self.table.label(s), dtype=np.int64) for s in planned.samples],
+            [np.array(s, dtype=np.int64) for s in planned.samples],
+            [np.array(v, dtype=np.int64) for v in planned.views],
+            [np.array(v.start, dtype=np.int32) for v in views],
+            [np.array([v.top, v.left], dtype=np.float32) for v in views],
+            [np.array([v.top + v.height, v.left + v.width], dtype=np.float32) for v in views],
+            [np.array(v.flip, dtype=np.int32) for v in views],
+        ]
+        modalities = modalities or self.modalities
+        if "flow" in modalities:
+            columns.append([np.array([(-1.0 if v.flip else 1.0) * side / v.width, side / v.height],
+                                     dtype=np.float32).reshape(2, 1, 1, 1) for v in views])
+        for modality in modalities:
+            ext = RGB_EXT if modality == "rgb" else FLOW_EXT
+            columns.append([self.table.read(s, ext) for s in planned.samples])
+        return tuple(columns)
+
+    def _start_pipeline(self) -> None:
+        self._source = _BatchSource(self, self._plan(*self._consumed))
+        self.pipe = _build_pipeline(self._source, self.geometry, self.modalities, self.data.batch_size + 1,
+                                    self.data.reader_threads, self.device_id, self.seed)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Epochs must be read in order: the pipeline prefetches across their boundary."""
@@ -159,12 +265,46 @@ class ClipLoader:
             raise ValueError(f"epoch {epoch} requested; the loader is at epoch {self._next_epoch} of "
                              f"[{self.first_epoch}, {self.end_epoch})")
         self._next_epoch += 1
-        for _ in range(len(self.batches(epoch))):
-            labels, samples, *videos = self.pipe.run()
+        position = self._consumed[1] if self._consumed[0] == epoch else 0
+        for _ in range(self.steps(position)):
+            outputs = self._run()
+            planned = self._source.inflight.popleft()
+            self._consumed = (planned.epoch, planned.end)
+            labels, samples, views, *videos = outputs
             tensors = dict(zip(self.modalities, (_to_torch(v, self.device) for v in videos)))
-            yield Batch(tensors.get("rgb"), tensors.get("flow"),
-                        torch.from_numpy(np.array(labels.as_tensor())),
-                        torch.from_numpy(np.array(samples.as_tensor())))
+            yield Batch(tensors.get("rgb"), tensors.get("flow"), *(torch.from_numpy(np.array(t.as_tensor()))
+                                                                   for t in (labels, samples, views)))
+
+    def _run(self):
+        try:
+            return self.pipe.run()
+        except Exception:  # DALI's own errors, and whatever reading a damaged shard raised in the source
+            suspects = sorted({s for planned in self._source.inflight for s in planned.samples} - self._corrupt)
+            corrupt = {s: reason for s in suspects if (reason := self._decode_error(s)) is not None}
+            if not corrupt:
+                raise
+            for sample, (modality, reason) in corrupt.items():
+                shard = self.shards[self.table.members[sample][RGB_EXT if modality == "rgb" else FLOW_EXT].tar]
+                record = {"key": self.table.keys[sample], "shard": shard, "modality": modality, "error": reason}
+                self.skipped.append(record)
+                print(f"loader rank {self.rank}: skipping corrupt sample {record['key']} ({modality}) in {shard}: "
+                      f"{reason}", file=sys.stderr, flush=True)
+            self._corrupt.update(corrupt)
+            del self.pipe
+            self._start_pipeline()
+            return self._run()
+
+    def _decode_error(self, sample: int) -> tuple[str, str] | None:
+        """Decode one sample alone, each modality on its own, on the CPU: which one fails, and why."""
+        planned = _Planned(self._consumed[0], 0, [sample], [0])
+        for modality in self.modalities:
+            try:
+                columns = self.columns(planned, (modality,))
+                probe = _build_pipeline(lambda: columns, self.geometry, (modality,), 1, 1, None, self.seed)
+                probe.run()
+            except Exception as error:
+                return modality, (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        return None
 
     def close(self) -> None:
         del self.pipe

@@ -69,8 +69,7 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
     num_classes = len(manifest.classes)
     stage = build_stage(spec, stage_name, run.path, num_classes, device)
     device_id = device.index if device.type == "cuda" else None
-    clip = dict(clip_frames=spec.data.clip_frames, crop_size=spec.data.crop_size, batch_size=spec.data.batch_size,
-                rank=rank, world=world, seed=spec.seed, threads=spec.data.reader_threads, device_id=device_id)
+    clip = dict(rank=rank, world=world, seed=spec.seed, device_id=device_id)
 
     metrics = TrainMetrics(spec.name, stage_name, rank)
     port = metrics.serve(spec.metrics.bind, spec.metrics.port + local_rank if spec.metrics.port else 0)
@@ -79,7 +78,7 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
     print(f"[{stage_name}] rank {rank}/{world} metrics at http://{scrape_host(spec.metrics.bind)}:{port}/metrics",
           flush=True)
     try:
-        loader = ClipLoader(shards, "train", modalities=stage.modalities, train=True,
+        loader = ClipLoader(shards, "train", spec.data, modalities=stage.modalities, train=True,
                             epochs=stage.settings.epochs, **clip)
         model = build_model(spec.model, stage.modality, num_classes).to(device)
         micro_steps = len(loader) * stage.settings.epochs
@@ -91,8 +90,9 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
                         print_every=max(1, len(loader) // 2) if rank == 0 else 0)
         loader.close()
 
-        val = ClipLoader(shards, "val", modalities=(stage.modality,), train=False, **clip)
-        predictions = gather_predictions(*predict(engine.module, stage.modality, val, device), keys=val.table.keys)
+        val = ClipLoader(shards, "val", spec.data, modalities=(stage.modality,), train=False, **clip)
+        predictions = gather_predictions(*predict(engine.module, stage.modality, val, device), keys=val.table.keys,
+                                         views_per_video=len(val.views), skipped=val.skipped_samples)
         val.close()
         if rank == 0:
             weights = {k: v.float().cpu() for k, v in engine.module.state_dict().items()}

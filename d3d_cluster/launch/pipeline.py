@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from d3d_cluster.data.pipeline import clip_shape
+from d3d_cluster.data.pipeline import clip_geometry
 from d3d_cluster.data.schema import SPLITS, Manifest
 from d3d_cluster.launch.executor import make_executor
 from d3d_cluster.launch.job import StageJob
@@ -24,7 +24,7 @@ def check_ready(spec: Spec, stage: str) -> None:
     manifest = Manifest.load(shards)
     for split in SPLITS:
         manifest.shard_paths(shards, split)
-    clip_shape(manifest, shards, spec.data.clip_frames, spec.data.crop_size)
+    clip_geometry(manifest, shards, spec.data)
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
     teacher = spec.run_dir / "teacher" / EXPORT_NAME

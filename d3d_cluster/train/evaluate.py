@@ -21,7 +21,7 @@ PREDICTIONS_NAME = "predictions.npz"
 @dataclass
 class Predictions:
     keys: np.ndarray  # (N,) str, sorted
-    logits: np.ndarray  # (N, classes) float32
+    logits: np.ndarray  # (N, classes) float32: log of the mean softmax over the video's views
     labels: np.ndarray  # (N,) int64
 
     def save(self, directory: Path) -> Path:
@@ -40,10 +40,15 @@ class Predictions:
         return float((self.logits.argmax(axis=1) == self.labels).mean())
 
 
-def gather_predictions(samples: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                       keys: list[str]) -> Predictions | None:
-    """All ranks call this; rank 0 gets every sample exactly once (ranks pad with repeats), others None."""
-    local = (samples.numpy(), logits.numpy(), labels.numpy())
+def gather_predictions(samples: torch.Tensor, views: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                       keys: list[str], views_per_video: int, skipped: list[int] = ()) -> Predictions | None:
+    """All ranks call this; rank 0 gets one prediction per video, the others None.
+
+    A video's score is the mean softmax over its views (the papers' multi-clip, multi-crop testing), stored as
+    its log so that `logits` stays a valid logit array. Every view of every video must arrive exactly once,
+    except videos some rank skipped as corrupt, which are left out and counted in the error if views are missing.
+    """
+    local = (samples.numpy(), views.numpy(), logits.numpy(), labels.numpy(), list(skipped))
     if dist.is_available() and dist.is_initialized():
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, local)
@@ -51,16 +56,25 @@ def gather_predictions(samples: torch.Tensor, logits: torch.Tensor, labels: torc
             return None
     else:
         parts = [local]
-    all_samples = np.concatenate([p[0] for p in parts])
-    unique, first = np.unique(all_samples, return_index=True)
-    if len(unique) != len(keys):
-        raise RuntimeError(f"evaluation saw {len(unique)} distinct samples of {len(keys)}")
-    order = np.argsort([keys[i] for i in unique])
-    first = first[order]
+    all_samples, all_views, all_logits, all_labels = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    skipped_videos = {int(s) for p in parts for s in p[4]}
+    pairs = all_samples * views_per_video + all_views
+    if len(np.unique(pairs)) != len(pairs):
+        raise RuntimeError("evaluation read some views twice")
+    expected = sorted(set(range(len(keys))) - skipped_videos)
+    counts = np.bincount(all_samples, minlength=len(keys))
+    incomplete = [keys[s] for s in expected if counts[s] != views_per_video]
+    if incomplete:
+        raise RuntimeError(f"evaluation is missing views of {len(incomplete)} videos, e.g. {incomplete[:3]}")
+    probabilities = np.zeros((len(keys), all_logits.shape[1]), dtype=np.float64)
+    np.add.at(probabilities, all_samples, softmax(all_logits))
+    label_of = np.zeros(len(keys), dtype=np.int64)
+    label_of[all_samples] = all_labels
+    by_key = sorted(expected, key=lambda s: keys[s])
     return Predictions(
-        keys=np.array([keys[i] for i in all_samples[first]]),
-        logits=np.concatenate([p[1] for p in parts])[first],
-        labels=np.concatenate([p[2] for p in parts])[first],
+        keys=np.array([keys[s] for s in by_key]),
+        logits=np.log(probabilities[by_key] / views_per_video).astype(np.float32),
+        labels=label_of[by_key],
     )
 
 

@@ -69,11 +69,12 @@ def train(engine, stage: Stage, loader: ClipLoader, epochs: int, metrics: TrainM
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, modality: str, loader: ClipLoader, device: torch.device):
-    """Logits of this rank's share of the split, with the sample ids they belong to."""
+    """Logits of this rank's share of the split's views, with the sample and view ids they belong to."""
     model.eval()
-    samples, logits, labels = [], [], []
+    samples, views, logits, labels = [], [], [], []
     for batch in loader.epoch(loader.first_epoch):
         logits.append(model(getattr(batch, modality).to(device)).float().cpu())
         samples.append(batch.samples)
+        views.append(batch.views)
         labels.append(batch.labels)
-    return torch.cat(samples), torch.cat(logits), torch.cat(labels)
+    return torch.cat(samples), torch.cat(views), torch.cat(logits), torch.cat(labels)
