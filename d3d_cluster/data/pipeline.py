@@ -105,31 +105,41 @@ class _BatchSource:
 
 
 def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, threads: int, device_id: int | None,
-                    seed: int) -> Pipeline:
+                    seed: int, resize: bool) -> Pipeline:
+    """`resize`: boxes may differ from the crop size (random resized crops); otherwise they are cropped as they are."""
     decoder = "cpu" if device_id is None else "mixed"
     pipe = Pipeline(batch_size=max_batch, num_threads=threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=2)
     with pipe:
-        flow_columns = [types.FLOAT] if "flow" in modalities else []
-        labels, samples, views, start, box_start, box_end, flip, *rest = fn.external_source(
-            source=source, num_outputs=7 + len(flow_columns) + len(modalities), batch=True,
-            dtype=[types.INT64, types.INT64, types.INT64, types.INT32, types.FLOAT, types.FLOAT, types.INT32]
-            + flow_columns + [types.UINT8] * len(modalities),
+        optional = [name for name, wanted in (("box_end", resize), ("flow_scale", "flow" in modalities)) if wanted]
+        labels, samples, views, start, box_start, flip, *rest = fn.external_source(
+            source=source, num_outputs=6 + len(optional) + len(modalities), batch=True,
+            dtype=[types.INT64, types.INT64, types.INT64, types.INT32, types.FLOAT, types.INT32]
+            + [types.FLOAT] * len(optional) + [types.UINT8] * len(modalities),
         )
-        flow_scale, encoded = (rest[0], rest[1:]) if flow_columns else (None, rest)
+        columns = dict(zip(optional, rest))
+        box_end, flow_scale, encoded = columns.get("box_end"), columns.get("flow_scale"), rest[len(optional):]
         side = geometry.crop
-        box = dict(size=[side, side], roi_start=box_start, roi_end=box_end, interp_type=types.INTERP_LINEAR)
         finish = dict(mirror=flip, output_layout="CFHW", dtype=types.FLOAT)
+        if resize:
+            def cut(video):
+                return fn.resize(video, size=[side, side], roi_start=box_start, roi_end=box_end,
+                                 interp_type=types.INTERP_LINEAR)
+        else:  # a crop-sized box: cropping it in the normalize step costs nothing, a resize pass a lot (BENCHMARKS)
+            finish.update(crop=(side, side), crop_pos_y=box_start[0] / max(1, geometry.height - side),
+                          crop_pos_x=box_start[1] / max(1, geometry.width - side))
+
+            def cut(video):
+                return video
         outputs = []
         for modality, blob in zip(modalities, encoded):
             video = fn.decoders.video(blob, device=decoder, start_frame=start, stride=geometry.stride,
                                       sequence_length=geometry.clip_frames)
             if modality == "rgb":
-                video = fn.resize(video, **box)
-                outputs.append(fn.crop_mirror_normalize(video, mean=list(RGB_MEAN), std=list(RGB_STD), **finish))
+                outputs.append(fn.crop_mirror_normalize(cut(video), mean=list(RGB_MEAN), std=list(RGB_STD), **finish))
             else:
                 halves = fn.reshape(video[:, :, :, 0], shape=[geometry.clip_frames, geometry.height, 2, geometry.width])
-                flow = fn.resize(fn.transpose(halves, perm=[0, 1, 3, 2], output_layout="FHWC"), **box)
+                flow = cut(fn.transpose(halves, perm=[0, 1, 3, 2], output_layout="FHWC"))
                 flow = fn.crop_mirror_normalize(flow, mean=[127.5, 127.5], std=[127.5, 127.5], **finish)
                 outputs.append(flow * (flow_scale if device_id is None else flow_scale.gpu()))
         pipe.set_outputs(labels, samples, views, *outputs)
@@ -167,6 +177,7 @@ class ClipLoader:
         self.modalities, self.data, self.rank, self.world = tuple(modalities), data, rank, world
         self.seed, self.train = seed, train
         self.views = [None] if train else eval_views(self.geometry, data.eval_clips, data.eval_crops)
+        self.resizes = train and data.crop_area is not None
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.device_id, self.first_epoch, self.end_epoch = device_id, first_epoch, first_epoch + epochs
         position = 0
@@ -242,9 +253,10 @@ class ClipLoader:
             [np.array(v, dtype=np.int64) for v in planned.views],
             [np.array(v.start, dtype=np.int32) for v in views],
             [np.array([v.top, v.left], dtype=np.float32) for v in views],
-            [np.array([v.top + v.height, v.left + v.width], dtype=np.float32) for v in views],
             [np.array(v.flip, dtype=np.int32) for v in views],
         ]
+        if self.resizes:
+            columns.append([np.array([v.top + v.height, v.left + v.width], dtype=np.float32) for v in views])
         modalities = modalities or self.modalities
         if "flow" in modalities:
             columns.append([np.array([(-1.0 if v.flip else 1.0) * side / v.width, side / v.height],
@@ -257,7 +269,7 @@ class ClipLoader:
     def _start_pipeline(self) -> None:
         self._source = _BatchSource(self, self._plan(*self._consumed))
         self.pipe = _build_pipeline(self._source, self.geometry, self.modalities, self.data.batch_size + 1,
-                                    self.data.reader_threads, self.device_id, self.seed)
+                                    self.data.reader_threads, self.device_id, self.seed, self.resizes)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Epochs must be read in order: the pipeline prefetches across their boundary."""
@@ -300,7 +312,8 @@ class ClipLoader:
         for modality in self.modalities:
             try:
                 columns = self.columns(planned, (modality,))
-                probe = _build_pipeline(lambda: columns, self.geometry, (modality,), 1, 1, None, self.seed)
+                probe = _build_pipeline(lambda: columns, self.geometry, (modality,), 1, 1, None, self.seed,
+                                        self.resizes)
                 probe.run()
             except Exception as error:
                 return modality, (str(error).strip().splitlines() or [type(error).__name__])[0][:300]

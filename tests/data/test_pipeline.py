@@ -24,12 +24,14 @@ def _keys(loader, batches):
     return [loader.table.keys[int(s)] for b in batches for s in b.samples]
 
 
-def test_batches_carry_rgb_and_flow_clips_with_their_labels(tiny_shards):
-    loader = _loader(tiny_shards)
+@pytest.mark.parametrize("crop_area", [None, [0.3, 1.0]])
+def test_batches_carry_rgb_and_flow_clips_with_their_labels(tiny_shards, crop_area):
+    loader = _loader(tiny_shards, data=DATA.model_copy(update={"crop_area": crop_area}))
+    assert loader.resizes == (crop_area is not None)
     batch = next(loader.epoch(0))
     assert batch.rgb.shape == (2, 3, 8, 24, 24) and batch.rgb.dtype == torch.float32
     assert batch.flow.shape == (2, 2, 8, 24, 24)
-    assert batch.flow.abs().max() <= 1.0
+    assert batch.flow.abs().max() <= (1.0 if crop_area is None else 1.0 / 0.3)
     assert batch.labels.tolist() == [loader.table.label(int(s)) for s in batch.samples]
     loader.close()
 
@@ -158,11 +160,12 @@ def test_a_missing_shard_is_an_error_naming_it_before_anything_is_read(tiny_shar
         _loader(shards, split="val", train=False)
 
 
-def _decode(loader, views: list[View]):
+def _decode(loader, views: list[View], resize: bool = False):
     planned = _Planned(0, 0, [0] * len(views), [0] * len(views))
     loader._view = lambda epoch, sample, view, _views=iter(views * 2): next(_views)
+    loader.resizes = resize
     columns = loader.columns(planned)
-    pipe = _build_pipeline(lambda: columns, loader.geometry, loader.modalities, len(views), 1, None, 0)
+    pipe = _build_pipeline(lambda: columns, loader.geometry, loader.modalities, len(views), 1, None, 0, resize)
     _, _, _, rgb, flow = pipe.run()
     return _to_torch(rgb, torch.device("cpu")), _to_torch(flow, torch.device("cpu"))
 
@@ -173,10 +176,11 @@ def _stored_flow(loader, sample=0) -> np.ndarray:
     return frame_to_flow(frames).astype(np.float32) / 127.5 - 1.0  # (F, H, W, 2)
 
 
-def test_mirroring_flips_rgb_and_flow_alike_and_negates_flow_x(tiny_shards):
+@pytest.mark.parametrize("resize", [False, True])
+def test_mirroring_flips_rgb_and_flow_alike_and_negates_flow_x(tiny_shards, resize):
     loader = _loader(tiny_shards)
     plain, mirrored = View(1, 4, 3, 24, 24, False), View(1, 4, 3, 24, 24, True)
-    rgb, flow = _decode(loader, [plain, mirrored])
+    rgb, flow = _decode(loader, [plain, mirrored], resize)
     assert torch.equal(rgb[1], rgb[0].flip(-1))
     assert torch.equal(flow[1, 1], flow[0, 1].flip(-1))
     assert torch.equal(flow[1, 0], -flow[0, 0].flip(-1))
@@ -184,11 +188,13 @@ def test_mirroring_flips_rgb_and_flow_alike_and_negates_flow_x(tiny_shards):
     loader.close()
 
 
-def test_flow_clip_is_the_stored_flow_at_the_chosen_start_stride_and_box(tiny_shards):
+@pytest.mark.parametrize("resize", [False, True])
+@pytest.mark.parametrize("top, left", [(-1, 0), (3, 5)])
+def test_flow_clip_is_the_stored_flow_at_the_chosen_start_stride_and_box(tiny_shards, resize, top, left):
     loader = _loader(tiny_shards, data=DATA.model_copy(update={"clip_frames": 4, "frame_stride": 2}))
-    height = loader.geometry.height
-    _, flow = _decode(loader, [View(2, height - 24, 0, 24, 24, False)])
-    stored = _stored_flow(loader)[2:10:2, height - 24:, :24]
+    top = loader.geometry.height - 24 if top < 0 else top
+    _, flow = _decode(loader, [View(2, top, left, 24, 24, False)], resize)
+    stored = _stored_flow(loader)[2:10:2, top:top + 24, left:left + 24]
     decoded = flow[0].permute(1, 2, 3, 0).numpy()
     assert decoded.shape == stored.shape
     assert np.abs(decoded - stored).max() < 3 / 127.5
@@ -197,7 +203,7 @@ def test_flow_clip_is_the_stored_flow_at_the_chosen_start_stride_and_box(tiny_sh
 
 def test_an_enlarged_box_scales_flow_with_it(tiny_shards):
     loader = _loader(tiny_shards)
-    _, flow = _decode(loader, [View(1, 4, 4, 12, 12, False)])  # 12x12 box resized to 24x24: motion x2
+    _, flow = _decode(loader, [View(1, 4, 4, 12, 12, False)], resize=True)  # 12x12 box resized to 24x24: motion x2
     stored = _stored_flow(loader)[1:9, 4:16, 4:16]
     decoded = flow[0].permute(1, 2, 3, 0).numpy()
     assert np.abs(stored).mean() > 0.01

@@ -1,0 +1,173 @@
+"""Clips/s of the project's DALI loader against a plain PyTorch DataLoader decoding the same shards with PyAV.
+
+    .venv/bin/python benchmarks/loader.py --workdir /tmp/d3dc-loader-bench --out benchmarks/results/loader.json
+
+Both read the same samples in the same order, cut the same views (random start, crop, mirror) and hand out
+float tensors of the same shape: DALI with `data.reader_threads` = cores threads in one process, the baseline
+with `num_workers` = cores processes, each decoding with PyAV from the keyframe before the clip's start (as
+DALI's indexed decoder does). Rounds alternate between the two; medians and their ratio are reported.
+`--device-id 0` on a GPU machine measures the mixed (NVDEC) decoder instead of DALI's CPU one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from d3d_cluster.data.index import SampleTable
+from d3d_cluster.data.order import epoch_order, train_view
+from d3d_cluster.data.pipeline import RGB_MEAN, RGB_STD, ClipLoader, clip_geometry
+from d3d_cluster.data.schema import FLOW_EXT, RGB_EXT, Manifest, frame_to_flow
+from d3d_cluster.spec import DataSpec, PrepSpec, SyntheticSpec
+
+
+def make_shards(workdir: Path, frames: int, size: int, videos: int) -> Path:
+    from dataprep.prepare import prepare_dataset
+    from dataprep.synthetic import make_motion_dataset
+
+    shards = workdir / "shards"
+    if not (shards / "manifest.json").exists():
+        synthetic = SyntheticSpec(classes=4, videos_per_class=videos // 4, frames=frames, size=size)
+        labels = make_motion_dataset(synthetic, workdir / "raw", seed=0)
+        prep = PrepSpec(synthetic=synthetic, short_side=size, flow={"algorithm": "farneback"}, shard_samples=16)
+        prepare_dataset(prep, labels, shards, progress=False)
+    return shards
+
+
+class PyAVClips(Dataset):
+    """The baseline: one clip per index, decoded and augmented in the worker with PyAV and numpy."""
+
+    def __init__(self, shards: Path, data: DataSpec, modalities: tuple[str, ...], seed: int, clips: int):
+        manifest = Manifest.load(shards)
+        self.paths = manifest.shard_paths(shards, "train")
+        self.geometry = clip_geometry(manifest, shards, data)
+        self.fps, self.data, self.modalities, self.seed, self.clips = manifest.fps, data, modalities, seed, clips
+        self.samples = manifest.splits["train"].samples
+        self.table = None
+
+    def __len__(self) -> int:
+        """As many clips as the run reads, over as many epochs as that takes: workers start once."""
+        return self.clips
+
+    def _frames(self, blob: np.ndarray, start: int) -> np.ndarray:
+        geometry = self.geometry
+        wanted = range(start, start + (geometry.clip_frames - 1) * geometry.stride + 1, geometry.stride)
+        with av.open(io.BytesIO(blob.tobytes())) as container:
+            stream = container.streams.video[0]
+            container.seek(int(start / self.fps / stream.time_base), stream=stream, backward=True, any_frame=False)
+            frames = []
+            for frame in container.decode(stream):
+                index = round(frame.pts * stream.time_base * self.fps)
+                if index in wanted:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+                if index >= wanted[-1]:
+                    break
+        return np.stack(frames)
+
+    def __getitem__(self, item: int):
+        if self.table is None:  # opened in the worker, after the fork
+            self.table = SampleTable(*self.paths)
+        epoch, position = divmod(item, self.samples)
+        sample = int(epoch_order(self.samples, self.seed, epoch, shuffle=True)[position])
+        geometry = self.geometry
+        view = train_view(geometry, self.seed, epoch, sample, None, (0.75, 4 / 3))
+        top, left, side = int(view.top), int(view.left), geometry.crop
+        clips = {}
+        for modality in self.modalities:
+            frames = self._frames(self.table.read(sample, RGB_EXT if modality == "rgb" else FLOW_EXT), view.start)
+            if modality == "rgb":
+                clip = (frames[:, top:top + side, left:left + side].astype(np.float32) - RGB_MEAN) / RGB_STD
+            else:
+                clip = frame_to_flow(frames)[:, top:top + side, left:left + side].astype(np.float32) / 127.5 - 1.0
+            if view.flip:
+                clip = clip[:, :, ::-1]
+                if modality == "flow":
+                    clip = clip * np.array([-1.0, 1.0], dtype=np.float32)
+            clips[modality] = torch.from_numpy(np.ascontiguousarray(clip.transpose(3, 0, 1, 2)))
+        return clips, self.table.label(sample)
+
+
+def time_dali(shards: Path, data: DataSpec, modalities, batches: int, device_id: int | None) -> float:
+    loader = ClipLoader(shards, "train", data, modalities=modalities, rank=0, world=1, seed=0, train=True,
+                        device_id=device_id, epochs=10**6)
+    epoch, clips, started = 0, 0, None
+    while clips < batches * data.batch_size:
+        for batch in loader.epoch(epoch):
+            if started is None:  # the first batch pays for building the pipeline
+                started, clips = time.perf_counter(), 0
+                continue
+            clips += len(batch.labels)
+            if clips >= batches * data.batch_size:
+                break
+        epoch += 1
+    if device_id is not None:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    loader.close()
+    return clips / seconds
+
+
+def time_pyav(shards: Path, data: DataSpec, modalities, batches: int, workers: int) -> float:
+    dataset = PyAVClips(shards, data, modalities, seed=0, clips=(batches + 1) * data.batch_size)
+    loader = DataLoader(dataset, batch_size=data.batch_size, num_workers=workers, prefetch_factor=2)
+    clips, started = 0, None
+    for clips_batch, _ in loader:
+        if started is None:  # the first batch pays for starting the workers
+            started = time.perf_counter()
+            continue
+        clips += len(next(iter(clips_batch.values())))
+    return clips / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="/tmp/d3dc-loader-bench")
+    parser.add_argument("--out", default="benchmarks/results/loader.json")
+    parser.add_argument("--frames", type=int, default=48, help="frames per stored video")
+    parser.add_argument("--size", type=int, default=128, help="stored frame size")
+    parser.add_argument("--videos", type=int, default=32)
+    parser.add_argument("--clip-frames", type=int, default=16)
+    parser.add_argument("--crop", type=int, default=112)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=24, help="timed batches per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--device-id", type=int, default=None, help="GPU for DALI's mixed decoder")
+    args = parser.parse_args()
+
+    shards = make_shards(Path(args.workdir), args.frames, args.size, args.videos)
+    data = DataSpec(clip_frames=args.clip_frames, crop_size=args.crop, batch_size=args.batch,
+                    reader_threads=args.cores)
+    torch.set_num_threads(1)
+    results = {}
+    for modalities in (("rgb",), ("rgb", "flow")):
+        dali, pyav = [], []
+        for _ in range(args.rounds):
+            dali.append(time_dali(shards, data, modalities, args.batches, args.device_id))
+            pyav.append(time_pyav(shards, data, modalities, args.batches, args.cores))
+        name = "+".join(modalities)
+        results[name] = {"dali_clips_per_second": dali, "pyav_clips_per_second": pyav,
+                         "dali_median": statistics.median(dali), "pyav_median": statistics.median(pyav),
+                         "ratio": statistics.median(dali) / statistics.median(pyav)}
+        print(f"{name}: DALI {results[name]['dali_median']:.1f} clips/s, PyAV DataLoader "
+              f"{results[name]['pyav_median']:.1f} clips/s, ratio {results[name]['ratio']:.2f}", flush=True)
+    report = {"args": vars(args), "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+              "decoder": "mixed" if args.device_id is not None else "cpu", "date": time.strftime("%Y-%m-%d"),
+              "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
