@@ -1,5 +1,6 @@
 """The Slurm side of the executor: what is passed to sbatch, and what is refused before anything is queued."""
 
+import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import TINY
@@ -7,8 +8,6 @@ from conftest import TINY
 from d3d_cluster.cli import main
 from d3d_cluster.launch.executor import check_cluster, make_executor, slurm_parameters
 from d3d_cluster.spec import ClusterSpec
-
-import pytest
 
 
 def test_only_the_slurm_settings_given_are_passed_one_task_per_rank():
