@@ -44,11 +44,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt_install "${missing[@]}"
 fi
 
-# Slurm and munge for the test suite's private one-machine cluster (tests/slurm_cluster.py).
-have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ]; }
+# Slurm and munge for the test suite's private one-machine cluster (tests/slurm_cluster.py); iproute2 for its
+# two-node variant (one network namespace per node, tests/netns.py).
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 slurm_missing=()
 { have slurmctld && have slurmd && have sbatch; } || slurm_missing+=(slurm-wlm)
 have munged || slurm_missing+=(munge)
+have ip || slurm_missing+=(iproute2)
 if [ ${#slurm_missing[@]} -gt 0 ]; then
   echo "setup: installing ${slurm_missing[*]} (their system services are not started)"
   apt_install_without_services "${slurm_missing[@]}"

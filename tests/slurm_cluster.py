@@ -1,12 +1,16 @@
-"""A private one-machine Slurm cluster for the tests: its own munged, slurmctld and slurmd, started from Debian's
-packages with a configuration, a munge key, free ports, state, spool and logs all under one temporary directory.
+"""A private Slurm cluster on this one machine for the tests: its own munged, slurmctld and slurmd, started from
+Debian's packages with a configuration, a munge key, free ports, state, spool and logs all under one temporary
+directory.
 
-Nothing system-wide is used or touched (not /etc/slurm, /etc/munge, /run/munge, nor the default ports), so the
-cluster can run beside a real one and is gone when `stop` returns. Clients find it through `SLURM_CONF`.
+Nothing system-wide is used (not /etc/slurm, /etc/munge, /run/munge, nor the default ports), so it can run beside
+a real cluster, and it is gone when `stop` returns. Clients find it through `SLURM_CONF`. With one node, slurmd
+runs beside slurmctld on 127.0.0.1 and the node is this host. With several (root only), each slurmd runs in its own
+network namespace with its own address on a private bridge, the way separate machines would (see netns.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pwd
 import secrets
@@ -19,11 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from netns import NodeNetwork
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "sinfo", "squeue", "scontrol", "scancel")
 PARTITION = "debug"
 # Unix socket paths are limited to 107 bytes; munged's lives in the cluster directory.
 _SOCKET_PATH_LIMIT = 100
+_PR_SET_PDEATHSIG = 1
+_ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD")
 
 
 class ClusterStartError(RuntimeError):
@@ -51,12 +59,20 @@ def node_resources(slurmd: str) -> dict[str, int]:
     return {"CPUs": int(fields["CPUs"]), "RealMemory": int(fields["RealMemory"])}
 
 
-def slurm_conf(root: Path, node: str, resources: dict[str, int], ctld_port: int, slurmd_port: int,
-               user: str) -> str:
-    """The cluster's slurm.conf: settings that worked on these machines (NOTES.md), every path private."""
+@dataclass(frozen=True)
+class Node:
+    name: str
+    address: str
+    cpus: int
+    memory_mb: int
+
+
+def slurm_conf(root: Path, controller: str, controller_address: str, nodes: list[Node], ctld_port: int,
+               slurmd_port: int, user: str) -> str:
+    """The cluster's slurm.conf: the settings that worked on these machines (NOTES.md), every path private."""
     settings = {
         "ClusterName": "d3dctest",
-        "SlurmctldHost": f"{node}(127.0.0.1)",
+        "SlurmctldHost": f"{controller}({controller_address})",
         "SlurmctldPort": ctld_port,
         "SlurmdPort": slurmd_port,
         "SlurmUser": user,
@@ -65,11 +81,11 @@ def slurm_conf(root: Path, node: str, resources: dict[str, int], ctld_port: int,
         "CredType": "cred/munge",
         "AuthInfo": f"socket={root / 'munge' / 'munge.socket'}",
         "StateSaveLocation": root / "state",
-        "SlurmdSpoolDir": root / "spool",
+        "SlurmdSpoolDir": root / "spool" / "%n",
         "SlurmctldPidFile": root / "slurmctld.pid",
-        "SlurmdPidFile": root / "slurmd.pid",
+        "SlurmdPidFile": root / "slurmd-%n.pid",
         "SlurmctldLogFile": root / "log" / "slurmctld.log",
-        "SlurmdLogFile": root / "log" / "slurmd.log",
+        "SlurmdLogFile": root / "log" / "slurmd-%n.log",
         "PlugStackConfig": root / "plugstack.conf",
         "ProctrackType": "proctrack/linuxproc",
         "TaskPlugin": "task/none",
@@ -84,8 +100,8 @@ def slurm_conf(root: Path, node: str, resources: dict[str, int], ctld_port: int,
         "KillWait": 5,
     }
     lines = [f"{key}={value}" for key, value in settings.items()]
-    lines.append(f"NodeName={node} NodeAddr=127.0.0.1 CPUs={resources['CPUs']} "
-                 f"RealMemory={resources['RealMemory']} State=UNKNOWN")
+    lines += [f"NodeName={node.name} NodeAddr={node.address} CPUs={node.cpus} RealMemory={node.memory_mb} "
+              "State=UNKNOWN" for node in nodes]
     lines.append(f"PartitionName={PARTITION} Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
     return "\n".join(lines) + "\n"
 
@@ -94,10 +110,15 @@ def slurm_conf(root: Path, node: str, resources: dict[str, int], ctld_port: int,
 class SlurmCluster:
     root: Path
     conf: Path
-    node: str
+    nodes: list[Node]
     programs: dict[str, str]
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    network: NodeNetwork | None = None
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # in start order
     partition: str = PARTITION
+
+    @property
+    def node(self) -> str:
+        return self.nodes[0].name
 
     @property
     def env(self) -> dict[str, str]:
@@ -111,8 +132,8 @@ class SlurmCluster:
             raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()}")
         return done.stdout
 
-    def node_state(self) -> str:
-        return self.run("sinfo", "-h", "-N", "-o", "%t").strip()
+    def node_states(self) -> list[str]:
+        return self.run("sinfo", "-h", "-N", "-o", "%t").split()
 
     def logs(self) -> str:
         parts = []
@@ -126,7 +147,7 @@ class SlurmCluster:
         while True:
             shown = self.run("scontrol", "show", "job", job_id)
             state = shown.split("JobState=", 1)[1].split()[0]
-            if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED"):
+            if state not in _ACTIVE_STATES:
                 return shown
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f} s")
@@ -136,21 +157,21 @@ class SlurmCluster:
         """Cancel this cluster's jobs and wait until they are gone, so no job step outlives slurmd."""
         self.run("scancel", f"--user={os.getuid()}")
         deadline = time.monotonic() + timeout
-        while self.run("squeue", "-h", "-t", "all,!completed,!cancelled,!failed,!timeout", "-o", "%i").strip():
-            if time.monotonic() > deadline:
-                break
+        while self.run("squeue", "-h", "-o", "%i").strip() and time.monotonic() < deadline:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Stop exactly the daemons this cluster started (by pid), clients' jobs first, munged last."""
-        if "slurmctld" in self.processes and self.processes["slurmctld"].poll() is None:
+        """Stop exactly the daemons this cluster started (by pid), its jobs first, munged last; then remove the
+        node network."""
+        ctld = self.processes.get("slurmctld")
+        if ctld is not None and ctld.poll() is None:
             try:
                 self.cancel_all_jobs()
             except (RuntimeError, subprocess.TimeoutExpired):
                 pass
-        for name in reversed(DAEMONS):
-            process = self.processes.pop(name, None)
-            if process is None or process.poll() is not None:
+        for name in reversed(list(self.processes)):
+            process = self.processes.pop(name)
+            if process.poll() is not None:
                 continue
             process.send_signal(signal.SIGTERM)
             try:
@@ -158,12 +179,15 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=15)
+        if self.network is not None:
+            self.network.remove()
+            self.network = None
 
 
-def start_cluster(root: Path, programs: dict[str, str], timeout: float = 60) -> SlurmCluster:
-    """Write the configuration and key under `root`, start munged, slurmctld and slurmd in the foreground as
-    children of this process, and wait until the node is idle. On failure the daemons are stopped and the error
-    carries their logs."""
+def start_cluster(root: Path, programs: dict[str, str], nodes: int = 1, timeout: float = 60) -> SlurmCluster:
+    """Write the configuration and key under `root`, start munged, slurmctld and one slurmd per node in the
+    foreground as children of this process, and wait until every node is idle. On failure whatever was started
+    is stopped and the error carries the daemons' logs."""
     for sub in ("munge", "state", "spool", "log"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     (root / "munge").chmod(0o700)
@@ -175,35 +199,57 @@ def start_cluster(root: Path, programs: dict[str, str], timeout: float = 60) -> 
     key.chmod(0o600)
     (root / "plugstack.conf").write_text("")
 
-    node = socket.gethostname().split(".")[0]
-    user = pwd.getpwuid(os.getuid()).pw_name  # not $USER: the daemons run as who we are
+    host = socket.gethostname().split(".")[0]
+    measured = node_resources(programs["slurmd"])
+    network = NodeNetwork.create(nodes, host, root) if nodes > 1 else None
+    if network is None:
+        node_list = [Node(host, "127.0.0.1", measured["CPUs"], measured["RealMemory"])]
+        controller_address = "127.0.0.1"
+    else:
+        # The nodes share this machine: each gets a share of it, so together they never claim more than it has.
+        cpus, memory = max(1, measured["CPUs"] // nodes), measured["RealMemory"] // nodes
+        node_list = [Node(name, address, cpus, memory) for name, address in network.nodes.items()]
+        controller_address = network.host_address
+    for node in node_list:
+        (root / "spool" / node.name).mkdir()
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, node, node_resources(programs["slurmd"]), free_port(), free_port(), user))
-    cluster = SlurmCluster(root=root, conf=conf, node=node, programs=programs)
+    cluster = SlurmCluster(root=root, conf=conf, nodes=node_list, programs=programs, network=network)
     env = {**os.environ, **cluster.env}
     log = root / "log"
 
-    def launch(name: str, *args: str) -> None:
+    def launch(name: str, *command: str) -> None:
         with open(log / f"{name}.out", "ab") as out:
-            cluster.processes[name] = subprocess.Popen([programs[name], *args], stdout=out, stderr=subprocess.STDOUT,
-                                                       stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            cluster.processes[name] = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                                       stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                                       preexec_fn=_die_with_parent)
 
     try:
+        user = pwd.getpwuid(os.getuid()).pw_name  # not $USER: the daemons run as whoever we are
+        conf.write_text(slurm_conf(root, host, controller_address, node_list, free_port(), free_port(), user))
         # --force: munged refuses directories it deems insecure, which temporary trees in containers often are.
-        launch("munged", "--foreground", "--force", f"--socket={socket_path}", f"--key-file={key}",
-               f"--pid-file={root / 'munge' / 'munged.pid'}", f"--log-file={log / 'munged.log'}",
-               f"--seed-file={root / 'munge' / 'munged.seed'}")
+        launch("munged", programs["munged"], "--foreground", "--force", f"--socket={socket_path}",
+               f"--key-file={key}", f"--pid-file={root / 'munge' / 'munged.pid'}",
+               f"--log-file={log / 'munged.log'}", f"--seed-file={root / 'munge' / 'munged.seed'}")
         _wait(lambda: socket_path.exists(), cluster, "munged to open its socket", timeout)
-        launch("slurmctld", "-D", "-f", str(conf))
+        launch("slurmctld", programs["slurmctld"], "-D", "-f", str(conf))
         _wait(lambda: "UP" in cluster.run("scontrol", "ping"), cluster, "slurmctld to answer", timeout)
-        launch("slurmd", "-D", "-f", str(conf), "-N", node)
-        _wait(lambda: cluster.node_state() == "idle", cluster, f"node {node} to be idle", timeout)
+        for node in node_list:
+            inside = network.run_inside(node.name) if network else []
+            launch(f"slurmd-{node.name}", *inside, programs["slurmd"], "-D", "-f", str(conf), "-N", node.name)
+        _wait(lambda: cluster.node_states() == ["idle"] * len(node_list), cluster,
+              f"{len(node_list)} node(s) to be idle", timeout)
     except BaseException as error:
         cluster.stop()
         if isinstance(error, ClusterStartError):
             raise
         raise ClusterStartError(f"{error}\n{cluster.logs()}") from error
     return cluster
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the test process dies without stopping the cluster (killed by a
+    timeout, say), so no daemon outlives the tests."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _wait(ready: Callable[[], bool], cluster: SlurmCluster, what: str, timeout: float) -> None:

@@ -26,19 +26,20 @@ def _alive(pid: int) -> bool:
 def test_stop_ends_its_jobs_and_exactly_the_daemons_it_started(programs):
     with tempfile.TemporaryDirectory(prefix="d3dc-slurm-") as root:
         cluster = start_cluster(Path(root), programs)
-        assert cluster.node_state() == "idle"
-        daemons = {name: process.pid for name, process in cluster.processes.items()}
-        assert set(daemons) == {"munged", "slurmctld", "slurmd"}
-        marker = Path(root) / "job.pid"
-        cluster.run("sbatch", "--wrap", f"echo $$ > {marker}; exec sleep 300", "-o", "/dev/null")
-        deadline = time.monotonic() + 30
-        while not marker.exists() or not marker.read_text().strip():
-            assert time.monotonic() < deadline, "the job did not start"
-            time.sleep(0.2)
-        job = int(marker.read_text())
-        assert _alive(job)
-
-        cluster.stop()
+        try:
+            assert cluster.node_states() == ["idle"]
+            daemons = {name: process.pid for name, process in cluster.processes.items()}
+            assert set(daemons) == {"munged", "slurmctld", f"slurmd-{cluster.node}"}
+            marker = Path(root) / "job.pid"
+            cluster.run("sbatch", "--wrap", f"echo $$ > {marker}; exec sleep 300", "-o", "/dev/null")
+            deadline = time.monotonic() + 30
+            while not marker.exists() or not marker.read_text().strip():
+                assert time.monotonic() < deadline, "the job did not start"
+                time.sleep(0.2)
+            job = int(marker.read_text())
+            assert _alive(job)
+        finally:
+            cluster.stop()
         assert not _alive(job)
         assert not any(_alive(pid) for pid in daemons.values())
         assert cluster.processes == {}

@@ -13,7 +13,7 @@ from d3d_cluster.train.stages import EXPORT_NAME
 
 @pytest.mark.integration
 def test_teacher_stage_runs_as_two_slurm_tasks_and_exports_its_model(tmp_path, tiny_shards, slurm_cluster):
-    spec = tiny_spec(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)}, teacher={"epochs": 2},
+    spec = tiny_spec(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)}, teacher={"epochs": 1},
                      cluster={"executor": "slurm", "partition": slurm_cluster.partition, "timeout_min": 10})
     run = RunDir.create(spec)
     lines = []
