@@ -200,20 +200,8 @@ def start_cluster(root: Path, programs: dict[str, str], nodes: int = 1, timeout:
     (root / "plugstack.conf").write_text("")
 
     host = socket.gethostname().split(".")[0]
-    measured = node_resources(programs["slurmd"])
-    network = NodeNetwork.create(nodes, host, root) if nodes > 1 else None
-    if network is None:
-        node_list = [Node(host, "127.0.0.1", measured["CPUs"], measured["RealMemory"])]
-        controller_address = "127.0.0.1"
-    else:
-        # The nodes share this machine: each gets a share of it, so together they never claim more than it has.
-        cpus, memory = max(1, measured["CPUs"] // nodes), measured["RealMemory"] // nodes
-        node_list = [Node(name, address, cpus, memory) for name, address in network.nodes.items()]
-        controller_address = network.host_address
-    for node in node_list:
-        (root / "spool" / node.name).mkdir()
     conf = root / "slurm.conf"
-    cluster = SlurmCluster(root=root, conf=conf, nodes=node_list, programs=programs, network=network)
+    cluster = SlurmCluster(root=root, conf=conf, nodes=[], programs=programs)
     env = {**os.environ, **cluster.env}
     log = root / "log"
 
@@ -224,8 +212,20 @@ def start_cluster(root: Path, programs: dict[str, str], nodes: int = 1, timeout:
                                                        preexec_fn=_die_with_parent)
 
     try:
+        measured = node_resources(programs["slurmd"])
+        if nodes == 1:
+            cluster.nodes = [Node(host, "127.0.0.1", measured["CPUs"], measured["RealMemory"])]
+            controller_address = "127.0.0.1"
+        else:
+            network = cluster.network = NodeNetwork.create(nodes, host, root)
+            # The nodes share this machine: each gets a share, so together they never claim more than it has.
+            cpus, memory = max(1, measured["CPUs"] // nodes), measured["RealMemory"] // nodes
+            cluster.nodes = [Node(name, address, cpus, memory) for name, address in network.nodes.items()]
+            controller_address = network.host_address
+        for node in cluster.nodes:
+            (root / "spool" / node.name).mkdir()
         user = pwd.getpwuid(os.getuid()).pw_name  # not $USER: the daemons run as whoever we are
-        conf.write_text(slurm_conf(root, host, controller_address, node_list, free_port(), free_port(), user))
+        conf.write_text(slurm_conf(root, host, controller_address, cluster.nodes, free_port(), free_port(), user))
         # --force: munged refuses directories it deems insecure, which temporary trees in containers often are.
         launch("munged", programs["munged"], "--foreground", "--force", f"--socket={socket_path}",
                f"--key-file={key}", f"--pid-file={root / 'munge' / 'munged.pid'}",
@@ -233,11 +233,10 @@ def start_cluster(root: Path, programs: dict[str, str], nodes: int = 1, timeout:
         _wait(lambda: socket_path.exists(), cluster, "munged to open its socket", timeout)
         launch("slurmctld", programs["slurmctld"], "-D", "-f", str(conf))
         _wait(lambda: "UP" in cluster.run("scontrol", "ping"), cluster, "slurmctld to answer", timeout)
-        for node in node_list:
-            inside = network.run_inside(node.name) if network else []
+        for node in cluster.nodes:
+            inside = cluster.network.run_inside(node.name) if cluster.network else []
             launch(f"slurmd-{node.name}", *inside, programs["slurmd"], "-D", "-f", str(conf), "-N", node.name)
-        _wait(lambda: cluster.node_states() == ["idle"] * len(node_list), cluster,
-              f"{len(node_list)} node(s) to be idle", timeout)
+        _wait(lambda: cluster.node_states() == ["idle"] * nodes, cluster, f"{nodes} node(s) to be idle", timeout)
     except BaseException as error:
         cluster.stop()
         if isinstance(error, ClusterStartError):
