@@ -126,11 +126,23 @@ class DeepSpeedSpec(_Section):
 
 
 class ClusterSpec(_Section):
+    """Where and how big a stage runs: nodes x tasks_per_node ranks. The Slurm settings left at None are not
+    passed to sbatch, so the cluster's own defaults apply; the local executor ignores them."""
+
     executor: Literal["local", "slurm"] = "local"
     nodes: int = Field(1, ge=1)
     tasks_per_node: int = Field(2, ge=1, description="ranks per node: one per GPU, or CPU processes")
     cpus_per_task: int = Field(1, ge=1)
     timeout_min: int = Field(60, ge=1)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = Field(None, description="node features, as sbatch --constraint takes them")
+    gpus_per_node: int | None = Field(None, ge=1, description="equal to tasks_per_node: one rank per GPU")
+    mem: str | None = Field(None, pattern=r"^[0-9]+[KMGT]?$", description="memory per node, as sbatch --mem (32G)")
+    exclusive: bool = Field(False, description="whole nodes, shared with no other job")
+    signal_delay_s: int = Field(90, ge=1, description="USR2 this long before the time limit, to checkpoint in")
+    max_requeues: int = Field(3, ge=0, description="time-limit requeues allowed (submitit's max_num_timeout)")
 
 
 class MetricsSpec(_Section):
@@ -153,6 +165,15 @@ class Spec(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":
+        cluster = self.cluster
+        if cluster.executor == "local" and cluster.nodes != 1:
+            raise ValueError(f"cluster.nodes is {cluster.nodes}: the local executor runs on one node")
+        if cluster.gpus_per_node is not None and cluster.gpus_per_node != cluster.tasks_per_node:
+            raise ValueError(f"cluster.gpus_per_node ({cluster.gpus_per_node}) must equal cluster.tasks_per_node "
+                             f"({cluster.tasks_per_node}): one rank per GPU")
+        if cluster.signal_delay_s >= cluster.timeout_min * 60:
+            raise ValueError(f"cluster.signal_delay_s ({cluster.signal_delay_s}) must be shorter than "
+                             f"cluster.timeout_min ({cluster.timeout_min} min)")
         world = self.cluster.nodes * self.cluster.tasks_per_node
         micro = self.data.batch_size * world
         if self.deepspeed.global_batch_size % micro:

@@ -5,11 +5,31 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# Another apt run (a parallel setup, unattended upgrades) may hold the lock: wait for it instead of failing.
+APT="apt-get -o DPkg::Lock::Timeout=600"
+
 apt_install() {
-  local sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+  $SUDO $APT update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO $APT install -y -qq "$@" >/dev/null
+}
+
+# Package scripts start their services (munged, slurmctld, slurmd); the tests run their own private daemons,
+# so the system ones must not run. Where no policy-rc.d exists, one that refuses every start is in place while
+# apt runs; an existing one (containers ship one that refuses) is left alone.
+apt_install_without_services() {
+  local policy=/usr/sbin/policy-rc.d
+  if [ -e "$policy" ]; then
+    apt_install "$@"
+    return
+  fi
+  printf '#!/bin/sh\n# d3d-cluster setup: refuse service starts while apt runs\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod 755 "$policy"
+  trap '$SUDO rm -f '"$policy" EXIT
+  apt_install "$@"
+  $SUDO rm -f "$policy"
+  trap - EXIT
 }
 
 # System packages: a Python that can make virtual environments and build DeepSpeed's small JIT ops (gcc).
@@ -22,6 +42,18 @@ python3 -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${missing[*]}"
   apt_install "${missing[@]}"
+fi
+
+# Slurm and munge for the test suite's private one-machine cluster (tests/slurm_cluster.py); iproute2 for its
+# two-node variant (one network namespace per node, tests/netns.py).
+have() { command -v "$1" >/dev/null || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+slurm_missing=()
+{ have slurmctld && have slurmd && have sbatch; } || slurm_missing+=(slurm-wlm)
+have munged || slurm_missing+=(munge)
+have ip || slurm_missing+=(iproute2)
+if [ ${#slurm_missing[@]} -gt 0 ]; then
+  echo "setup: installing ${slurm_missing[*]} (their system services are not started)"
+  apt_install_without_services "${slurm_missing[@]}"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -28,6 +28,12 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"data": {"crop_size": 96}}, "data.crop_size (96) exceeds prep.short_side (64)"),
         ({"data": {"clip_frames": 20}}, "data.clip_frames (20) with data.frame_stride (1) needs 21 video frames"),
         ({"name": "has space"}, "name: String should match pattern"),
+        ({"cluster": {"nodes": 2}}, "cluster.nodes is 2: the local executor runs on one node"),
+        ({"cluster": {"executor": "slurm", "gpus_per_node": 4}},
+         "cluster.gpus_per_node (4) must equal cluster.tasks_per_node (2): one rank per GPU"),
+        ({"cluster": {"mem": "lots"}}, "cluster.mem: String should match pattern"),
+        ({"cluster": {"signal_delay_s": 600, "timeout_min": 10}},
+         "cluster.signal_delay_s (600) must be shorter than cluster.timeout_min (10 min)"),
     ],
 )
 def test_bad_values_are_refused_naming_file_and_key(tree, message):

@@ -36,13 +36,13 @@ class StageJob:
             torch.cuda.set_device(device)
         try:
             return _run_stage(Path(self.run_dir), self.stage, env.rank, env.world_size, env.local_rank, device,
-                              submitit.JobEnvironment().job_id)
+                              submitit.JobEnvironment().job_id, f"{env.master_addr}:{env.master_port}")
         finally:
             torch.distributed.destroy_process_group()
 
 
 def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_rank: int, device: torch.device,
-               job_id: str) -> dict:
+               job_id: str, master: str) -> dict:
     from d3d_cluster.data.pipeline import ClipLoader
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import replace_atomically, write_json_atomically
@@ -60,7 +60,7 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
         raise RuntimeError(f"{run_path}: spec expects {spec.world_size} ranks, the job has {world}")
     stage_dir = run.stage(stage_name)
     if rank == 0:
-        run.event("started", stage=stage_name, job_id=job_id, world_size=world)
+        run.event("started", stage=stage_name, job_id=job_id, world_size=world, master=master)
     if device.type == "cpu":
         torch.set_num_threads(spec.cluster.cpus_per_task)
     torch.manual_seed(spec.seed)

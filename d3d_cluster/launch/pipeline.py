@@ -9,7 +9,7 @@ from typing import Callable
 
 from d3d_cluster.data.pipeline import clip_geometry
 from d3d_cluster.data.schema import SPLITS, Manifest
-from d3d_cluster.launch.executor import make_executor
+from d3d_cluster.launch.executor import check_cluster, make_executor
 from d3d_cluster.launch.job import StageJob
 from d3d_cluster.files import write_json_atomically
 from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
@@ -19,7 +19,8 @@ from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES
 
 
 def check_ready(spec: Spec, stage: str) -> None:
-    """Refuse, before anything is written or submitted, a stage whose inputs are missing."""
+    """Refuse, before anything is written or submitted, a stage whose inputs are missing or whose cluster
+    request cannot run."""
     shards = spec.path(spec.data.shards)
     manifest = Manifest.load(shards)
     for split in SPLITS:
@@ -30,13 +31,14 @@ def check_ready(spec: Spec, stage: str) -> None:
     teacher = spec.run_dir / "teacher" / EXPORT_NAME
     if stage == "student" and not teacher.is_file():
         raise FileNotFoundError(f"{teacher}: the student needs a finished teacher in this run; train the teacher first")
+    check_cluster(spec.cluster)
 
 
 def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll_seconds: float = 1.0) -> dict:
     """Submit one stage, relay its rank-0 output and metrics endpoints while it runs, wait for it."""
     spec = run.spec()
     check_ready(spec, stage)
-    executor = make_executor(spec.cluster, run.stage(stage) / "submitit")
+    executor = make_executor(spec.cluster, run.stage(stage) / "submitit", name=f"{spec.name}-{stage}")
     job = executor.submit(StageJob(str(run.path), stage))
     run.event("submitted", stage=stage, job_id=job.job_id, executor=spec.cluster.executor)
     echo(f"[{stage}] submitted job {job.job_id} ({spec.world_size} ranks, logs in {job.paths.folder})")

@@ -1,0 +1,65 @@
+"""The Slurm side of the executor: what is passed to sbatch, and what is refused before anything is queued."""
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import TINY
+
+from d3d_cluster.cli import main
+from d3d_cluster.launch.executor import check_cluster, make_executor, slurm_parameters
+from d3d_cluster.spec import ClusterSpec
+
+
+def test_only_the_slurm_settings_given_are_passed_one_task_per_rank():
+    assert slurm_parameters(ClusterSpec(executor="slurm", nodes=4, tasks_per_node=8)) == {
+        "nodes": 4, "ntasks_per_node": 8, "cpus_per_task": 1, "time": 60, "signal_delay_s": 90}
+    full = ClusterSpec(executor="slurm", nodes=2, tasks_per_node=4, gpus_per_node=4, cpus_per_task=8, mem="200G",
+                       partition="gpu", account="vision", qos="high", constraint="h100", exclusive=True,
+                       timeout_min=240, signal_delay_s=300)
+    assert slurm_parameters(full) == {
+        "nodes": 2, "ntasks_per_node": 4, "cpus_per_task": 8, "time": 240, "partition": "gpu", "account": "vision",
+        "qos": "high", "constraint": "h100", "gpus_per_node": 4, "mem": "200G", "exclusive": True,
+        "signal_delay_s": 300}
+
+
+def test_slurm_executor_carries_the_spec_and_its_requeue_limit(tmp_path, slurm_cluster):
+    executor = make_executor(ClusterSpec(executor="slurm", tasks_per_node=2, max_requeues=5), tmp_path, name="run-teacher")
+    assert executor.max_num_timeout == 5
+    assert executor.parameters["job_name"] == "run-teacher" and executor.parameters["ntasks_per_node"] == 2
+
+
+def test_a_cluster_without_slurm_commands_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ValueError, match="cluster.executor is slurm, but sbatch, srun, sinfo cannot be found on PATH"):
+        check_cluster(ClusterSpec(executor="slurm"))
+
+
+def _train_teacher(tmp_path, shards, cluster: dict):
+    spec = tmp_path / "spec.yaml"
+    tree = {**TINY, "workdir": str(tmp_path / "work"), "data": {**TINY["data"], "shards": str(shards)},
+            "cluster": {"executor": "slurm", **cluster}}
+    spec.write_text(yaml.safe_dump(tree))
+    return CliRunner().invoke(main, ["train", "teacher", "-c", str(spec)])
+
+
+def _queued(slurm_cluster) -> str:
+    return slurm_cluster.run("squeue", "-h", "-t", "all", "-o", "%i %j").strip()
+
+
+def test_an_unknown_partition_is_refused_before_anything_is_queued(tmp_path, tiny_shards, slurm_cluster):
+    queued = _queued(slurm_cluster)
+    result = _train_teacher(tmp_path, tiny_shards, {"partition": "gpu-h100"})
+    assert result.exit_code != 0
+    assert "cluster.partition: no partition 'gpu-h100' on this cluster (partitions: debug)" in result.output
+    assert _queued(slurm_cluster) == queued
+    assert not (tmp_path / "work" / "runs").exists()
+
+
+def test_a_request_no_node_can_satisfy_is_refused_before_anything_is_queued(tmp_path, tiny_shards, slurm_cluster):
+    queued = _queued(slurm_cluster)
+    result = _train_teacher(tmp_path, tiny_shards, {"nodes": 2, "tasks_per_node": 1})
+    assert result.exit_code != 0
+    assert "cluster: Slurm refuses the request --nodes=2 --ntasks-per-node=1" in result.output
+    assert "Requested node configuration is not available" in result.output
+    assert _queued(slurm_cluster) == queued
+    assert not (tmp_path / "work" / "runs").exists()
