@@ -8,8 +8,9 @@ VENV=${VENV:-.venv}
 apt_install() {
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+  # Another installer (Slurm's, say) may hold the dpkg lock: wait for it instead of failing.
+  $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq "$@" >/dev/null
 }
 
 # System packages: a Python that can make virtual environments and build DeepSpeed's small JIT ops (gcc).
@@ -22,6 +23,29 @@ python3 -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing system packages: ${missing[*]}"
   apt_install "${missing[@]}"
+fi
+
+# Monitoring tests run a real Prometheus (with promtool) and Pushgateway, started by the tests themselves.
+# A policy-rc.d that forbids service starts keeps the packages' own services (a system Prometheus on 9090)
+# from starting during the install; one that is already there (as in Docker images) is left as it is.
+monitoring=()
+{ command -v prometheus && command -v promtool; } >/dev/null || monitoring+=(prometheus)
+command -v prometheus-pushgateway >/dev/null || monitoring+=(prometheus-pushgateway)
+if [ ${#monitoring[@]} -gt 0 ]; then
+  echo "setup: installing ${monitoring[*]} (services not started)"
+  policy=/usr/sbin/policy-rc.d
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ -e "$policy" ]; then
+    apt_install --no-install-recommends "${monitoring[@]}"
+  else
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 755 "$policy"
+    trap '$sudo rm -f "$policy"' EXIT
+    apt_install --no-install-recommends "${monitoring[@]}"
+    $sudo rm -f "$policy"
+    trap - EXIT
+  fi
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then
