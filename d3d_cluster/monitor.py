@@ -7,6 +7,7 @@ evaluates the repository's alert rules, keeps its data in the run directory and 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -46,20 +47,18 @@ def find_run(run: str | None, spec: Spec) -> RunDir:
 
 
 def prometheus_config(target_files: str, pushgateway: str | None = None, rules: Path | None = ALERT_RULES,
-                      interval: str = "5s") -> dict:
-    """Scrape the training ranks announced in `target_files` (a file_sd glob) and, if given, a Pushgateway.
+                      interval: str = "5s", run: str | None = None) -> dict:
+    """Scrape the training ranks announced in `target_files` (a file_sd glob; only those of `run`, if given,
+    since runs may share a directory) and, if given, a Pushgateway.
 
     honor_labels: the endpoints label their own series with run, stage, job_id, node and rank; the same
     labels on the targets would otherwise turn them into exported_* duplicates.
     """
-    config = {
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "scrape_configs": [{
-            "job_name": "d3d-train",
-            "honor_labels": True,
-            "file_sd_configs": [{"files": [target_files], "refresh_interval": interval}],
-        }],
-    }
+    train = {"job_name": "d3d-train", "honor_labels": True,
+             "file_sd_configs": [{"files": [target_files], "refresh_interval": interval}]}
+    if run is not None:
+        train["relabel_configs"] = [{"source_labels": ["run"], "regex": re.escape(run), "action": "keep"}]
+    config = {"global": {"scrape_interval": interval, "evaluation_interval": interval}, "scrape_configs": [train]}
     if pushgateway:
         url = urllib.parse.urlsplit(pushgateway)
         config["scrape_configs"].append({"job_name": "d3d-prep", "honor_labels": True, "scheme": url.scheme,
@@ -69,7 +68,7 @@ def prometheus_config(target_files: str, pushgateway: str | None = None, rules: 
     return config
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -100,7 +99,7 @@ class Prometheus:
         config = self.directory / "prometheus.yml"
         config.write_text(yaml.safe_dump(self.config, sort_keys=False))
         for _ in range(3):  # a free port can be taken between choosing it and binding it
-            self.port = self.requested_port or _free_port()
+            self.port = self.requested_port or free_port()
             with self.log.open("w") as log:
                 self._process = subprocess.Popen(
                     [self.binary, f"--config.file={config}", f"--storage.tsdb.path={self.directory / 'data'}",
@@ -168,13 +167,14 @@ class Prometheus:
         self.stop()
 
 
-def announced_targets(files: list[Path]) -> int:
-    """How many endpoints the target files list now (a retired file lists none)."""
+def announced_targets(files: list[Path], run: str) -> int:
+    """How many endpoints of `run` the target files list now (a retired file lists none)."""
     count = 0
     for path in files:
         try:
-            count += sum(len(group["targets"]) for group in json.loads(path.read_text()))
-        except (OSError, ValueError) as error:
+            groups = json.loads(path.read_text())
+            count += sum(len(g["targets"]) for g in groups if g.get("labels", {}).get("run") == run)
+        except (OSError, ValueError, TypeError, KeyError) as error:
             raise ValueError(f"{path}: not a file_sd target file: {error}") from None
     return count
 
@@ -185,9 +185,9 @@ def monitor_run(run: RunDir, port: int = 0, once: bool = False, echo: Callable[[
     every announced endpoint has been scraped, print their health and stop. Returns the targets last seen."""
     spec = run.spec()
     targets = targets_dir(spec, run)
-    pattern = targets / f"{spec.name}-*.json"
+    pattern = targets / "*.json"
     rules = ALERT_RULES if ALERT_RULES.is_file() else None
-    config = prometheus_config(str(pattern), spec.metrics.pushgateway, rules, interval)
+    config = prometheus_config(str(pattern), spec.metrics.pushgateway, rules, interval, run=spec.name)
     with Prometheus(config, run.path / "metrics" / "prometheus", port) as prometheus:
         echo(f"Prometheus for run {spec.name}: {prometheus.url}  (targets {pattern}; data and log in "
              f"{prometheus.directory})")
@@ -200,7 +200,7 @@ def monitor_run(run: RunDir, port: int = 0, once: bool = False, echo: Callable[[
             except KeyboardInterrupt:
                 pass
             return prometheus.targets()
-        announced = announced_targets(sorted(targets.glob(pattern.name)))
+        announced = announced_targets(sorted(targets.glob(pattern.name)), spec.name)
         deadline = time.monotonic() + settle_seconds
         seen = prometheus.targets()
         while (len(seen) < announced or any(t["health"] == "unknown" for t in seen)) and time.monotonic() < deadline:

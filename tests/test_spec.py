@@ -28,6 +28,9 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"data": {"crop_size": 96}}, "data.crop_size (96) exceeds prep.short_side (64)"),
         ({"data": {"clip_frames": 20}}, "data.clip_frames (20) needs at least clip_frames + 1 video frames"),
         ({"name": "has space"}, "name: String should match pattern"),
+        ({"metrics": {"bind": "node01"}}, "metrics.bind: Value error, must be an IP address"),
+        ({"metrics": {"pushgateway": "gateway:9091"}}, "metrics.pushgateway: Value error, must be an http(s) URL"),
+        ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),
     ],
 )
 def test_bad_values_are_refused_naming_file_and_key(tree, message):
