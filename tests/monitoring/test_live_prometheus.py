@@ -115,6 +115,16 @@ class SlowLoader:
             yield batch
 
 
+def wait_until_scraped(prometheus: Prometheus, port: int, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if any(t["scrapeUrl"] == f"http://127.0.0.1:{port}/metrics" and t["health"] == "up"
+               for t in prometheus.targets()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"Prometheus did not scrape 127.0.0.1:{port} within {seconds} s")
+
+
 def without_for_durations(rules: Path, into: Path) -> Path:
     """The alert rules with every `for:` at 0s: their timing is promtool's test, their firing this one's."""
     tree = yaml.safe_load(rules.read_text())
@@ -153,6 +163,7 @@ def _train_fed_and_starved(tmp_path, tiny_shards, promtool):
             port = metrics.serve("127.0.0.1", 0)
             served.append((metrics, port))
             write_target(target_path(tmp_path / "targets", run, "teacher", 0), "127.0.0.1", port, metrics.labels)
+            wait_until_scraped(prometheus, port)  # so that the scrapes see the whole of this short training
             engine = initialize(build_model(spec.model, "flow", len(manifest.classes)), spec.teacher.optimizer,
                                 spec.deepspeed, spec.data.batch_size, spec.grad_accumulation, 100, len(loader),
                                 bf16=False)
