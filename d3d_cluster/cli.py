@@ -99,6 +99,22 @@ def check_spec(spec_path: str) -> None:
     click.echo(f"# ok: world size {spec.world_size}, gradient accumulation {spec.grad_accumulation}", err=True)
 
 
+@main.command()
+@click.argument("run", required=False)
+@spec_option
+@workdir_option
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="Prometheus port (default: a free one).")
+@click.option("--once", is_flag=True, help="Wait until the run's live endpoints are scraped, print them, stop.")
+def monitor(run: str | None, spec_path: str | None, workdir: str | None, port: int, once: bool) -> None:
+    """Start a local Prometheus on a run's metrics (RUN: a run directory or name; default the spec's run)."""
+    from d3d_cluster.monitor import PrometheusError, PrometheusMissing, find_run, monitor_run
+
+    try:
+        monitor_run(find_run(run, _spec(spec_path, workdir)), port=port, once=once, echo=echo)
+    except (FileNotFoundError, ValueError, PrometheusMissing, PrometheusError) as error:
+        raise click.ClickException(str(error)) from None
+
+
 def _prepare(spec: Spec) -> None:
     from dataprep.prepare import prepare_dataset
     from dataprep.synthetic import make_motion_dataset

@@ -7,9 +7,11 @@ writes it out for copying). Relative paths are relative to `workdir`, which is i
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -146,8 +148,31 @@ class ClusterSpec(_Section):
 
 
 class MetricsSpec(_Section):
-    bind: str = Field("127.0.0.1", description="address each rank's Prometheus endpoint binds")
-    port: int = Field(0, ge=0, le=65535, description="first port; 0 picks a free port per rank")
+    bind: str | None = Field(None, description="address each rank's endpoint binds; null: all interfaces "
+                                               "with the slurm executor, loopback with the local one")
+    port: int = Field(0, ge=0, le=65535, description="0: a free port per rank; else this + local rank, "
+                                                     "or a free port when that one is taken")
+    targets_dir: str | None = Field(None, description="file_sd directory shared by runs; null: RUN/metrics/targets")
+    pushgateway: str | None = Field(None, description="Pushgateway URL for short dataprep tasks; null: no push")
+
+    @field_validator("bind")
+    @classmethod
+    def _ip_address(cls, bind: str | None) -> str | None:
+        if bind is not None:
+            try:
+                ipaddress.ip_address(bind)
+            except ValueError:
+                raise ValueError("must be an IP address (0.0.0.0 for all interfaces, 127.0.0.1) or null") from None
+        return bind
+
+    @field_validator("pushgateway")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError("must be an http(s) URL such as http://gateway:9091, or null")
+        return url
 
 
 class Spec(_Section):

@@ -15,7 +15,7 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive $SUDO $APT install -y -qq "$@" >/dev/null
 }
 
-# Package scripts start their services (munged, slurmctld, slurmd); the tests run their own private daemons,
+# Package scripts start their services (munged, slurmctld, slurmd, prometheus); the tests run their own private daemons,
 # so the system ones must not run. Where no policy-rc.d exists, one that refuses every start is in place while
 # apt runs; an existing one (containers ship one that refuses) is left alone.
 apt_install_without_services() {
@@ -54,6 +54,15 @@ have ip || slurm_missing+=(iproute2)
 if [ ${#slurm_missing[@]} -gt 0 ]; then
   echo "setup: installing ${slurm_missing[*]} (their system services are not started)"
   apt_install_without_services "${slurm_missing[@]}"
+fi
+
+# Prometheus (with promtool) and the Pushgateway for the monitoring tests, which start their own.
+monitoring=()
+{ command -v prometheus && command -v promtool; } >/dev/null || monitoring+=(prometheus)
+command -v prometheus-pushgateway >/dev/null || monitoring+=(prometheus-pushgateway)
+if [ ${#monitoring[@]} -gt 0 ]; then
+  echo "setup: installing ${monitoring[*]} (their system services are not started)"
+  apt_install_without_services --no-install-recommends "${monitoring[@]}"
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -92,3 +92,77 @@ def two_node_slurm_cluster():
     require(unavailable())
     with running_cluster(nodes=2) as cluster:
         yield cluster
+
+
+def require_binary(name: str) -> str:
+    """The path of a service binary the test needs (failing under CI, skipping elsewhere, when it is missing)."""
+    import shutil
+
+    path = shutil.which(name)
+    require(None if path else f"{name} is not installed: `bash scripts/setup.sh` installs it")
+    return path
+
+
+@pytest.fixture
+def promtool() -> str:
+    return require_binary("promtool")
+
+
+@pytest.fixture
+def prometheus_installed() -> None:
+    require_binary("prometheus")
+
+
+@pytest.fixture
+def pushgateway(tmp_path) -> str:
+    """A real Prometheus Pushgateway on a free loopback port; its URL."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from d3d_cluster.monitor import free_port
+
+    binary = require_binary("prometheus-pushgateway")
+    url = f"http://127.0.0.1:{free_port()}"
+    log = (tmp_path / "pushgateway.log").open("w")
+    process = subprocess.Popen([binary, f"--web.listen-address={url[len('http://'):]}"], stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/-/ready", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"pushgateway did not start: {(tmp_path / 'pushgateway.log').read_text()}")
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def deepspeed_single_rank():
+    """A one-rank gloo process group for tests that build a real DeepSpeed engine in this process."""
+    import os
+
+    import torch
+
+    from d3d_cluster.monitor import free_port
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    yield
+    torch.distributed.destroy_process_group()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -7,7 +7,7 @@ from d3d_cluster.cli import main
 def test_help_lists_every_command_with_its_help():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("quickstart", "prep", "train", "check-spec"):
+    for command in ("quickstart", "prep", "train", "check-spec", "monitor"):
         assert command in result.output
     assert "Make a small motion dataset" in result.output
 

@@ -34,6 +34,9 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"cluster": {"mem": "lots"}}, "cluster.mem: String should match pattern"),
         ({"cluster": {"signal_delay_s": 600, "timeout_min": 10}},
          "cluster.signal_delay_s (600) must be shorter than cluster.timeout_min (10 min)"),
+        ({"metrics": {"bind": "node01"}}, "metrics.bind: Value error, must be an IP address"),
+        ({"metrics": {"pushgateway": "gateway:9091"}}, "metrics.pushgateway: Value error, must be an http(s) URL"),
+        ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),
     ],
 )
 def test_bad_values_are_refused_naming_file_and_key(tree, message):

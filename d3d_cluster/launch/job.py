@@ -47,7 +47,8 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import replace_atomically, write_json_atomically
     from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir
-    from d3d_cluster.metrics import TrainMetrics, retire_target, scrape_host, write_target
+    from d3d_cluster.metrics import (TrainMetrics, bind_address, retire_target, scrape_host, target_path,
+                                    targets_dir, write_target)
     from d3d_cluster.train.engine import initialize
     from d3d_cluster.train.evaluate import gather_predictions
     from d3d_cluster.train.loop import predict, train
@@ -71,12 +72,17 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
     device_id = device.index if device.type == "cuda" else None
     clip = dict(rank=rank, world=world, seed=spec.seed, device_id=device_id)
 
-    metrics = TrainMetrics(spec.name, stage_name, rank)
-    port = metrics.serve(spec.metrics.bind, spec.metrics.port + local_rank if spec.metrics.port else 0)
-    target = run.targets / f"{stage_name}-rank{rank}.json"
-    write_target(target, scrape_host(spec.metrics.bind), port, metrics.labels)
-    print(f"[{stage_name}] rank {rank}/{world} metrics at http://{scrape_host(spec.metrics.bind)}:{port}/metrics",
-          flush=True)
+    metrics = TrainMetrics(spec.name, stage_name, rank, job_id=job_id)
+    if device.type == "cuda":
+        metrics.watch_gpu(device.index)
+    bind = bind_address(spec.metrics, spec.cluster.executor)
+    wanted_port = spec.metrics.port + local_rank if spec.metrics.port else 0
+    port = metrics.serve(bind, wanted_port)
+    if port != wanted_port and wanted_port:
+        print(f"[{stage_name}] rank {rank}: metrics port {wanted_port} is taken, serving on {port}", flush=True)
+    target = target_path(targets_dir(spec, run), spec.name, stage_name, rank)
+    write_target(target, scrape_host(bind), port, metrics.labels)
+    print(f"[{stage_name}] rank {rank}/{world} metrics at http://{scrape_host(bind)}:{port}/metrics", flush=True)
     try:
         loader = ClipLoader(shards, "train", spec.data, modalities=stage.modalities, train=True,
                             epochs=stage.settings.epochs, **clip)

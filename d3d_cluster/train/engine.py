@@ -59,3 +59,21 @@ def initialize(model: nn.Module, settings: OptimizerSpec, ds: DeepSpeedSpec, mic
         config=deepspeed_config(ds, micro_batch, accumulation, bf16),
     )
     return engine
+
+
+def step_with_grad_norm(engine) -> float | None:
+    """`engine.step()`, returning the global gradient norm (before clipping) when the step updated the weights.
+
+    DeepSpeed keeps that norm for ZeRO-1/2 and bf16; plain fp32 ZeRO-0 reports None, so it is taken from the
+    gradients, which are already averaged over ranks at the accumulation boundary.
+    """
+    if not engine.is_gradient_accumulation_boundary():
+        engine.step()
+        return None
+    own = None
+    if not engine.zero_optimization() and not engine.bfloat16_enabled():
+        grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+        own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return own if norm is None else float(norm)

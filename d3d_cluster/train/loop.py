@@ -11,6 +11,7 @@ import torch
 
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.metrics import TrainMetrics
+from d3d_cluster.train.engine import step_with_grad_norm
 from d3d_cluster.train.stages import Stage
 
 
@@ -29,8 +30,9 @@ def train(engine, stage: Stage, loader: ClipLoader, epochs: int, metrics: TrainM
     engine.train()
     steps_per_epoch = len(loader)
     log = log_path.open("a") if log_path else None
-    steps, clips, loss_value = 0, 0, float("nan")
+    steps, clips, loss_value, corrupt_reported = 0, 0, float("nan"), 0
     started = time.perf_counter()
+    metrics.plan(epochs, steps_per_epoch)
     try:
         for epoch in range(epochs):
             batches = loader.epoch(epoch)
@@ -41,7 +43,7 @@ def train(engine, stage: Stage, loader: ClipLoader, epochs: int, metrics: TrainM
                 logits = engine(inputs)
                 loss = stage.loss(logits.float(), batch)
                 engine.backward(loss.total)
-                engine.step()
+                grad_norm = step_with_grad_norm(engine)
                 done = time.perf_counter()
                 steps += 1
                 clips += len(batch.labels) * world
@@ -49,11 +51,15 @@ def train(engine, stage: Stage, loader: ClipLoader, epochs: int, metrics: TrainM
                 progress = epoch + (step_in_epoch + 1) / steps_per_epoch
                 learning_rate = engine.get_lr()[0]
                 metrics.observe_step(len(batch.labels), done - waited_from, ready - waited_from, loss_value,
-                                     loss.distillation.item(), learning_rate, progress)
+                                     loss.distillation.item(), learning_rate, progress, grad_norm,
+                                     samples=len(batch.samples))
+                if len(loader.skipped) > corrupt_reported:
+                    metrics.corrupt_samples(len(loader.skipped) - corrupt_reported)
+                    corrupt_reported = len(loader.skipped)
                 if log:
                     record = {"step": steps, "epoch": round(progress, 4), "loss": loss_value,
                               "cross_entropy": loss.cross_entropy.item(), "distillation": loss.distillation.item(),
-                              "lr": learning_rate, "step_seconds": done - waited_from,
+                              "lr": learning_rate, "grad_norm": grad_norm, "step_seconds": done - waited_from,
                               "data_wait_seconds": ready - waited_from}
                     log.write(json.dumps(record) + "\n")
                 if print_every and steps % print_every == 0:

@@ -1,7 +1,10 @@
+import copy
+
+import pytest
 import torch
 
 from d3d_cluster.spec import DeepSpeedSpec, OptimizerSpec
-from d3d_cluster.train.engine import build_optimizer, build_schedule, deepspeed_config
+from d3d_cluster.train.engine import build_optimizer, build_schedule, deepspeed_config, initialize, step_with_grad_norm
 
 
 def _lrs(settings: OptimizerSpec, total: int, per_epoch: int) -> list[float]:
@@ -40,3 +43,24 @@ def test_deepspeed_config_keeps_the_global_batch_fixed():
     assert config["train_batch_size"] == 64
     assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] == 32
     assert config["zero_optimization"] == {"stage": 2} and config["bf16"] == {"enabled": False}
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_optimizer_steps_report_the_global_grad_norm_before_clipping(zero_stage, deepspeed_single_rank):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    reference = copy.deepcopy(model)
+    inputs = [torch.full((2, 4), float(step + 1)) for step in range(4)]
+    # The first update sees the gradient of the mean loss over its two micro-steps.
+    (sum(reference(x).pow(2).sum() for x in inputs[:2]) / 2).backward()
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in reference.parameters()])).item()
+    engine = initialize(model, OptimizerSpec(), DeepSpeedSpec(zero_stage=zero_stage, global_batch_size=4,
+                                                              gradient_clipping=0.5),
+                        micro_batch=2, accumulation=2, optimizer_steps=4, steps_per_epoch=2, bf16=False)
+    norms = []
+    for x in inputs:
+        engine.backward(engine(x).pow(2).sum())
+        norms.append(step_with_grad_norm(engine))
+    assert norms[0] is None and norms[2] is None
+    assert norms[1] == pytest.approx(expected, rel=1e-5) and expected > 0.5  # before clipping to 0.5
+    assert norms[3] > 0 and norms[3] != norms[1]
