@@ -109,6 +109,10 @@ class SlowLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def skipped(self) -> list[dict]:
+        return self.loader.skipped
+
     def epoch(self, epoch: int):
         for batch in self.loader.epoch(epoch):
             time.sleep(self.delay)
@@ -155,10 +159,8 @@ def _train_fed_and_starved(tmp_path, tiny_shards, promtool):
     with Prometheus(config, tmp_path / "prometheus") as prometheus:
         served = []
         for run, delay, epochs in (("fed", 0.0, 8), ("starved", 0.3, 3)):
-            loader = SlowLoader(ClipLoader(tiny_shards, "train", modalities=stage.modalities, train=True, epochs=epochs,
-                                           clip_frames=spec.data.clip_frames, crop_size=spec.data.crop_size,
-                                           batch_size=spec.data.batch_size, rank=0, world=1, seed=0, threads=1),
-                                delay)
+            loader = SlowLoader(ClipLoader(tiny_shards, "train", spec.data, modalities=stage.modalities, train=True,
+                                           epochs=epochs, rank=0, world=1, seed=0), delay)
             metrics = TrainMetrics(run, "teacher", 0, job_id="1")
             port = metrics.serve("127.0.0.1", 0)
             served.append((metrics, port))
