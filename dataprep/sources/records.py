@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 
 class SourceError(ValueError):
@@ -39,7 +40,7 @@ class Dataset:
 
     @classmethod
     def checked(cls, records: list[VideoRecord], classes: list[str], root: Path,
-                rejects: list[Rejected] = ()) -> "Dataset":
+                rejects: Sequence[Rejected] = ()) -> "Dataset":
         """Moves records whose label is not a class (nothing to train it on) into the rejects."""
         known = set(classes)
         kept = [record for record in records if record.label in known]

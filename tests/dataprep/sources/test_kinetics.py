@@ -85,6 +85,9 @@ def test_missing_annotation_files_or_clip_folder_are_errors_naming_them(tmp_path
     make_kinetics(tmp_path, "per split")
     with pytest.raises(SourceError, match="nowhere: clip folder not found"):
         load_source(kinetics_prep(root="nowhere"), tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(SourceError, match="prep.source kinetics: no usable video listed .12 rejected, first: no clip named"):
+        load_source(kinetics_prep(root="elsewhere"), tmp_path)  # a wrong root is an error, not 12 rejects
     (tmp_path / "annotations/validate.csv").unlink()
     with pytest.raises(SourceError, match="no Kinetics validation annotations .validate.csv or val.csv."):
         load_source(kinetics_prep(), tmp_path)
