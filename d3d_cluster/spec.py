@@ -43,10 +43,26 @@ class FlowSpec(_Section):
 
 
 class PrepSpec(_Section):
-    source: Literal["synthetic", "csv"] = "synthetic"
-    labels: str = Field("raw/labels.csv", description="CSV of path,label,split (made by the synthetic source)")
+    """Raw videos to shards. Paths are relative to the workdir; each source reads only the fields it names."""
+
+    source: Literal["synthetic", "csv", "ucf101", "hmdb51", "kinetics"] = "synthetic"
+    labels: str = Field("raw/labels.csv", description="synthetic, csv: CSV of path,label[,split] (synthetic writes it)")
+    root: str = Field("raw", description="ucf101, hmdb51: the folder of class folders; kinetics: the folder holding the clips")
+    annotations: str = Field(
+        "annotations",
+        description="ucf101: classInd.txt, trainlist0N.txt, testlist0N.txt; hmdb51: <class>_test_splitN.txt; "
+        "kinetics: train.csv and validate.csv (or val.csv)",
+    )
+    split_number: int = Field(1, ge=1, le=3, description="ucf101, hmdb51: which of the three official splits")
     synthetic: SyntheticSpec = SyntheticSpec()
-    short_side: int = Field(64, ge=16, description="frames are resized so that their short side is this")
+    # I3D and S3D-G resized every video so that its short side is 256 and cropped 224x224 at training time;
+    # the shard schema holds one frame size, so datasets of mixed aspect ratios (Kinetics, HMDB-51) need
+    # frame_size: each video is scaled to cover it, aspect kept, and centre-cropped to it.
+    frame_size: list[int] | None = Field(
+        None, description="[height, width]: scale to cover, then centre-crop; null: resize the short side only"
+    )
+    short_side: int = Field(64, ge=16, description="without frame_size: frames are resized so that their short side is this")
+    loop_short: bool = Field(False, description="loop videos shorter than a clip to its length, as I3D did, instead of rejecting them")
     fps: float = Field(25.0, gt=0.0)
     keyframe_interval: int = Field(8, ge=1, le=16, description="short, so random temporal crops decode little")
     crf: int = Field(10, ge=0, le=63, description="VP9 quality of RGB (lower is better)")
@@ -55,6 +71,18 @@ class PrepSpec(_Section):
     shard_samples: int = Field(32, ge=1)
     workers: int = Field(2, ge=1)
     seed: int = 0
+
+    @field_validator("frame_size")
+    @classmethod
+    def _even_pair(cls, size: list[int] | None) -> list[int] | None:
+        if size is not None and (len(size) != 2 or any(side < 16 or side % 2 for side in size)):
+            raise ValueError("must be [height, width], both even and at least 16 (VP9 4:2:0)")
+        return size
+
+    @property
+    def min_side(self) -> int:
+        """The smallest side of every stored frame: what a crop must fit in."""
+        return min(self.frame_size) if self.frame_size else self.short_side
 
 
 class DataSpec(_Section):
@@ -206,8 +234,9 @@ class Spec(_Section):
                 f"deepspeed.global_batch_size ({self.deepspeed.global_batch_size}) must be a multiple of "
                 f"data.batch_size x world size ({self.data.batch_size} x {world} = {micro})"
             )
-        if self.data.crop_size > self.prep.short_side:
-            raise ValueError(f"data.crop_size ({self.data.crop_size}) exceeds prep.short_side ({self.prep.short_side})")
+        if self.data.crop_size > self.prep.min_side:
+            where = "prep.frame_size" if self.prep.frame_size else "prep.short_side"
+            raise ValueError(f"data.crop_size ({self.data.crop_size}) exceeds {where} ({self.prep.min_side})")
         if self.prep.source == "synthetic" and self.data.clip_span > self.prep.synthetic.frames:
             raise ValueError(
                 f"data.clip_frames ({self.data.clip_frames}) with data.frame_stride ({self.data.frame_stride}) "

@@ -20,38 +20,54 @@ _pipeline = None  # one DALI pipeline per process, built on first use
 
 
 class VideoError(ValueError):
-    """A video that cannot be used; the message names the file and why."""
+    """A video that cannot be used: `reason` is a short category for counting, the message names the file and why."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _check_file(path: str | os.PathLike) -> None:
+    """Missing and zero-byte files get their own reasons; FFmpeg would call both merely unreadable."""
+    try:
+        size = os.stat(path).st_size
+    except FileNotFoundError:
+        raise VideoError("missing", f"{path}: no such file") from None
+    if size == 0:
+        raise VideoError("empty", f"{path}: zero bytes")
 
 
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """All frames of the first video stream as (F, H, W, 3) RGB uint8, and the stream's frame rate."""
+    _check_file(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise VideoError(f"{path}: no video stream")
+                raise VideoError("unreadable", f"{path}: no video stream")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
     except av.FFmpegError as error:
-        raise VideoError(f"{path}: unreadable video: {error.strerror or error}") from None
+        raise VideoError("unreadable", f"{path}: unreadable video: {error.strerror or error}") from None
     if not frames:
-        raise VideoError(f"{path}: no frames")
+        raise VideoError("empty", f"{path}: no frames")
     if not rate:
-        raise VideoError(f"{path}: no frame rate")
+        raise VideoError("unreadable", f"{path}: no frame rate")
     return np.stack(frames), float(rate)
 
 
 def frame_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of the first frame, decoding only that frame."""
+    _check_file(path)
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
-                raise VideoError(f"{path}: no video stream")
+                raise VideoError("unreadable", f"{path}: no video stream")
             frame = next(container.decode(container.streams.video[0]), None)
     except av.FFmpegError as error:
-        raise VideoError(f"{path}: unreadable video: {error.strerror or error}") from None
+        raise VideoError("unreadable", f"{path}: unreadable video: {error.strerror or error}") from None
     if frame is None:
-        raise VideoError(f"{path}: no frames")
+        raise VideoError("empty", f"{path}: no frames")
     return frame.height, frame.width
 
 
@@ -83,21 +99,48 @@ def short_side_shape(height: int, width: int, size: int) -> tuple[int, int]:
     return max(2, 2 * round(height * scale / 2)), max(2, 2 * round(width * scale / 2))
 
 
-def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
-    height, width = frames.shape[1:3]
-    new_h, new_w = short_side_shape(height, width, size)
-    if (new_h, new_w) == (height, width):
+def _resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    if (height, width) == frames.shape[1:3]:
         return frames
-    return np.stack([cv2.resize(frame, (new_w, new_h), interpolation=cv2.INTER_AREA) for frame in frames])
+    return np.stack([cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA) for frame in frames])
+
+
+def resize_short_side(frames: np.ndarray, size: int) -> np.ndarray:
+    return _resize(frames, *short_side_shape(*frames.shape[1:3], size))
+
+
+def cover_shape(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """The smallest (height, width) with the input's aspect ratio that covers `target` on both sides."""
+    scale = max(target[0] / height, target[1] / width)
+    return max(target[0], round(height * scale)), max(target[1], round(width * scale))
+
+
+def resize_and_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Scaled to cover `size` (height, width) with the aspect ratio kept, then the centre `size` cut out."""
+    covered = _resize(frames, *cover_shape(*frames.shape[1:3], size))
+    top = (covered.shape[1] - size[0]) // 2
+    left = (covered.shape[2] - size[1]) // 2
+    return np.ascontiguousarray(covered[:, top : top + size[0], left : left + size[1]])
+
+
+def fit_frames(frames: np.ndarray, short_side: int, frame_size: tuple[int, int] | None) -> np.ndarray:
+    """The stored geometry: `frame_size` exactly when given, else the short side resized to `short_side`."""
+    return resize_short_side(frames, short_side) if frame_size is None else resize_and_crop(frames, frame_size)
+
+
+def loop_frames(frames: np.ndarray, count: int) -> np.ndarray:
+    """The video repeated from its start until it has `count` frames (I3D's treatment of short videos)."""
+    return frames[np.arange(max(count, len(frames))) % len(frames)]
 
 
 def encode_vp9(frames: np.ndarray, fps: float, keyframe_interval: int, crf: int) -> bytes:
     """(F, H, W, 3) RGB uint8 -> webm bytes; short GOPs so a random temporal crop decodes few frames."""
     height, width = frames.shape[1:3]
     if height % 2 or width % 2:
-        raise VideoError(f"VP9 4:2:0 needs even frame sizes, got {width}x{height}")
+        raise VideoError("unencodable", f"VP9 4:2:0 needs even frame sizes, got {width}x{height}")
     buffer = io.BytesIO()
-    with av.open(buffer, "w", format="webm") as container:
+    # bitexact: no random segment id or muxer version in the file, so the same frames give the same bytes
+    with av.open(buffer, "w", format="webm", options={"fflags": "+bitexact"}) as container:
         options = {"deadline": "realtime", "cpu-used": "8", "crf": str(crf), "b:v": "0", "g": str(keyframe_interval)}
         stream = container.add_stream("libvpx-vp9", rate=Fraction(fps).limit_denominator(1001), options=options)
         stream.height, stream.width = height, width

@@ -31,12 +31,11 @@ def tiny_spec(workdir: Path, **sections) -> Spec:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     from dataprep.prepare import prepare_dataset
-    from dataprep.synthetic import make_motion_dataset
+    from dataprep.sources import load_source
 
     workdir = tmp_path_factory.mktemp("tiny")
     spec = tiny_spec(workdir)
-    labels = make_motion_dataset(spec.prep.synthetic, spec.path("raw"), seed=0)
-    prepare_dataset(spec.prep, labels, spec.path(spec.data.shards), progress=False)
+    prepare_dataset(spec.prep, load_source(spec.prep, workdir), spec.path(spec.data.shards), progress=False)
     return spec.path(spec.data.shards)
 
 

@@ -11,8 +11,11 @@ from dataprep.video import (
     dali_decode,
     dali_decodes,
     encode_vp9,
+    fit_frames,
+    loop_frames,
     read_video,
     resample_fps,
+    resize_and_crop,
     resize_short_side,
 )
 
@@ -69,8 +72,41 @@ def test_resize_short_side_keeps_the_aspect_ratio_with_even_sides():
     assert portrait.shape[1] % 2 == 0 and portrait.shape[2] % 2 == 0 and portrait.shape[2] in (32, 34)
 
 
-def test_read_video_names_the_file_it_cannot_read(tmp_path):
-    bogus = tmp_path / "notes.mp4"
-    bogus.write_text("not a video\n")
-    with pytest.raises(VideoError, match="notes.mp4: unreadable video"):
-        read_video(bogus)
+def test_resize_and_crop_keeps_the_aspect_ratio_and_cuts_the_centre():
+    stripes = np.zeros((1, 40, 120, 3), np.uint8)
+    stripes[:, :, 40:80] = 255  # a white middle third
+    cropped = resize_and_crop(stripes, (32, 32))
+    assert cropped.shape == (1, 32, 32, 3)
+    assert cropped[0, :, 4:28].min() == 255  # the centre of a 32x96 frame is inside the white third
+    for shape in ((1, 90, 40, 3), (1, 20, 20, 3), (1, 64, 48, 3)):  # portrait, upscaled, exact aspect
+        assert resize_and_crop(np.zeros(shape, np.uint8), (32, 48)).shape == (1, 32, 48, 3)
+
+
+def test_fit_frames_uses_the_frame_size_when_given_else_the_short_side():
+    frames = np.zeros((2, 40, 90, 3), np.uint8)
+    assert fit_frames(frames, 32, None).shape == (2, 32, 72, 3)
+    assert fit_frames(frames, 32, (24, 24)).shape == (2, 24, 24, 3)
+
+
+def test_loop_frames_repeats_the_video_from_its_start():
+    frames = np.arange(3)[:, None, None, None]
+    assert loop_frames(frames, 7).ravel().tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert len(loop_frames(frames, 2)) == 3  # never shortens
+
+
+@pytest.mark.parametrize(
+    "content, reason, message",
+    [(None, "missing", "no such file"), (b"", "empty", "zero bytes"), (b"not a video\n", "unreadable", "unreadable video")],
+)
+def test_read_video_names_the_file_and_the_reason_it_cannot_be_read(tmp_path, content, reason, message):
+    path = tmp_path / "clip.mp4"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(VideoError, match=f"clip.mp4: {message}") as error:
+        read_video(path)
+    assert error.value.reason == reason
+
+
+def test_the_same_frames_encode_to_the_same_bytes():
+    frames = _motion_video()
+    assert encode_vp9(frames, 25.0, 8, 10) == encode_vp9(frames, 25.0, 8, 10)
