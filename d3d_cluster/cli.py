@@ -63,9 +63,27 @@ def quickstart(spec_path: str | None, workdir: str | None) -> None:
 @main.command()
 @spec_option
 @workdir_option
-def prep(spec_path: str | None, workdir: str | None) -> None:
+@click.option("--workers", type=click.IntRange(min=1), help="Processes per machine (default: prep.workers).")
+@click.option("--cluster", type=click.Choice(["local", "slurm"]), help="Where to run (default: cluster.executor).")
+@click.option("--array", "tasks", type=click.IntRange(min=1), help="Slurm array tasks (with --cluster slurm).")
+@click.option("--wait/--no-wait", default=True, help="Follow the Slurm jobs until the manifest is written.")
+def prep(spec_path: str | None, workdir: str | None, workers: int | None, cluster: str | None, tasks: int | None,
+         wait: bool) -> None:
     """Turn the spec's raw videos (or a generated motion dataset) into WebDataset shards."""
-    _prepare(_spec(spec_path, workdir))
+    spec = _spec(spec_path, workdir)
+    where = cluster or spec.cluster.executor
+    if tasks is not None and where != "slurm":
+        raise click.ClickException("--array needs --cluster slurm (locally, --workers sets the parallelism)")
+    if where == "slurm":
+        from d3d_cluster.launch.prep import submit_prep
+
+        spec = spec.with_overrides(**{"cluster.executor": "slurm"})
+        try:
+            submit_prep(spec, tasks or 1, workers or spec.prep.workers, echo=echo, wait=wait)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+    else:
+        _prepare(spec, workers)
 
 
 @main.command()
@@ -115,18 +133,13 @@ def monitor(run: str | None, spec_path: str | None, workdir: str | None, port: i
         raise click.ClickException(str(error)) from None
 
 
-def _prepare(spec: Spec) -> None:
-    from dataprep.prepare import prepare_dataset
-    from dataprep.synthetic import make_motion_dataset
+def _prepare(spec: Spec, workers: int | None = None) -> None:
+    from d3d_cluster.launch.prep import prepare_locally
 
-    labels = spec.path(spec.prep.labels)
-    if spec.prep.source == "synthetic" and not labels.exists():
-        console.print(f"making the synthetic motion dataset in {labels.parent}")
-        make_motion_dataset(spec.prep.synthetic, labels.parent, seed=spec.prep.seed)
-    elif not labels.exists():
-        raise click.ClickException(f"prep.labels: {labels} does not exist")
-    prepare_dataset(spec.prep, labels, spec.path(spec.data.shards), progress=True,
-                    min_frames=spec.data.clip_span)
+    try:
+        prepare_locally(spec, workers)
+    except ValueError as error:  # SourceError: a listing that is missing or malformed, named
+        raise click.ClickException(str(error)) from None
 
 
 def _print_results(results: dict) -> None:

@@ -141,9 +141,11 @@ def prepare_dataset(prep: PrepSpec, dataset: Dataset, out_dir: Path, *, workers:
 
 
 def run_array_task(prep: PrepSpec, dataset: Dataset, out_dir: Path, task: int, tasks: int, *,
-                   workers: int = 1, min_frames: int = 2) -> list[str]:
+                   workers: int = 1, min_frames: int = 2,
+                   on_shard: Callable[[str, dict], None] | None = None) -> list[str]:
     """Task `task` of `tasks` (0-based): writes shards task, task + tasks, ... that are not finished yet,
-    printing a line per shard; returns the names it wrote. Writes no manifest (see `finalize`)."""
+    printing a line per shard (and passing its sidecar to `on_shard`); returns the names it wrote. Writes no
+    manifest (see `finalize`)."""
     if not 0 <= task < tasks:
         raise ValueError(f"array task {task} is not in 0..{tasks - 1}")
     out_dir = Path(out_dir)
@@ -159,6 +161,8 @@ def run_array_task(prep: PrepSpec, dataset: Dataset, out_dir: Path, task: int, t
         written.append(name)
         print(f"{tag} {name}: {sidecar['samples']} written, {len(sidecar['rejects'])} rejected "
               f"in {sidecar['seconds']:.1f} s ({count}/{len(todo)})", flush=True)
+        if on_shard:
+            on_shard(name, sidecar)
     return written
 
 
