@@ -69,6 +69,7 @@ class ModelSpec(_Section):
     width: float = Field(0.25, gt=0.0, le=2.0)
     gating: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    compile: bool = Field(False, description="torch.compile the trained network (slow to start; for long GPU runs)")
 
 
 class OptimizerSpec(_Section):
@@ -81,12 +82,34 @@ class OptimizerSpec(_Section):
 
 
 class DistillSpec(_Section):
-    weight: float = Field(1.0, ge=0.0, description="lambda: weight of the squared error to the teacher's logits")
+    """What the student matches of the frozen teacher, and how (D3D, Stroud et al. 2020, section 4)."""
+
+    weight: float = Field(1.0, ge=0.0, description="lambda: weight of the distillation term next to cross-entropy")
+    target: Literal["logits", "mixed_5c"] = Field(
+        "logits", description="logits, or the Mixed_5c feature map through a trained 1x1x1 projection")
+    loss: Literal["mse", "kl"] = Field("mse", description="squared error, or Hinton's KL on logits x temperature^2")
+    temperature: float = Field(1.0, gt=0.0, description="kl only: softmax temperature of both networks")
+
+    @model_validator(mode="after")
+    def _kl_on_logits(self) -> "DistillSpec":
+        if self.loss == "kl" and self.target != "logits":
+            raise ValueError(f"loss kl compares class distributions: it needs target logits, not {self.target}")
+        return self
+
+
+class InitSpec(_Section):
+    """Initial weights of the trained network, from a file (never downloaded); none: random initialisation."""
+
+    path: str | None = Field(None, description="relative to workdir; checked (and loaded once) before a stage is queued")
+    format: Literal["s3dg", "inception_v1_2d"] = Field(
+        "s3dg", description="s3dg: this project's state dict, loaded strictly; inception_v1_2d: an ImageNet GoogLeNet "
+                            "state dict inflated to 3D (needs model.width 1.0), see d3d_cluster/models/weights.py")
 
 
 class StageSpec(_Section):
     epochs: int = Field(16, ge=1)
     optimizer: OptimizerSpec = OptimizerSpec()
+    init: InitSpec = InitSpec()
 
 
 class StudentSpec(StageSpec):
@@ -110,6 +133,19 @@ class ClusterSpec(_Section):
     timeout_min: int = Field(60, ge=1)
 
 
+PROBE_LAYERS = ("conv_1a", "conv_2b", "conv_2c", "mixed_3b", "mixed_3c", "mixed_4b", "mixed_4c", "mixed_4d",
+                "mixed_4e", "mixed_4f", "mixed_5b", "mixed_5c")
+
+
+class ProbeSpec(_Section):
+    """The motion probe (`d3dc probe`): decoders trained on frozen features to predict the clip's optical flow."""
+
+    layers: list[Literal[PROBE_LAYERS]] = Field(["conv_2c", "mixed_3c", "mixed_4f", "mixed_5c"], min_length=1)
+    epochs: int = Field(4, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    hidden: int = Field(32, ge=1, description="channels of each decoder's hidden layer")
+
+
 class MetricsSpec(_Section):
     bind: str = Field("127.0.0.1", description="address each rank's Prometheus endpoint binds")
     port: int = Field(0, ge=0, le=65535, description="first port; 0 picks a free port per rank")
@@ -127,6 +163,7 @@ class Spec(_Section):
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     cluster: ClusterSpec = ClusterSpec()
     metrics: MetricsSpec = MetricsSpec()
+    probe: ProbeSpec = ProbeSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":
@@ -144,6 +181,11 @@ class Spec(_Section):
                 f"data.clip_frames ({self.data.clip_frames}) needs at least clip_frames + 1 video frames "
                 f"(prep.synthetic.frames is {self.prep.synthetic.frames}): flow is between frame pairs"
             )
+        for stage in ("teacher", "student"):
+            if getattr(self, stage).init.format == "inception_v1_2d" and getattr(self, stage).init.path \
+                    and self.model.width != 1.0:
+                raise ValueError(f"{stage}.init.format inception_v1_2d needs model.width 1.0 (got {self.model.width}): "
+                                 f"the 2D checkpoint has Inception-v1's channel counts")
         return self
 
     @property

@@ -1,7 +1,20 @@
-"""The DeepSpeed engine of a stage: its config, optimizer and learning-rate schedule, from the spec."""
+"""The DeepSpeed engine of a stage (its config, optimizer and learning-rate schedule, from the spec), and how
+every network is placed and run on its device.
+
+Precision: bf16 on the GPU comes from `torch.autocast` around the forward passes (`autocast` below), not from
+DeepSpeed's ``bf16`` mode. DeepSpeed's mode casts the module itself to bf16 and keeps fp32 master weights in
+the optimizer: BatchNorm's running statistics would then be stored and updated in bf16 (8 bits of mantissa),
+and the frozen teacher, which runs outside the engine, would not be covered. Under autocast the weights,
+BatchNorm statistics, gradients, all-reduces and optimizer stay fp32 while the convolutions run in bf16 on
+tensor cores; one context covers the student's and the teacher's forward passes alike. The 8M-parameter
+S3D-G makes fp32 weights and gradient all-reduces cheap next to its convolutions. The CPU runs fp32.
+
+Layout: weights and clips are channels-last (NDHWC, `torch.channels_last_3d`) on every device.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -10,15 +23,29 @@ from torch import nn
 from d3d_cluster.spec import DeepSpeedSpec, OptimizerSpec
 
 
-def deepspeed_config(ds: DeepSpeedSpec, micro_batch: int, accumulation: int, bf16: bool) -> dict:
-    """The global batch stays `ds.global_batch_size` whatever the world size: accumulation absorbs it."""
+def place_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move `model` to `device` with its 5D weights channels-last, in place."""
+    return model.to(device=device, memory_format=torch.channels_last_3d)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a CUDA device, nothing (fp32) elsewhere; wraps forward passes, not backward."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def deepspeed_config(ds: DeepSpeedSpec, micro_batch: int, accumulation: int) -> dict:
+    """The global batch stays `ds.global_batch_size` whatever the world size: accumulation absorbs it.
+
+    No ``bf16``/``fp16`` section: DeepSpeed keeps everything fp32 and autocast supplies bf16 (module docstring).
+    """
     return {
         "train_batch_size": ds.global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": ds.gradient_clipping,
         "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": bf16},
         "data_types": {"grad_accum_dtype": "fp32"},
         "steps_per_print": 2**31 - 1,
     }
@@ -49,13 +76,16 @@ def build_schedule(settings: OptimizerSpec, optimizer: torch.optim.Optimizer, to
 
 
 def initialize(model: nn.Module, settings: OptimizerSpec, ds: DeepSpeedSpec, micro_batch: int, accumulation: int,
-               optimizer_steps: int, steps_per_epoch: int, bf16: bool):
+               optimizer_steps: int, steps_per_epoch: int, compile: bool = False):
+    """The engine over `model` (already placed on its device); `compile` wraps its forward in torch.compile."""
     import deepspeed
 
     optimizer = build_optimizer(settings, model)
     schedule = build_schedule(settings, optimizer, optimizer_steps, steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(ds, micro_batch, accumulation, bf16),
+        config=deepspeed_config(ds, micro_batch, accumulation),
     )
+    if compile:
+        engine.compile()
     return engine

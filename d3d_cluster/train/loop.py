@@ -11,6 +11,7 @@ import torch
 
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.metrics import TrainMetrics
+from d3d_cluster.train.engine import autocast
 from d3d_cluster.train.stages import Stage
 
 
@@ -38,8 +39,8 @@ def train(engine, stage: Stage, loader: ClipLoader, epochs: int, metrics: TrainM
             for step_in_epoch, batch in enumerate(batches):
                 ready = time.perf_counter()
                 inputs = stage.inputs(batch).to(engine.device, non_blocking=True)
-                logits = engine(inputs)
-                loss = stage.loss(logits.float(), batch)
+                with autocast(engine.device):
+                    loss = stage.loss(engine(inputs), batch)
                 engine.backward(loss.total)
                 engine.step()
                 done = time.perf_counter()
@@ -73,7 +74,8 @@ def predict(model: torch.nn.Module, modality: str, loader: ClipLoader, device: t
     model.eval()
     samples, logits, labels = [], [], []
     for batch in loader.epoch(loader.first_epoch):
-        logits.append(model(getattr(batch, modality).to(device)).float().cpu())
+        with autocast(device):
+            logits.append(model(getattr(batch, modality).to(device)).float().cpu())
         samples.append(batch.samples)
         labels.append(batch.labels)
     return torch.cat(samples), torch.cat(logits), torch.cat(labels)

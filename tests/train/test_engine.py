@@ -35,8 +35,13 @@ def test_sgd_uses_momentum_from_the_spec():
 
 
 def test_deepspeed_config_keeps_the_global_batch_fixed():
-    config = deepspeed_config(DeepSpeedSpec(zero_stage=2, global_batch_size=64), micro_batch=8, accumulation=4,
-                              bf16=False)
+    config = deepspeed_config(DeepSpeedSpec(zero_stage=2, global_batch_size=64), micro_batch=8, accumulation=4)
     assert config["train_batch_size"] == 64
     assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] == 32
-    assert config["zero_optimization"] == {"stage": 2} and config["bf16"] == {"enabled": False}
+    assert config["zero_optimization"] == {"stage": 2}
+
+
+def test_deepspeed_keeps_fp32_because_bf16_comes_from_autocast():
+    config = deepspeed_config(DeepSpeedSpec(), micro_batch=8, accumulation=1)
+    assert not {"bf16", "fp16", "torch_autocast"} & set(config)
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
