@@ -48,7 +48,7 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
     from d3d_cluster.files import replace_atomically, write_json_atomically
     from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir
     from d3d_cluster.metrics import TrainMetrics, retire_target, scrape_host, write_target
-    from d3d_cluster.train.engine import initialize, place_model
+    from d3d_cluster.train.engine import initialize
     from d3d_cluster.train.evaluate import gather_predictions
     from d3d_cluster.train.loop import predict, train
     from d3d_cluster.train.stages import EXPORT_NAME, build_network, build_stage
@@ -83,7 +83,7 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
                             epochs=stage.settings.epochs, **clip)
         network = build_network(spec, stage.settings, stage.modality, num_classes)
         micro_steps = len(loader) * stage.settings.epochs
-        engine = initialize(place_model(stage.trainable(network), device), stage.settings.optimizer, spec.deepspeed,
+        engine = initialize(stage.trainable(network).to(device), stage.settings.optimizer, spec.deepspeed,
                             spec.data.batch_size, spec.grad_accumulation, max(1, micro_steps // spec.grad_accumulation),
                             max(1, len(loader) // spec.grad_accumulation), compile=spec.model.compile)
         summary = train(engine, stage, loader, stage.settings.epochs, metrics, world,
@@ -95,7 +95,7 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
         predictions = gather_predictions(*predict(network, stage.modality, val, device), keys=val.table.keys)
         val.close()
         if rank == 0:
-            weights = {k: v.float().cpu().contiguous() for k, v in network.state_dict().items()}
+            weights = {k: v.float().cpu() for k, v in network.state_dict().items()}
             replace_atomically(stage_dir / EXPORT_NAME, lambda tmp: torch.save(weights, tmp))
             predictions.save(stage_dir)
             result = {**asdict(summary), "top1": predictions.top1(), "wall_seconds": time.time() - started,

@@ -212,6 +212,5 @@ class S3DG(nn.Module):
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
     """Clips run channels-last (NDHWC) on every device: oneDNN's 3D convolutions ran about 1.7x faster in that
-    layout on this network on CPU, and cuDNN's bf16 tensor-core kernels want it on the GPU (weights are placed
-    the same way by `train.engine.place_model`)."""
+    layout on this network on CPU, and cuDNN picks its NDHWC (tensor-core) kernels from it on the GPU."""
     return x.contiguous(memory_format=torch.channels_last_3d)

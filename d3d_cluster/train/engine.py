@@ -9,7 +9,10 @@ BatchNorm statistics, gradients, all-reduces and optimizer stay fp32 while the c
 tensor cores; one context covers the student's and the teacher's forward passes alike. The 8M-parameter
 S3D-G makes fp32 weights and gradient all-reduces cheap next to its convolutions. The CPU runs fp32.
 
-Layout: weights and clips are channels-last (NDHWC, `torch.channels_last_3d`) on every device.
+Layout: activations are channels-last (NDHWC) on every device (`S3DG` converts its input), which makes both
+oneDNN and cuDNN choose their NDHWC convolution kernels. The weights stay in the default layout: DeepSpeed
+broadcasts parameters at start through a byte view that needs them contiguous (a channels-last weight failed
+here with "self.stride(-1) must be 1 to view Float as Byte"), and ZeRO flattens them into contiguous buffers.
 """
 
 from __future__ import annotations
@@ -21,11 +24,6 @@ import torch
 from torch import nn
 
 from d3d_cluster.spec import DeepSpeedSpec, OptimizerSpec
-
-
-def place_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move `model` to `device` with its 5D weights channels-last, in place."""
-    return model.to(device=device, memory_format=torch.channels_last_3d)
 
 
 def autocast(device: torch.device):

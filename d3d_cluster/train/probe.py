@@ -27,7 +27,7 @@ from d3d_cluster.launch.rundir import RunDir
 from d3d_cluster.models import S3DG
 from d3d_cluster.models.weights import load_s3dg
 from d3d_cluster.spec import ProbeSpec
-from d3d_cluster.train.engine import autocast, place_model
+from d3d_cluster.train.engine import autocast
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, build_model
 
 PROBE_NAME = "probe.json"
@@ -56,7 +56,7 @@ class MotionProbe:
 
     def __init__(self, network: S3DG, modality: str, layers: list[str], flow_bound: float, hidden: int,
                  device: torch.device):
-        self.network = place_model(network, device).eval().requires_grad_(False)
+        self.network = network.to(device).eval().requires_grad_(False)
         self.modality, self.layers, self.flow_bound, self.hidden = modality, list(layers), flow_bound, hidden
         self.device = device
         self.decoders: nn.ModuleDict | None = None  # built on the first batch, when channels are known

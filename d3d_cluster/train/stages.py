@@ -19,7 +19,6 @@ from d3d_cluster.data.pipeline import Batch
 from d3d_cluster.models import S3DG, D3DLoss, FeatureDistillation, d3d_loss
 from d3d_cluster.models.weights import load_s3dg, load_weights
 from d3d_cluster.spec import DistillSpec, ModelSpec, Spec, StageSpec
-from d3d_cluster.train.engine import place_model
 
 STAGES = ("teacher", "student", "baseline")
 STAGE_INPUT = {"teacher": "flow", "student": "rgb", "baseline": "rgb"}
@@ -84,7 +83,7 @@ def load_frozen_teacher(spec: Spec, teacher_dir: Path, num_classes: int, device:
         raise FileNotFoundError(f"{weights}: no exported teacher; the teacher stage must finish first")
     teacher = build_model(spec.model, "flow", num_classes)
     load_s3dg(teacher, weights)
-    place_model(teacher, device).eval()
+    teacher.to(device).eval()
     teacher.requires_grad_(False)
     return teacher
 
