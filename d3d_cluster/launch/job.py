@@ -48,7 +48,7 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
     from d3d_cluster.files import replace_atomically, write_json_atomically
     from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir
     from d3d_cluster.metrics import TrainMetrics, retire_target, scrape_host, write_target
-    from d3d_cluster.train.engine import initialize
+    from d3d_cluster.train.engine import autocast_dtype, initialize
     from d3d_cluster.train.evaluate import gather_predictions
     from d3d_cluster.train.loop import predict, train
     from d3d_cluster.train.stages import EXPORT_NAME, build_network, build_stage
@@ -85,7 +85,8 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
         micro_steps = len(loader) * stage.settings.epochs
         engine = initialize(stage.trainable(network).to(device), stage.settings.optimizer, spec.deepspeed,
                             spec.data.batch_size, spec.grad_accumulation, max(1, micro_steps // spec.grad_accumulation),
-                            max(1, len(loader) // spec.grad_accumulation), compile=spec.model.compile)
+                            max(1, len(loader) // spec.grad_accumulation), autocast_to=autocast_dtype(device),
+                            compile=spec.model.compile)
         summary = train(engine, stage, loader, stage.settings.epochs, metrics, world,
                         log_path=stage_dir / "train_log.jsonl" if rank == 0 else None,
                         print_every=max(1, len(loader) // 2) if rank == 0 else 0)

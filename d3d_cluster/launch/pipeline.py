@@ -35,14 +35,14 @@ def check_ready(spec: Spec, stage: str) -> None:
 
 def check_initial_weights(spec: Spec, num_classes: int) -> None:
     """Every `init` file the spec names exists and fits its network: loaded once here, on the login node."""
-    for section, stage in (("teacher", "teacher"), ("student", "student")):
-        init = getattr(spec, section).init
-        if init.path is None:
+    for section in ("teacher", "student"):
+        settings = getattr(spec, section)
+        if settings.init.path is None:
             continue
-        path = spec.path(init.path)
+        path = spec.path(settings.init.path)
         if not path.is_file():
             raise FileNotFoundError(f"{section}.init.path: {path} does not exist")
-        build_network(spec, getattr(spec, section), STAGE_INPUT[stage], num_classes)
+        build_network(spec, settings, STAGE_INPUT[section], num_classes)
 
 
 def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll_seconds: float = 1.0) -> dict:

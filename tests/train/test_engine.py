@@ -41,7 +41,21 @@ def test_deepspeed_config_keeps_the_global_batch_fixed():
     assert config["zero_optimization"] == {"stage": 2}
 
 
-def test_deepspeed_keeps_fp32_because_bf16_comes_from_autocast():
-    config = deepspeed_config(DeepSpeedSpec(), micro_batch=8, accumulation=1)
-    assert not {"bf16", "fp16", "torch_autocast"} & set(config)
-    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+def test_deepspeed_keeps_fp32_weights_and_all_reduces_and_autocasts_only_when_asked():
+    fp32 = deepspeed_config(DeepSpeedSpec(), micro_batch=8, accumulation=1)
+    bf16 = deepspeed_config(DeepSpeedSpec(), micro_batch=8, accumulation=1, autocast_to=torch.bfloat16)
+    for config in (fp32, bf16):
+        assert not {"bf16", "fp16"} & set(config)
+        assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+        assert config["torch_autocast"]["lower_precision_safe_modules"] == []
+    assert fp32["torch_autocast"]["enabled"] is False
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "torch.bfloat16", "lower_precision_safe_modules": []}
+
+
+def test_autocast_is_bf16_on_cuda_and_fp32_on_cpu():
+    from d3d_cluster.train.engine import autocast, autocast_dtype
+
+    assert autocast_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu")) is None
+    with autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")

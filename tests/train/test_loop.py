@@ -77,3 +77,18 @@ def test_compile_flag_reaches_the_engine(one_rank, compile):
     engine = initialize(torch.nn.Linear(4, 2), OptimizerSpec(), DeepSpeedSpec(global_batch_size=2), 2, 1, 10, 10,
                         compile=compile)
     assert engine.is_compiled == compile
+
+
+def test_engine_forward_runs_in_the_autocast_dtype_it_is_configured_with(one_rank):
+    """The GPU path's precision wiring, exercised on the CPU: the engine's own forward autocasts to the dtype
+    in its config while the weights stay fp32. (On CUDA, DeepSpeed also turns an outer autocast off inside its
+    forward when that section is off; it tests `torch.is_autocast_enabled()`, which is CUDA's, so that half
+    cannot be shown here.)"""
+    from d3d_cluster.spec import DeepSpeedSpec, OptimizerSpec
+
+    x = torch.randn(2, 3, 2, 4, 4)
+    for autocast_to, expected in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+        engine = initialize(torch.nn.Conv3d(3, 4, 1), OptimizerSpec(), DeepSpeedSpec(global_batch_size=2), 2, 1, 10,
+                            10, autocast_to=autocast_to)
+        assert engine(x).dtype == expected
+        assert all(p.dtype == torch.float32 for p in engine.module.parameters())
