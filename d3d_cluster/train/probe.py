@@ -1,10 +1,12 @@
 """The motion probe of D3D (Stroud et al. 2020, section 3): how much optical flow can be read off a network's
 frozen features, layer by layer. This is how a user checks whether distillation put motion into the RGB stream.
 
-For each probed layer a small decoder (a 1x3x3 conv, ReLU, a 1x1x1 conv to 2 channels) is trained on the
-frozen layer's output to predict the clip's optical flow, resized to that layer's resolution by averaging
-(the flow of the very clip the network sees, from the shards). The trained network runs in eval mode without
-gradients; all decoders train together on the same batches. Each layer is then scored on the validation split
+For each probed layer a small decoder (BatchNorm, a 1x3x3 conv, ReLU, a 1x1x1 conv to 2 channels) is trained
+on the frozen layer's output to predict the clip's optical flow, resized to that layer's resolution by
+averaging (the flow of the very clip the network sees, from the shards). The trained network runs in eval
+mode without gradients; all decoders train together on the same batches, on the squared error: motion is
+sparse (a moving object on a still background), and a decoder trained on the EPE itself settled on the
+per-pixel median, zero flow, for every layer of every network here. Each layer is then scored on the validation split
 by its end-point error (EPE: the mean Euclidean distance between predicted and true flow vectors), in pixels
 of the stored frames, next to the EPE of predicting zero flow at the same resolution (the mean flow
 magnitude there): a decoder that does not beat zero flow found no motion in that layer.
@@ -47,8 +49,9 @@ def end_point_error(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def flow_decoder(channels: int, hidden: int) -> nn.Module:
-    return nn.Sequential(nn.Conv3d(channels, hidden, (1, 3, 3), padding=(0, 1, 1)), nn.ReLU(inplace=True),
-                         nn.Conv3d(hidden, 2, 1))
+    """BatchNorm first: frozen features differ in scale by orders of magnitude between layers and networks."""
+    return nn.Sequential(nn.BatchNorm3d(channels), nn.Conv3d(channels, hidden, (1, 3, 3), padding=(0, 1, 1)),
+                         nn.ReLU(inplace=True), nn.Conv3d(hidden, 2, 1))
 
 
 class MotionProbe:
@@ -73,7 +76,7 @@ class MotionProbe:
         return features, targets
 
     def train(self, loader: ClipLoader, epochs: int, lr: float) -> list[float]:
-        """Train every decoder; returns the mean training EPE (summed over layers) of each epoch."""
+        """Train every decoder; returns the mean training squared error (summed over layers) of each epoch."""
         history, optimizer = [], None
         for epoch in range(epochs):
             total, count = 0.0, 0
@@ -81,7 +84,7 @@ class MotionProbe:
                 features, targets = self._features_and_targets(batch)
                 if optimizer is None:
                     optimizer = torch.optim.Adam(self.decoders.parameters(), lr=lr)
-                loss = sum(end_point_error(self.decoders[name](f), targets[name]) for name, f in features.items())
+                loss = sum(F.mse_loss(self.decoders[name](f), targets[name]) for name, f in features.items())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -137,7 +140,7 @@ def run_probe(run_dir: str | Path, stage: str, settings: ProbeSpec | None = None
     val_samples = len(val.table)
     val.close()
     result = {"run": run.path.name, "stage": stage, "input": modality, "val_samples": val_samples,
-              "flow_units": "pixels", "train_epe_per_epoch": history, "layers": [asdict(row) for row in rows],
+              "flow_units": "pixels", "train_mse_per_epoch": history, "layers": [asdict(row) for row in rows],
               "settings": settings.model_dump(), "seconds": time.time() - started}
     write_json_atomically(run.path / stage / PROBE_NAME, result)
     return result

@@ -35,7 +35,7 @@ def test_probe_cli_prints_and_writes_one_sane_row_per_layer(run_with_student):
         assert layer in result.output
     report = json.loads((run_with_student.path / "student" / "probe.json").read_text())
     assert [row["layer"] for row in report["layers"]] == ["conv_2c", "mixed_3c", "mixed_5c"]
-    assert report["input"] == "rgb" and report["val_samples"] == 6 and len(report["train_epe_per_epoch"]) == 1
+    assert report["input"] == "rgb" and report["val_samples"] == 6 and len(report["train_mse_per_epoch"]) == 1
     resolutions = [tuple(row["resolution"]) for row in report["layers"]]
     assert resolutions == [(4, 6, 6), (4, 3, 3), (1, 1, 1)]
     bound = 20.0  # prep.flow.bound: no flow vector is longer than bound * sqrt(2) pixels
