@@ -117,6 +117,117 @@ def check_spec(spec_path: str) -> None:
     click.echo(f"# ok: world size {spec.world_size}, gradient accumulation {spec.grad_accumulation}", err=True)
 
 
+@main.command("model-info")
+@click.option("--stage", type=click.Choice(["teacher", "student"]), default="student", show_default=True,
+              help="teacher sees flow (2 channels), student RGB (3).")
+@click.option("--frames", type=int, help="Clip length. Default: the spec's data.clip_frames, or 64.")
+@click.option("--size", type=int, help="Square crop side. Default: the spec's data.crop_size, or 224.")
+@click.option("--classes", type=int, help="Default: the spec's shard manifest (or synthetic classes), or 400.")
+@click.option("--width", type=float, help="Width multiplier. Default: the spec's model.width, or 1.0.")
+@click.option("--gating/--no-gating", default=None, help="Feature gating. Default: the spec's, or on.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("-c", "--spec", "spec_path", type=click.Path(exists=True, dir_okay=False),
+              help="Take the defaults from this job spec instead of the S3D-G paper's 64x224x224.")
+def model_info_command(stage: str, frames: int | None, size: int | None, classes: int | None, width: float | None,
+                       gating: bool | None, as_json: bool, spec_path: str | None) -> None:
+    """Parameters and multiply-adds of the S3D-G for one clip, layer by layer."""
+    import json
+
+    from d3d_cluster.models.info import model_info
+    from d3d_cluster.train.stages import INPUT_CHANNELS, STAGE_INPUT
+
+    defaults = dict(frames=64, size=224, classes=400, width=1.0, gating=True)
+    if spec_path:
+        spec = _spec(spec_path, None)
+        defaults = dict(frames=spec.data.clip_frames, size=spec.data.crop_size, classes=_spec_classes(spec),
+                        width=spec.model.width, gating=spec.model.gating)
+    given = dict(frames=frames, size=size, classes=classes, width=width, gating=gating)
+    chosen = {key: defaults[key] if value is None else value for key, value in given.items()}
+    try:
+        info = model_info(chosen["classes"], INPUT_CHANNELS[STAGE_INPUT[stage]], chosen["frames"], chosen["size"],
+                          chosen["width"], chosen["gating"])
+    except (ValueError, RuntimeError) as error:
+        raise click.ClickException(f"cannot build this S3D-G: {error}") from None
+    if as_json:
+        click.echo(json.dumps({"stage": stage, **chosen, **info.to_dict()}, indent=2))
+        return
+    c, t, h, w = info.input_shape
+    table = Table(title=f"S3D-G {stage}: {c}x{t}x{h}x{w} clip, {chosen['classes']} classes, width {chosen['width']}, "
+                        f"gating {'on' if chosen['gating'] else 'off'}")
+    for column in ("layer", "output (C, T, H, W)", "parameters", "multiply-adds"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in info.layers:
+        table.add_row(layer.name, " x ".join(map(str, layer.output_shape)), f"{layer.parameters:,}",
+                      f"{layer.multiply_adds / 1e9:.3f} G")
+    table.add_row("total", "", f"{info.parameters:,}", f"{info.multiply_adds / 1e9:.3f} G")
+    console.print(table)
+    console.print(f"{info.multiply_adds / 1e9:.2f} G multiply-adds = {2 * info.multiply_adds / 1e9:.2f} GFLOPs per clip "
+                  f"forward; a training step (forward + backward) is about 3x that.")
+
+
+def _spec_classes(spec: Spec) -> int:
+    from d3d_cluster.data.schema import Manifest
+
+    try:
+        return len(Manifest.load(spec.path(spec.data.shards)).classes)
+    except FileNotFoundError:
+        if spec.prep.source == "synthetic":
+            return spec.prep.synthetic.classes
+        raise click.ClickException(f"no shard manifest at {spec.path(spec.data.shards)}: pass --classes") from None
+
+
+@main.command()
+@click.argument("stage_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def ensemble(stage_dirs: tuple[str, ...]) -> None:
+    """Top-1 of the average softmax of finished stages: RUN/student RUN/teacher (two-stream), or the students
+    of two runs trained with different seeds (RUN_A/student RUN_B/student)."""
+    from pathlib import Path
+
+    from d3d_cluster.train.evaluate import ensemble_report
+
+    try:
+        report = ensemble_report([Path(d) for d in stage_dirs])
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    table = Table(title=f"ensemble over {report['val_samples']} validation videos (average of softmax scores)")
+    table.add_column("model")
+    table.add_column("top-1", justify="right")
+    for name, top1 in report["members"].items():
+        table.add_row(name, f"{top1:.1%}")
+    table.add_row("ensemble", f"{report['ensemble_top1']:.1%}")
+    console.print(table)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--stage", type=click.Choice(["teacher", "student", "baseline"]), default="student", show_default=True)
+@click.option("--epochs", type=int, help="Decoder training epochs (default: the run spec's probe.epochs).")
+def probe(run_dir: str, stage: str, epochs: int | None) -> None:
+    """Motion probe (D3D section 3): decode optical flow from the frozen network's layers; EPE per layer."""
+    from pathlib import Path
+
+    from d3d_cluster.launch.rundir import RunDir
+    from d3d_cluster.train.probe import PROBE_NAME, run_probe
+
+    try:
+        settings = RunDir(run_dir).spec().probe
+        if epochs is not None:
+            settings = settings.model_copy(update={"epochs": epochs})
+        result = run_probe(run_dir, stage, settings)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    table = Table(title=f"motion probe of {result['run']}/{stage} ({result['input']} input): flow end-point error "
+                        f"on {result['val_samples']} validation clips, pixels (lower is better)")
+    for column in ("layer", "resolution (T, H, W)", "EPE", "zero-flow EPE", "EPE / zero"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for row in result["layers"]:
+        table.add_row(row["layer"], " x ".join(map(str, row["resolution"])), f"{row['epe']:.3f}",
+                      f"{row['zero_flow_epe']:.3f}",
+                      f"{row['epe'] / row['zero_flow_epe']:.2f}" if row["zero_flow_epe"] > 0 else "")
+    console.print(table)
+    console.print(f"written to {Path(run_dir) / stage / PROBE_NAME} ({result['seconds']:.0f} s)")
+
+
 @main.command()
 @click.argument("run", required=False)
 @spec_option

@@ -122,6 +122,7 @@ class ModelSpec(_Section):
     width: float = Field(0.25, gt=0.0, le=2.0)
     gating: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    compile: bool = Field(False, description="torch.compile the trained network (slow to start; for long GPU runs)")
 
 
 class OptimizerSpec(_Section):
@@ -134,12 +135,34 @@ class OptimizerSpec(_Section):
 
 
 class DistillSpec(_Section):
-    weight: float = Field(1.0, ge=0.0, description="lambda: weight of the squared error to the teacher's logits")
+    """What the student matches of the frozen teacher, and how (D3D, Stroud et al. 2020, section 4)."""
+
+    weight: float = Field(1.0, ge=0.0, description="lambda: weight of the distillation term next to cross-entropy")
+    target: Literal["logits", "mixed_5c"] = Field(
+        "logits", description="logits, or the Mixed_5c feature map through a trained 1x1x1 projection")
+    loss: Literal["mse", "kl"] = Field("mse", description="squared error, or Hinton's KL on logits x temperature^2")
+    temperature: float = Field(1.0, gt=0.0, description="kl only: softmax temperature of both networks")
+
+    @model_validator(mode="after")
+    def _kl_on_logits(self) -> "DistillSpec":
+        if self.loss == "kl" and self.target != "logits":
+            raise ValueError(f"loss kl compares class distributions: it needs target logits, not {self.target}")
+        return self
+
+
+class InitSpec(_Section):
+    """Initial weights of the trained network, from a file (never downloaded); none: random initialisation."""
+
+    path: str | None = Field(None, description="relative to workdir; checked (and loaded once) before a stage is queued")
+    format: Literal["s3dg", "inception_v1_2d"] = Field(
+        "s3dg", description="s3dg: this project's state dict, loaded strictly; inception_v1_2d: an ImageNet GoogLeNet "
+                            "state dict inflated to 3D (needs model.width 1.0), see d3d_cluster/models/weights.py")
 
 
 class StageSpec(_Section):
     epochs: int = Field(16, ge=1)
     optimizer: OptimizerSpec = OptimizerSpec()
+    init: InitSpec = InitSpec()
 
 
 class StudentSpec(StageSpec):
@@ -173,6 +196,19 @@ class ClusterSpec(_Section):
     exclusive: bool = Field(False, description="whole nodes, shared with no other job")
     signal_delay_s: int = Field(90, ge=1, description="USR2 this long before the time limit, to checkpoint in")
     max_requeues: int = Field(3, ge=0, description="time-limit requeues allowed (submitit's max_num_timeout)")
+
+
+PROBE_LAYERS = ("conv_1a", "conv_2b", "conv_2c", "mixed_3b", "mixed_3c", "mixed_4b", "mixed_4c", "mixed_4d",
+                "mixed_4e", "mixed_4f", "mixed_5b", "mixed_5c")
+
+
+class ProbeSpec(_Section):
+    """The motion probe (`d3dc probe`): decoders trained on frozen features to predict the clip's optical flow."""
+
+    layers: list[Literal[PROBE_LAYERS]] = Field(["conv_2c", "mixed_3c", "mixed_4f", "mixed_5c"], min_length=1)
+    epochs: int = Field(4, ge=1)
+    lr: float = Field(3e-3, gt=0.0)
+    hidden: int = Field(32, ge=1, description="channels of each decoder's hidden layer")
 
 
 class MetricsSpec(_Section):
@@ -215,6 +251,7 @@ class Spec(_Section):
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
     cluster: ClusterSpec = ClusterSpec()
     metrics: MetricsSpec = MetricsSpec()
+    probe: ProbeSpec = ProbeSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":
@@ -243,6 +280,11 @@ class Spec(_Section):
                 f"needs {self.data.clip_span} video frames (flow is between frame pairs); "
                 f"prep.synthetic.frames is {self.prep.synthetic.frames}"
             )
+        for stage in ("teacher", "student"):
+            if getattr(self, stage).init.format == "inception_v1_2d" and getattr(self, stage).init.path \
+                    and self.model.width != 1.0:
+                raise ValueError(f"{stage}.init.format inception_v1_2d needs model.width 1.0 (got {self.model.width}): "
+                                 f"the 2D checkpoint has Inception-v1's channel counts")
         return self
 
     @property

@@ -7,7 +7,7 @@ from d3d_cluster.cli import main
 def test_help_lists_every_command_with_its_help():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("quickstart", "prep", "train", "check-spec", "monitor"):
+    for command in ("quickstart", "prep", "train", "check-spec", "monitor", "model-info", "ensemble", "probe"):
         assert command in result.output
     assert "Make a small motion dataset" in result.output
 
@@ -17,7 +17,7 @@ def test_check_spec_refuses_a_bad_spec_naming_file_and_key(tmp_path):
     spec.write_text(yaml.safe_dump({"student": {"distill": {"wieght": 1}}}))
     result = CliRunner().invoke(main, ["check-spec", str(spec)])
     assert result.exit_code != 0
-    assert f"{spec}: unknown key student.distill.wieght (expected one of: weight)" in result.output
+    assert f"{spec}: unknown key student.distill.wieght (expected one of: weight, target, loss, temperature)" in result.output
 
 
 def test_check_spec_prints_the_resolved_spec(tmp_path):
@@ -53,3 +53,52 @@ def test_clips_larger_than_the_stored_videos_are_refused_before_submission(tmp_p
     result = CliRunner().invoke(main, ["train", "teacher", "-c", str(spec)])
     assert result.exit_code != 0
     assert "data.clip_frames = 16 at data.frame_stride = 1 needs 17 (flow lies between frames)" in result.output
+
+
+def test_model_info_prints_parameters_and_multiply_adds_per_layer():
+    result = CliRunner().invoke(main, ["model-info", "--frames", "16", "--size", "224", "--no-gating"])
+    assert result.exit_code == 0, result.output
+    assert "8,320,048" in result.output and "17.979 G" in result.output
+    for layer in ("conv_1a", "mixed_5c", "head", "total"):
+        assert layer in result.output
+
+
+def test_model_info_takes_defaults_from_a_spec_and_options_override_them(tmp_path):
+    import json
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"workdir": str(tmp_path), "model": {"width": 0.5}, "data": {"clip_frames": 8}}))
+    result = CliRunner().invoke(main, ["model-info", "-c", str(spec), "--stage", "teacher", "--size", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert (info["frames"], info["size"], info["width"], info["classes"]) == (8, 32, 0.5, 6)
+    assert info["input_shape"] == [2, 8, 32, 32] and info["multiply_adds"] > 0
+
+
+def test_a_missing_init_file_is_refused_before_submission(tmp_path, tiny_shards):
+    spec = tmp_path / "spec.yaml"
+    tree = {"workdir": str(tmp_path / "work"), "data": {"shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24},
+            "student": {"init": {"path": "k400-student.pt"}}}
+    spec.write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(main, ["train", "teacher", "-c", str(spec)])
+    assert result.exit_code != 0
+    assert f"student.init.path: {tmp_path / 'work' / 'k400-student.pt'} does not exist" in result.output
+    assert not (tmp_path / "work" / "runs").exists()
+
+
+def test_an_init_file_that_does_not_fit_is_refused_before_submission(tmp_path, tiny_shards):
+    import torch
+
+    from d3d_cluster.models import S3DG
+
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save(S3DG(400, in_channels=2, width=0.25).state_dict(), work / "k400-teacher.pt")
+    spec = tmp_path / "spec.yaml"
+    tree = {"workdir": str(work), "data": {"shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24},
+            "teacher": {"init": {"path": "k400-teacher.pt"}}}
+    spec.write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(main, ["train", "teacher", "-c", str(spec)])
+    assert result.exit_code != 0
+    assert f"{work / 'k400-teacher.pt'}: does not fit this S3D-G" in result.output
+    assert "classifier.weight (400, 256, 1, 1, 1) vs (3, 256, 1, 1, 1)" in result.output

@@ -20,7 +20,7 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
 @pytest.mark.parametrize(
     "tree, message",
     [
-        ({"teacher": {"optimzer": {}}}, "unknown key teacher.optimzer (expected one of: epochs, optimizer)"),
+        ({"teacher": {"optimzer": {}}}, "unknown key teacher.optimzer (expected one of: epochs, optimizer, init)"),
         ({"student": {"distill": {"weight": -1}}}, "student.distill.weight: Input should be greater than or equal to 0"),
         ({"cluster": {"executor": "k8s"}}, "cluster.executor: Input should be 'local' or 'slurm' (got 'k8s')"),
         ({"data": {"crop_size": "big"}}, "data.crop_size: Input should be a valid integer"),
@@ -40,6 +40,12 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"metrics": {"bind": "node01"}}, "metrics.bind: Value error, must be an IP address"),
         ({"metrics": {"pushgateway": "gateway:9091"}}, "metrics.pushgateway: Value error, must be an http(s) URL"),
         ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),
+        ({"student": {"distill": {"loss": "kl", "target": "mixed_5c"}}}, "loss kl compares class distributions"),
+        ({"student": {"distill": {"temperature": 0}}}, "student.distill.temperature: Input should be greater than 0"),
+        ({"teacher": {"init": {"path": "in1k.pt", "format": "inception_v1_2d"}}},
+         "teacher.init.format inception_v1_2d needs model.width 1.0 (got 0.25)"),
+        ({"teacher": {"init": {"format": "caffe"}}}, "teacher.init.format: Input should be 's3dg' or 'inception_v1_2d'"),
+        ({"probe": {"layers": ["mixed_6a"]}}, "probe.layers.0: Input should be 'conv_1a'"),
     ],
 )
 def test_bad_values_are_refused_naming_file_and_key(tree, message):

@@ -49,10 +49,10 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
     from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir
     from d3d_cluster.metrics import (TrainMetrics, bind_address, retire_target, scrape_host, target_path,
                                     targets_dir, write_target)
-    from d3d_cluster.train.engine import initialize
+    from d3d_cluster.train.engine import autocast_dtype, initialize
     from d3d_cluster.train.evaluate import gather_predictions
     from d3d_cluster.train.loop import predict, train
-    from d3d_cluster.train.stages import EXPORT_NAME, build_model, build_stage
+    from d3d_cluster.train.stages import EXPORT_NAME, build_network, build_stage
 
     started = time.time()
     run = RunDir(run_path)
@@ -86,22 +86,23 @@ def _run_stage(run_path: Path, stage_name: str, rank: int, world: int, local_ran
     try:
         loader = ClipLoader(shards, "train", spec.data, modalities=stage.modalities, train=True,
                             epochs=stage.settings.epochs, **clip)
-        model = build_model(spec.model, stage.modality, num_classes).to(device)
+        network = build_network(spec, stage.settings, stage.modality, num_classes)
         micro_steps = len(loader) * stage.settings.epochs
-        engine = initialize(model, stage.settings.optimizer, spec.deepspeed, spec.data.batch_size,
-                            spec.grad_accumulation, max(1, micro_steps // spec.grad_accumulation),
-                            max(1, len(loader) // spec.grad_accumulation), bf16=device.type == "cuda")
+        engine = initialize(stage.trainable(network).to(device), stage.settings.optimizer, spec.deepspeed,
+                            spec.data.batch_size, spec.grad_accumulation, max(1, micro_steps // spec.grad_accumulation),
+                            max(1, len(loader) // spec.grad_accumulation), autocast_to=autocast_dtype(device),
+                            compile=spec.model.compile)
         summary = train(engine, stage, loader, stage.settings.epochs, metrics, world,
                         log_path=stage_dir / "train_log.jsonl" if rank == 0 else None,
                         print_every=max(1, len(loader) // 2) if rank == 0 else 0)
         loader.close()
 
         val = ClipLoader(shards, "val", spec.data, modalities=(stage.modality,), train=False, **clip)
-        predictions = gather_predictions(*predict(engine.module, stage.modality, val, device), keys=val.table.keys,
+        predictions = gather_predictions(*predict(network, stage.modality, val, device), keys=val.table.keys,
                                          views_per_video=len(val.views), skipped=val.skipped_samples)
         val.close()
         if rank == 0:
-            weights = {k: v.float().cpu() for k, v in engine.module.state_dict().items()}
+            weights = {k: v.float().cpu() for k, v in network.state_dict().items()}
             replace_atomically(stage_dir / EXPORT_NAME, lambda tmp: torch.save(weights, tmp))
             predictions.save(stage_dir)
             result = {**asdict(summary), "top1": predictions.top1(), "wall_seconds": time.time() - started,

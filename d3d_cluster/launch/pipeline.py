@@ -15,7 +15,7 @@ from d3d_cluster.files import write_json_atomically
 from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.evaluate import Predictions, ensemble_top1
-from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES
+from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network
 
 
 def check_ready(spec: Spec, stage: str) -> None:
@@ -31,7 +31,20 @@ def check_ready(spec: Spec, stage: str) -> None:
     teacher = spec.run_dir / "teacher" / EXPORT_NAME
     if stage == "student" and not teacher.is_file():
         raise FileNotFoundError(f"{teacher}: the student needs a finished teacher in this run; train the teacher first")
+    check_initial_weights(spec, len(manifest.classes))
     check_cluster(spec.cluster)
+
+
+def check_initial_weights(spec: Spec, num_classes: int) -> None:
+    """Every `init` file the spec names exists and fits its network: loaded once here, on the login node."""
+    for section in ("teacher", "student"):
+        settings = getattr(spec, section)
+        if settings.init.path is None:
+            continue
+        path = spec.path(settings.init.path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{section}.init.path: {path} does not exist")
+        build_network(spec, settings, STAGE_INPUT[section], num_classes)
 
 
 def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll_seconds: float = 1.0) -> dict:

@@ -2,20 +2,31 @@
 
 The RGB student is trained on
 
-    L = CE(s, y) + lambda * ||s - t||^2
+    L = CE(s, y) + lambda * D(s', t')
 
-where s and t are the student's and the frozen flow teacher's logits: the
-squared error on logits transfers the teacher's motion features without
-running flow at test time. The squared error is averaged over all elements
-(``mse_loss``), so lambda does not scale with batch size or class count.
+where s are the student's logits and (s', t') what is matched of student and frozen flow teacher:
+
+- target ``logits`` (the paper's default): s' = s, t' = the teacher's logits;
+- target ``mixed_5c``: s' = a trained 1x1x1 projection of the student's Mixed_5c feature map, t' = the
+  teacher's Mixed_5c map (`FeatureDistillation` holds the projection next to the student).
+
+and D is
+
+- ``mse``: the squared error averaged over all elements (``mse_loss``), so lambda does not scale with batch
+  size, class count or feature-map size;
+- ``kl`` (logits only): Hinton et al.'s KL(softmax(t'/T) || softmax(s'/T)) x T^2, averaged over clips; the
+  T^2 keeps its gradients on the scale of the cross-entropy's as T changes.
 """
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Literal, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from d3d_cluster.models.s3dg import S3DG
 
 
 class D3DLoss(NamedTuple):
@@ -24,27 +35,61 @@ class D3DLoss(NamedTuple):
     distillation: torch.Tensor
 
 
+def distillation_term(student: torch.Tensor, teacher: torch.Tensor, kind: Literal["mse", "kl"] = "mse",
+                      temperature: float = 1.0) -> torch.Tensor:
+    """D(student, teacher); the teacher side is detached, so no gradient can ever reach the teacher."""
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher output {tuple(teacher.shape)} does not match student output {tuple(student.shape)}")
+    teacher = teacher.detach().to(student.dtype)
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    if kind == "kl":
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        log_p_student = F.log_softmax(student / temperature, dim=1)
+        log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
+        kl = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean")
+        return kl * temperature**2
+    raise ValueError(f"unknown distillation loss {kind!r} (expected mse or kl)")
+
+
 def d3d_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
-    teacher_logits: Optional[torch.Tensor] = None,
+    teacher_output: Optional[torch.Tensor] = None,
     weight: float = 0.0,
+    *,
+    student_output: Optional[torch.Tensor] = None,
+    kind: Literal["mse", "kl"] = "mse",
+    temperature: float = 1.0,
 ) -> D3DLoss:
-    """CE plus ``weight`` x MSE to the teacher's logits.
+    """CE plus ``weight`` x D(student_output, teacher_output); ``student_output`` defaults to the logits.
 
-    The teacher's logits are detached here, so a caller that forgets
-    ``torch.no_grad`` still cannot update the teacher. With ``weight == 0`` or
-    no teacher the distillation term is exactly 0 and ``total`` is the CE.
+    With ``weight == 0`` or no teacher the distillation term is exactly 0 and ``total`` is the CE.
     """
     if not (math.isfinite(weight) and weight >= 0):
         raise ValueError(f"distillation weight must be a finite number >= 0, got {weight}")
     cross_entropy = F.cross_entropy(student_logits, labels)
-    if teacher_logits is None or weight == 0:
+    if teacher_output is None or weight == 0:
         return D3DLoss(cross_entropy, cross_entropy, cross_entropy.new_zeros(()))
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"teacher logits {tuple(teacher_logits.shape)} do not match "
-            f"student logits {tuple(student_logits.shape)}"
-        )
-    distillation = F.mse_loss(student_logits, teacher_logits.detach().to(student_logits.dtype))
+    matched = student_logits if student_output is None else student_output
+    distillation = distillation_term(matched, teacher_output, kind, temperature)
     return D3DLoss(cross_entropy + weight * distillation, cross_entropy, distillation)
+
+
+class FeatureDistillation(nn.Module):
+    """The student together with the 1x1x1 projection of its Mixed_5c map onto the teacher's channels.
+
+    This is the module the engine trains, so the projection is optimised (and checkpointed) with the student;
+    only ``network`` is exported, which keeps ``model.pt`` a plain S3D-G state dict.
+    """
+
+    def __init__(self, network: S3DG, teacher_channels: int):
+        super().__init__()
+        self.network = network
+        self.projection = nn.Conv3d(network.num_features, teacher_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, projected Mixed_5c map)."""
+        feature_map = self.network.feature_map(x)
+        return self.network.head(feature_map), self.projection(feature_map)

@@ -1,7 +1,27 @@
-"""The DeepSpeed engine of a stage: its config, optimizer and learning-rate schedule, from the spec."""
+"""The DeepSpeed engine of a stage (its config, optimizer and learning-rate schedule, from the spec), and the
+precision and layout every network runs in.
+
+Precision: bf16 on the GPU comes from `torch.autocast`, not from DeepSpeed's ``bf16`` mode. DeepSpeed's mode
+casts the module itself to bf16 and keeps fp32 master weights in the optimizer: BatchNorm's running statistics
+would then be stored and updated in bf16 (8 bits of mantissa), and the frozen teacher, which runs outside the
+engine, would not be covered. Under autocast the weights, BatchNorm statistics, gradients, all-reduces and
+optimizer stay fp32 while the convolutions run in bf16 on tensor cores. The 8M-parameter S3D-G makes fp32
+weights and gradient all-reduces cheap next to its convolutions. The CPU runs fp32.
+
+Two autocast contexts are needed, for one reason: on CUDA, DeepSpeed's forward *turns off* an autocast opened outside
+it unless its own ``torch_autocast`` section is enabled (`deepspeed/runtime/torch_autocast.py`). So the engine
+is configured with ``torch_autocast`` (bf16; ``lower_precision_safe_modules: []`` keeps gradient all-reduces
+in fp32), and the loop opens `autocast` around the whole forward, which covers the teacher.
+
+Layout: activations are channels-last (NDHWC) on every device (`S3DG` converts its input), which makes both
+oneDNN and cuDNN choose their NDHWC convolution kernels. The weights stay in the default layout: DeepSpeed
+broadcasts parameters at start through a byte view that needs them contiguous (a channels-last weight failed
+here with "self.stride(-1) must be 1 to view Float as Byte"), and ZeRO flattens them into contiguous buffers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -10,16 +30,33 @@ from torch import nn
 from d3d_cluster.spec import DeepSpeedSpec, OptimizerSpec
 
 
-def deepspeed_config(ds: DeepSpeedSpec, micro_batch: int, accumulation: int, bf16: bool) -> dict:
-    """The global batch stays `ds.global_batch_size` whatever the world size: accumulation absorbs it."""
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 on a CUDA device; None (fp32) elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def autocast(device: torch.device):
+    """The forward-pass precision context of `device` (not for backward)."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def deepspeed_config(ds: DeepSpeedSpec, micro_batch: int, accumulation: int,
+                     autocast_to: torch.dtype | None = None) -> dict:
+    """The global batch stays `ds.global_batch_size` whatever the world size: accumulation absorbs it.
+
+    No ``bf16``/``fp16`` section: weights, gradients and optimizer stay fp32; `autocast_to` enables DeepSpeed's
+    ``torch_autocast`` for the forward (see the module docstring).
+    """
     return {
         "train_batch_size": ds.global_batch_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": ds.gradient_clipping,
         "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": bf16},
         "data_types": {"grad_accum_dtype": "fp32"},
+        "torch_autocast": {"enabled": autocast_to is not None, "dtype": str(autocast_to or torch.bfloat16),
+                           "lower_precision_safe_modules": []},
         "steps_per_print": 2**31 - 1,
     }
 
@@ -49,15 +86,19 @@ def build_schedule(settings: OptimizerSpec, optimizer: torch.optim.Optimizer, to
 
 
 def initialize(model: nn.Module, settings: OptimizerSpec, ds: DeepSpeedSpec, micro_batch: int, accumulation: int,
-               optimizer_steps: int, steps_per_epoch: int, bf16: bool):
+               optimizer_steps: int, steps_per_epoch: int, autocast_to: torch.dtype | None = None,
+               compile: bool = False):
+    """The engine over `model` (already on its device); `compile` wraps its forward in torch.compile."""
     import deepspeed
 
     optimizer = build_optimizer(settings, model)
     schedule = build_schedule(settings, optimizer, optimizer_steps, steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(ds, micro_batch, accumulation, bf16),
+        config=deepspeed_config(ds, micro_batch, accumulation, autocast_to),
     )
+    if compile:
+        engine.compile()
     return engine
 
 

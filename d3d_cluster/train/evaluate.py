@@ -33,7 +33,10 @@ class Predictions:
 
     @classmethod
     def load(cls, directory: Path) -> "Predictions":
-        with np.load(directory / PREDICTIONS_NAME) as data:
+        path = Path(directory) / PREDICTIONS_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no predictions (is {directory} a finished stage directory?)")
+        with np.load(path) as data:
             return cls(data["keys"], data["logits"], data["labels"])
 
     def top1(self) -> float:
@@ -91,3 +94,18 @@ def ensemble_top1(*members: Predictions) -> float:
             raise ValueError("ensemble members were evaluated on different samples")
     scores = sum(softmax(member.logits) for member in members)
     return float((scores.argmax(axis=1) == reference.labels).mean())
+
+
+def ensemble_report(stage_dirs: list[Path]) -> dict:
+    """Members' and ensemble's top-1 for finished stage directories of any runs, as the D3D paper reports
+    ensembles: student + teacher (two-stream), or student + student (two students trained with other seeds)."""
+    if len(stage_dirs) < 2:
+        raise ValueError("an ensemble needs at least two stage directories")
+    members = {str(d): Predictions.load(Path(d)) for d in stage_dirs}
+    first, *others = members
+    for other in others:
+        if not np.array_equal(members[other].keys, members[first].keys):
+            raise ValueError(f"{other} and {first} were evaluated on different samples: "
+                             f"an ensemble needs the same validation split")
+    return {"val_samples": len(members[first].keys), "members": {name: p.top1() for name, p in members.items()},
+            "ensemble_top1": ensemble_top1(*members.values())}

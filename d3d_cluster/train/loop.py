@@ -11,7 +11,7 @@ import torch
 
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.metrics import TrainMetrics
-from d3d_cluster.train.engine import step_with_grad_norm
+from d3d_cluster.train.engine import autocast, step_with_grad_norm
 from d3d_cluster.train.stages import Stage
 
 
@@ -40,8 +40,8 @@ def train(engine, stage: Stage, loader: ClipLoader, epochs: int, metrics: TrainM
             for step_in_epoch, batch in enumerate(batches):
                 ready = time.perf_counter()
                 inputs = stage.inputs(batch).to(engine.device, non_blocking=True)
-                logits = engine(inputs)
-                loss = stage.loss(logits.float(), batch)
+                with autocast(engine.device):
+                    loss = stage.loss(engine(inputs), batch)
                 engine.backward(loss.total)
                 grad_norm = step_with_grad_norm(engine)
                 done = time.perf_counter()
@@ -79,7 +79,8 @@ def predict(model: torch.nn.Module, modality: str, loader: ClipLoader, device: t
     model.eval()
     samples, views, logits, labels = [], [], [], []
     for batch in loader.epoch(loader.first_epoch):
-        logits.append(model(getattr(batch, modality).to(device)).float().cpu())
+        with autocast(device):
+            logits.append(model(getattr(batch, modality).to(device)).float().cpu())
         samples.append(batch.samples)
         views.append(batch.views)
         labels.append(batch.labels)

@@ -1,8 +1,9 @@
 """The three stages of a D3D run. They share one loop and differ only by input and loss.
 
 - teacher : S3D-G on optical flow, cross-entropy.
-- student : S3D-G on RGB, cross-entropy + lambda x squared error to the frozen teacher's logits, the teacher
-            seeing the flow of the very same augmented clip.
+- student : S3D-G on RGB, cross-entropy + lambda x a distillation term to the frozen teacher (its logits by
+            default, or its Mixed_5c features; squared error or KL, see `models.distill`), the teacher
+            seeing the flow of the very same augmented clip, in eval mode and without gradients.
 - baseline: the student with lambda = 0 and no teacher: what RGB alone reaches, for comparison.
 """
 
@@ -15,8 +16,9 @@ import torch
 from torch import nn
 
 from d3d_cluster.data.pipeline import Batch
-from d3d_cluster.models import S3DG, d3d_loss
-from d3d_cluster.spec import ModelSpec, Spec, StageSpec
+from d3d_cluster.models import S3DG, D3DLoss, FeatureDistillation, d3d_loss
+from d3d_cluster.models.weights import load_s3dg, load_weights
+from d3d_cluster.spec import DistillSpec, ModelSpec, Spec, StageSpec
 
 STAGES = ("teacher", "student", "baseline")
 STAGE_INPUT = {"teacher": "flow", "student": "rgb", "baseline": "rgb"}
@@ -29,13 +31,21 @@ def build_model(model: ModelSpec, modality: str, num_classes: int) -> S3DG:
                 gating=model.gating, dropout=model.dropout)
 
 
+def build_network(spec: Spec, settings: StageSpec, modality: str, num_classes: int) -> S3DG:
+    """The network a stage trains, initialised from the stage's `init` file when the spec names one."""
+    network = build_model(spec.model, modality, num_classes)
+    if settings.init.path:
+        load_weights(network, spec.path(settings.init.path), settings.init.format)
+    return network
+
+
 @dataclass
 class Stage:
     name: str
     modality: str  # what the trained network sees
     settings: StageSpec
-    distill_weight: float = 0.0
-    teacher: nn.Module | None = None
+    distill: DistillSpec | None = None  # set with `teacher`
+    teacher: S3DG | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -45,20 +55,34 @@ class Stage:
     def inputs(self, batch: Batch) -> torch.Tensor:
         return getattr(batch, self.modality)
 
-    def loss(self, logits: torch.Tensor, batch: Batch):
-        teacher_logits = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_logits = self.teacher(batch.flow)
-        return d3d_loss(logits, batch.labels.to(logits.device), teacher_logits, self.distill_weight)
+    def trainable(self, network: S3DG) -> nn.Module:
+        """What the engine trains: the network, with the Mixed_5c projection when features are distilled."""
+        if self.teacher is not None and self.distill.target == "mixed_5c":
+            return FeatureDistillation(network, self.teacher.num_features)
+        return network
+
+    def loss(self, outputs, batch: Batch) -> D3DLoss:
+        """`outputs` of the trainable module: logits, or (logits, projected Mixed_5c map)."""
+        logits, matched = outputs if isinstance(outputs, tuple) else (outputs, None)
+        labels = batch.labels.to(logits.device)
+        if self.teacher is None:
+            return d3d_loss(logits.float(), labels)
+        with torch.no_grad():
+            if self.distill.target == "mixed_5c":
+                teacher_output = self.teacher.feature_map(batch.flow)
+            else:
+                teacher_output = self.teacher(batch.flow)
+        return d3d_loss(logits.float(), labels, teacher_output.float(), self.distill.weight,
+                        student_output=None if matched is None else matched.float(), kind=self.distill.loss,
+                        temperature=self.distill.temperature)
 
 
-def load_frozen_teacher(spec: Spec, teacher_dir: Path, num_classes: int, device: torch.device) -> nn.Module:
+def load_frozen_teacher(spec: Spec, teacher_dir: Path, num_classes: int, device: torch.device) -> S3DG:
     weights = teacher_dir / EXPORT_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no exported teacher; the teacher stage must finish first")
     teacher = build_model(spec.model, "flow", num_classes)
-    teacher.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    load_s3dg(teacher, weights)
     teacher.to(device).eval()
     teacher.requires_grad_(False)
     return teacher
@@ -71,5 +95,5 @@ def build_stage(spec: Spec, name: str, run_dir: Path, num_classes: int, device: 
         return Stage(name, STAGE_INPUT[name], spec.student)
     if name == "student":
         teacher = load_frozen_teacher(spec, run_dir / "teacher", num_classes, device)
-        return Stage(name, STAGE_INPUT[name], spec.student, spec.student.distill.weight, teacher)
+        return Stage(name, STAGE_INPUT[name], spec.student, spec.student.distill, teacher)
     raise ValueError(f"unknown stage {name!r} (expected one of {', '.join(STAGES)})")

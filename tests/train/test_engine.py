@@ -38,11 +38,10 @@ def test_sgd_uses_momentum_from_the_spec():
 
 
 def test_deepspeed_config_keeps_the_global_batch_fixed():
-    config = deepspeed_config(DeepSpeedSpec(zero_stage=2, global_batch_size=64), micro_batch=8, accumulation=4,
-                              bf16=False)
+    config = deepspeed_config(DeepSpeedSpec(zero_stage=2, global_batch_size=64), micro_batch=8, accumulation=4)
     assert config["train_batch_size"] == 64
     assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] == 32
-    assert config["zero_optimization"] == {"stage": 2} and config["bf16"] == {"enabled": False}
+    assert config["zero_optimization"] == {"stage": 2}
 
 
 @pytest.mark.parametrize("zero_stage", [0, 1])
@@ -56,7 +55,7 @@ def test_optimizer_steps_report_the_global_grad_norm_before_clipping(zero_stage,
     expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in reference.parameters()])).item()
     engine = initialize(model, OptimizerSpec(), DeepSpeedSpec(zero_stage=zero_stage, global_batch_size=4,
                                                               gradient_clipping=0.5),
-                        micro_batch=2, accumulation=2, optimizer_steps=4, steps_per_epoch=2, bf16=False)
+                        micro_batch=2, accumulation=2, optimizer_steps=4, steps_per_epoch=2)
     norms = []
     for x in inputs:
         engine.backward(engine(x).pow(2).sum())
@@ -64,3 +63,23 @@ def test_optimizer_steps_report_the_global_grad_norm_before_clipping(zero_stage,
     assert norms[0] is None and norms[2] is None
     assert norms[1] == pytest.approx(expected, rel=1e-5) and expected > 0.5  # before clipping to 0.5
     assert norms[3] > 0 and norms[3] != norms[1]
+
+
+def test_deepspeed_keeps_fp32_weights_and_all_reduces_and_autocasts_only_when_asked():
+    fp32 = deepspeed_config(DeepSpeedSpec(), micro_batch=8, accumulation=1)
+    bf16 = deepspeed_config(DeepSpeedSpec(), micro_batch=8, accumulation=1, autocast_to=torch.bfloat16)
+    for config in (fp32, bf16):
+        assert not {"bf16", "fp16"} & set(config)
+        assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+        assert config["torch_autocast"]["lower_precision_safe_modules"] == []
+    assert fp32["torch_autocast"]["enabled"] is False
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "torch.bfloat16", "lower_precision_safe_modules": []}
+
+
+def test_autocast_is_bf16_on_cuda_and_fp32_on_cpu():
+    from d3d_cluster.train.engine import autocast, autocast_dtype
+
+    assert autocast_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu")) is None
+    with autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")

@@ -1,0 +1,152 @@
+"""Training-step throughput of the two D3D steps, on synthetic clips already on the device:
+
+- teacher step: flow clip -> S3D-G forward, cross-entropy, backward, AdamW step;
+- student step: the frozen teacher's forward on the flow clip, then the same on the RGB clip with the D3D loss.
+
+It runs the project's own step pieces (`Stage.loss`, `train.engine.autocast`), one process, no DeepSpeed and no
+data loading, so it measures the model. Per shape and precision it reports the median step time over the
+timed steps, clips/s, the student/teacher time ratio and, on a GPU, MFU: the step's model FLOPs (2 per
+multiply-add, from `model_info`; x3 for forward + backward, x1 for the teacher's forward in the student step)
+divided by time and by the peak (default: H100 SXM dense bf16, 989 TFLOP/s).
+
+    python benchmarks/model_step.py --out benchmarks/results/model_step_cpu.json                 # CPU: fp32
+    python benchmarks/model_step.py --shapes 1.0:64:224:8 --precisions bf16 fp32 \\
+        --out benchmarks/results/model_step_h100.json                                            # GPU
+
+A shape is WIDTH:FRAMES:SIZE:BATCH (clips per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from d3d_cluster.data.pipeline import Batch
+from d3d_cluster.models import S3DG
+from d3d_cluster.models.info import model_info
+from d3d_cluster.spec import DistillSpec, Spec
+from d3d_cluster.train.engine import autocast
+from d3d_cluster.train.stages import Stage
+
+CLASSES = 400
+CPU_SHAPES = ["0.25:16:64:8", "1.0:16:112:4"]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_seconds(stage: Stage, network: torch.nn.Module, batch: Batch, device: torch.device, warmup: int,
+                  steps: int) -> list[float]:
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+    times = []
+    for i in range(warmup + steps):
+        _synchronize(device)
+        started = time.perf_counter()
+        with autocast(device):
+            loss = stage.loss(network(stage.inputs(batch)), batch)
+        loss.total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def measure(width: float, frames: int, size: int, batch_size: int, precision: str, device: torch.device,
+            warmup: int, steps: int, peak_flops: float, compile: bool) -> dict:
+    if precision == "bf16" and device.type != "cuda":
+        raise SystemExit("bf16 is the GPU path (autocast on CUDA); the CPU trains in fp32")
+    torch.manual_seed(0)
+    batch = Batch(rgb=torch.randn(batch_size, 3, frames, size, size, device=device),
+                  flow=torch.randn(batch_size, 2, frames, size, size, device=device).clamp(-1, 1),
+                  labels=torch.randint(0, CLASSES, (batch_size,), device=device), samples=torch.arange(batch_size))
+    teacher_net = S3DG(CLASSES, in_channels=2, width=width).to(device)
+    frozen = S3DG(CLASSES, in_channels=2, width=width).to(device).eval().requires_grad_(False)
+    student_net = S3DG(CLASSES, in_channels=3, width=width).to(device)
+    if compile:
+        teacher_net, frozen, student_net = (torch.compile(m) for m in (teacher_net, frozen, student_net))
+    settings = Spec().student
+    teacher_stage = Stage("teacher", "flow", settings)
+    student_stage = Stage("student", "rgb", settings, DistillSpec(), frozen)
+    autocast_on = precision == "bf16"
+    if not autocast_on and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    macs_teacher = model_info(CLASSES, 2, frames, size, width).multiply_adds
+    macs_student = model_info(CLASSES, 3, frames, size, width).multiply_adds
+    flops = {"teacher": 3 * 2 * macs_teacher * batch_size,
+             "student": (3 * 2 * macs_student + 2 * macs_teacher) * batch_size}
+    result = {"width": width, "frames": frames, "size": size, "batch": batch_size, "precision": precision,
+              "compile": compile, "gmacs_per_clip": {"teacher": macs_teacher / 1e9, "student": macs_student / 1e9}}
+    for name, stage, network in (("teacher", teacher_stage, teacher_net), ("student", student_stage, student_net)):
+        times = _step_seconds(stage, network, batch, device, warmup, steps)
+        median = statistics.median(times)
+        entry = {"median_step_s": median, "min_step_s": min(times), "clips_per_s": batch_size / median,
+                 "step_tflop": flops[name] / 1e12}
+        if device.type == "cuda":
+            entry["mfu"] = flops[name] / median / peak_flops
+        result[name] = entry
+    result["student_over_teacher_time"] = result["student"]["median_step_s"] / result["teacher"]["median_step_s"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", help=f"WIDTH:FRAMES:SIZE:BATCH (default on CPU: {' '.join(CPU_SHAPES)}; "
+                                                     "on a GPU also 1.0:64:224:8)")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"],
+                        help="default: fp32 on CPU, bf16 and fp32 on a GPU")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM dense bf16)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    parser.add_argument("--out", default="benchmarks/results/model_step.json")
+    args = parser.parse_args()
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    torch.set_num_threads(args.threads)
+    shapes = args.shapes or (CPU_SHAPES + ["1.0:64:224:8"] if gpu else CPU_SHAPES)
+    precisions = args.precisions or (["bf16", "fp32"] if gpu else ["fp32"])
+    results = []
+    for shape in shapes:
+        width, frames, size, batch_size = shape.split(":")
+        for precision in precisions:
+            row = measure(float(width), int(frames), int(size), int(batch_size), precision, device, args.warmup,
+                          args.steps, args.peak_tflops * 1e12, args.compile)
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    if gpu and "bf16" in precisions and "fp32" in precisions:
+        for row in results:
+            if row["precision"] == "bf16":
+                fp32 = next(r for r in results if r["precision"] == "fp32" and
+                            (r["width"], r["frames"], r["size"], r["batch"]) ==
+                            (row["width"], row["frames"], row["size"], row["batch"]))
+                row["bf16_speedup"] = {name: fp32[name]["median_step_s"] / row[name]["median_step_s"]
+                                       for name in ("teacher", "student")}
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.node()} {platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
+                   f"{args.threads} threads" + (f", {torch.cuda.get_device_name(device)}" if gpu else ""),
+        "torch": torch.__version__, "device": device.type, "steps": args.steps, "warmup": args.warmup,
+        "peak_tflops": args.peak_tflops if gpu else None, "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

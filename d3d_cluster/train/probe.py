@@ -1,0 +1,146 @@
+"""The motion probe of D3D (Stroud et al. 2020, section 3): how much optical flow can be read off a network's
+frozen features, layer by layer. This is how a user checks whether distillation put motion into the RGB stream.
+
+For each probed layer a small decoder (BatchNorm, a 1x3x3 conv, ReLU, a 1x1x1 conv to 2 channels) is trained
+on the frozen layer's output to predict the clip's optical flow, resized to that layer's resolution by
+averaging (the flow of the very clip the network sees, from the shards). The trained network runs in eval
+mode without gradients; all decoders train together on the same batches, on the squared error: motion is
+sparse (a moving object on a still background), and a decoder trained on the EPE itself settled on the
+per-pixel median, zero flow, for every layer of every network here. Each layer is then scored on the validation split
+by its end-point error (EPE: the mean Euclidean distance between predicted and true flow vectors), in pixels
+of the stored frames, next to the EPE of predicting zero flow at the same resolution (the mean flow
+magnitude there): a decoder that does not beat zero flow found no motion in that layer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d3d_cluster.data.pipeline import Batch, ClipLoader
+from d3d_cluster.data.schema import Manifest
+from d3d_cluster.files import write_json_atomically
+from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.models import S3DG
+from d3d_cluster.models.weights import load_s3dg
+from d3d_cluster.spec import ProbeSpec
+from d3d_cluster.train.engine import autocast
+from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, build_model
+
+PROBE_NAME = "probe.json"
+
+
+@dataclass(frozen=True)
+class ProbeRow:
+    layer: str
+    resolution: tuple[int, int, int]  # (T, H, W) at which flow is predicted
+    epe: float  # pixels
+    zero_flow_epe: float  # pixels: the EPE of predicting no motion
+
+
+def end_point_error(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of |predicted - target| for (N, 2, T, H, W) flow fields."""
+    return torch.linalg.vector_norm(predicted - target, dim=1).mean()
+
+
+def flow_decoder(channels: int, hidden: int) -> nn.Module:
+    """BatchNorm first: frozen features differ in scale by orders of magnitude between layers and networks."""
+    return nn.Sequential(nn.BatchNorm3d(channels), nn.Conv3d(channels, hidden, (1, 3, 3), padding=(0, 1, 1)),
+                         nn.ReLU(inplace=True), nn.Conv3d(hidden, 2, 1))
+
+
+class MotionProbe:
+    """Decoders on the named layers of one frozen network."""
+
+    def __init__(self, network: S3DG, modality: str, layers: list[str], flow_bound: float, hidden: int,
+                 device: torch.device):
+        self.network = network.to(device).eval().requires_grad_(False)
+        self.modality, self.layers, self.flow_bound, self.hidden = modality, list(layers), flow_bound, hidden
+        self.device = device
+        self.decoders: nn.ModuleDict | None = None  # built on the first batch, when channels are known
+
+    def _features_and_targets(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        with torch.no_grad(), autocast(self.device):
+            features = self.network.endpoints(getattr(batch, self.modality).to(self.device), self.layers)
+        flow = batch.flow.to(self.device).float() * self.flow_bound  # [-1, 1] back to pixels
+        features = {name: f.float() for name, f in features.items()}
+        targets = {name: F.adaptive_avg_pool3d(flow, f.shape[2:]) for name, f in features.items()}
+        if self.decoders is None:
+            self.decoders = nn.ModuleDict({name: flow_decoder(f.shape[1], self.hidden)
+                                           for name, f in features.items()}).to(self.device)
+        return features, targets
+
+    def train(self, loader: ClipLoader, epochs: int, lr: float) -> list[float]:
+        """Train every decoder; returns the mean training squared error (summed over layers) of each epoch."""
+        history, optimizer = [], None
+        for epoch in range(epochs):
+            total, count = 0.0, 0
+            for batch in loader.epoch(epoch):
+                features, targets = self._features_and_targets(batch)
+                if optimizer is None:
+                    optimizer = torch.optim.Adam(self.decoders.parameters(), lr=lr)
+                loss = sum(F.mse_loss(self.decoders[name](f), targets[name]) for name, f in features.items())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total, count = total + loss.item(), count + 1
+            history.append(total / max(1, count))
+        return history
+
+    @torch.no_grad()
+    def evaluate(self, loader: ClipLoader) -> list[ProbeRow]:
+        sums = {name: [0.0, 0.0] for name in self.layers}
+        clips, resolution = 0, {}
+        for batch in loader.epoch(loader.first_epoch):
+            features, targets = self._features_and_targets(batch)
+            n = len(batch.labels)
+            for name, f in features.items():
+                sums[name][0] += end_point_error(self.decoders[name](f), targets[name]).item() * n
+                sums[name][1] += torch.linalg.vector_norm(targets[name], dim=1).mean().item() * n
+                resolution[name] = tuple(f.shape[2:])
+            clips += n
+        return [ProbeRow(name, resolution[name], sums[name][0] / clips, sums[name][1] / clips) for name in self.layers]
+
+
+def run_probe(run_dir: str | Path, stage: str, settings: ProbeSpec | None = None,
+              device: torch.device | None = None) -> dict:
+    """Probe the exported network of `stage` in a run directory; writes and returns `<stage>/probe.json`."""
+    started = time.time()
+    run = RunDir(run_dir)
+    spec = run.spec()
+    settings = settings or spec.probe
+    if stage not in STAGE_INPUT:
+        raise ValueError(f"unknown stage {stage!r} (expected one of {', '.join(STAGE_INPUT)})")
+    weights = run.path / stage / EXPORT_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no exported network; train the {stage} stage first")
+    device = device or (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    shards = spec.path(spec.data.shards)
+    manifest = Manifest.load(shards)
+    modality = STAGE_INPUT[stage]
+    network = build_model(spec.model, modality, len(manifest.classes))
+    load_s3dg(network, weights)
+    torch.manual_seed(spec.seed)
+
+    modalities = tuple(dict.fromkeys((modality, "flow")))
+    clip = dict(modalities=modalities, clip_frames=spec.data.clip_frames, crop_size=spec.data.crop_size,
+                batch_size=spec.data.batch_size, rank=0, world=1, seed=spec.seed, threads=spec.data.reader_threads,
+                device_id=device.index if device.type == "cuda" else None)
+    probe = MotionProbe(network, modality, settings.layers, manifest.flow_bound, settings.hidden, device)
+    train = ClipLoader(shards, "train", train=True, epochs=settings.epochs, **clip)
+    history = probe.train(train, settings.epochs, settings.lr)
+    train.close()
+    val = ClipLoader(shards, "val", train=False, **clip)
+    rows = probe.evaluate(val)
+    val_samples = len(val.table)
+    val.close()
+    result = {"run": run.path.name, "stage": stage, "input": modality, "val_samples": val_samples,
+              "flow_units": "pixels", "train_mse_per_epoch": history, "layers": [asdict(row) for row in rows],
+              "settings": settings.model_dump(), "seconds": time.time() - started}
+    write_json_atomically(run.path / stage / PROBE_NAME, result)
+    return result

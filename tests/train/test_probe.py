@@ -1,0 +1,49 @@
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from d3d_cluster.cli import main
+from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.models import S3DG
+from d3d_cluster.train.probe import end_point_error, run_probe
+from tests.conftest import tiny_spec
+
+
+@pytest.fixture
+def run_with_student(tmp_path, tiny_shards):
+    spec = tiny_spec(tmp_path, data={"shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24, "batch_size": 2},
+                     probe={"epochs": 1, "layers": ["conv_2c", "mixed_3c", "mixed_5c"]})
+    run = RunDir.create(spec)
+    torch.manual_seed(0)
+    torch.save(S3DG(3, in_channels=3, width=spec.model.width).state_dict(), run.stage("student") / "model.pt")
+    return run
+
+
+def test_end_point_error_by_hand():
+    predicted = torch.zeros(1, 2, 1, 1, 2)
+    target = torch.tensor([3.0, 0.0, 4.0, 1.0]).reshape(1, 2, 1, 1, 2)  # vectors (3, 4) and (0, 1)
+    assert end_point_error(predicted, target).item() == pytest.approx((5.0 + 1.0) / 2)
+
+
+def test_probe_cli_prints_and_writes_one_sane_row_per_layer(run_with_student):
+    result = CliRunner().invoke(main, ["probe", str(run_with_student.path), "--stage", "student"])
+    assert result.exit_code == 0, result.output
+    for layer in ("conv_2c", "mixed_3c", "mixed_5c"):
+        assert layer in result.output
+    report = json.loads((run_with_student.path / "student" / "probe.json").read_text())
+    assert [row["layer"] for row in report["layers"]] == ["conv_2c", "mixed_3c", "mixed_5c"]
+    assert report["input"] == "rgb" and report["val_samples"] == 6 and len(report["train_mse_per_epoch"]) == 1
+    resolutions = [tuple(row["resolution"]) for row in report["layers"]]
+    assert resolutions == [(4, 6, 6), (4, 3, 3), (1, 1, 1)]
+    bound = 20.0  # prep.flow.bound: no flow vector is longer than bound * sqrt(2) pixels
+    for row in report["layers"]:
+        assert math.isfinite(row["epe"]) and 0 <= row["epe"] < 10 * bound
+        assert 0 < row["zero_flow_epe"] <= bound * math.sqrt(2)
+
+
+def test_probe_of_an_untrained_stage_is_refused_naming_the_file(run_with_student):
+    with pytest.raises(FileNotFoundError, match="teacher/model.pt: no exported network; train the teacher stage"):
+        run_probe(run_with_student.path, "teacher")
