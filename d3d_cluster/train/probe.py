@@ -128,14 +128,13 @@ def run_probe(run_dir: str | Path, stage: str, settings: ProbeSpec | None = None
     torch.manual_seed(spec.seed)
 
     modalities = tuple(dict.fromkeys((modality, "flow")))
-    clip = dict(modalities=modalities, clip_frames=spec.data.clip_frames, crop_size=spec.data.crop_size,
-                batch_size=spec.data.batch_size, rank=0, world=1, seed=spec.seed, threads=spec.data.reader_threads,
+    clip = dict(modalities=modalities, rank=0, world=1, seed=spec.seed,
                 device_id=device.index if device.type == "cuda" else None)
     probe = MotionProbe(network, modality, settings.layers, manifest.flow_bound, settings.hidden, device)
-    train = ClipLoader(shards, "train", train=True, epochs=settings.epochs, **clip)
+    train = ClipLoader(shards, "train", spec.data, train=True, epochs=settings.epochs, **clip)
     history = probe.train(train, settings.epochs, settings.lr)
     train.close()
-    val = ClipLoader(shards, "val", train=False, **clip)
+    val = ClipLoader(shards, "val", spec.data, train=False, **clip)
     rows = probe.evaluate(val)
     val_samples = len(val.table)
     val.close()

@@ -167,8 +167,7 @@ def _train_fed_and_starved(tmp_path, tiny_shards, promtool):
             write_target(target_path(tmp_path / "targets", run, "teacher", 0), "127.0.0.1", port, metrics.labels)
             wait_until_scraped(prometheus, port)  # so that the scrapes see the whole of this short training
             engine = initialize(build_model(spec.model, "flow", len(manifest.classes)), spec.teacher.optimizer,
-                                spec.deepspeed, spec.data.batch_size, spec.grad_accumulation, 100, len(loader),
-                                bf16=False)
+                                spec.deepspeed, spec.data.batch_size, spec.grad_accumulation, 100, len(loader))
             train(engine, stage, loader, epochs, metrics, world=1)
             loader.loader.close()
         time.sleep(3)  # a few more evaluations with both endpoints still up

@@ -5,6 +5,7 @@ import socket
 
 import pytest
 import torch
+from conftest import tiny_spec
 
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.metrics import TrainMetrics
@@ -12,7 +13,6 @@ from d3d_cluster.models import S3DG, FeatureDistillation
 from d3d_cluster.train.engine import initialize
 from d3d_cluster.train.loop import predict, train
 from d3d_cluster.train.stages import Stage, build_network
-from tests.conftest import tiny_spec
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,8 @@ def test_mixed_5c_distillation_trains_student_and_projection_in_the_engine_in_fp
     projection_before = trainable.projection.weight.detach().clone()
     student_before = network.base.conv_1a[0][0].weight.detach().clone()
 
-    loader = ClipLoader(tiny_shards, "train", modalities=stage.modalities, clip_frames=8, crop_size=24, batch_size=2,
-                        rank=0, world=1, seed=0, train=True, epochs=1)
+    loader = ClipLoader(tiny_shards, "train", spec.data, modalities=stage.modalities, rank=0, world=1, seed=0,
+                        train=True, epochs=1)
     accumulation = spec.deepspeed.global_batch_size // 2
     engine = initialize(trainable, spec.student.optimizer, spec.deepspeed, 2, accumulation, len(loader) // accumulation,
                         len(loader) // accumulation)
@@ -63,9 +63,8 @@ def test_mixed_5c_distillation_trains_student_and_projection_in_the_engine_in_fp
     assert set(network.state_dict()) == set(S3DG(3, width=0.25).state_dict())  # model.pt stays plain S3D-G
     assert json.loads(log.read_text().splitlines()[0])["distillation"] > 0
 
-    val = ClipLoader(tiny_shards, "val", modalities=("rgb",), clip_frames=8, crop_size=24, batch_size=2, rank=0,
-                     world=1, seed=0, train=False)
-    samples, logits, _ = predict(network, "rgb", val, torch.device("cpu"))
+    val = ClipLoader(tiny_shards, "val", spec.data, modalities=("rgb",), rank=0, world=1, seed=0, train=False)
+    samples, _, logits, _ = predict(network, "rgb", val, torch.device("cpu"))
     val.close()
     assert logits.shape == (len(samples), 3) and logits.dtype == torch.float32
 
