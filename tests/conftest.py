@@ -146,28 +146,34 @@ def pushgateway(tmp_path) -> str:
         log.close()
 
 
-@pytest.fixture(scope="session")
-def deepspeed_single_rank():
-    """A one-rank gloo process group for tests that build a real DeepSpeed engine in this process."""
-    import os
+SINGLE_RANK = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
 
+
+@pytest.fixture(scope="session")
+def _single_rank_group():
+    """One gloo process group per session: DeepSpeed caches its groups, so a second init in one process fails."""
     import torch
 
     from d3d_cluster.monitor import free_port
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    import deepspeed
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {**SINGLE_RANK, "MASTER_PORT": str(free_port())}.items():
+            patch.setenv(key, value)
+        patch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
+        import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     yield
     torch.distributed.destroy_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+
+
+@pytest.fixture
+def deepspeed_single_rank(_single_rank_group, monkeypatch):
+    """A one-rank world for tests that build a real DeepSpeed engine in this process. The rank variables are
+    set for the test only: left set, they would leak into the stage jobs later tests start (submitit refuses
+    to export over them)."""
+    for key, value in {**SINGLE_RANK, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}.items():
+        monkeypatch.setenv(key, value)
 
 
 # Dataprep: tiny real videos, written where a dataset's layout puts them.

@@ -1,7 +1,6 @@
 """The one training loop on a real DeepSpeed engine (CPU, gloo, one rank) reading the tiny shards through DALI."""
 
 import json
-import socket
 
 import pytest
 import torch
@@ -15,24 +14,7 @@ from d3d_cluster.train.loop import predict, train
 from d3d_cluster.train.stages import Stage, build_network
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    """One process group for the whole module: DeepSpeed caches its groups, so a second init in one process fails."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu").items():
-            patch.setenv(key, value)
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-        yield
-        torch.distributed.destroy_process_group()
-
-
-def test_mixed_5c_distillation_trains_student_and_projection_in_the_engine_in_fp32(tmp_path, tiny_shards, one_rank):
+def test_mixed_5c_distillation_trains_student_and_projection_in_the_engine_in_fp32(tmp_path, tiny_shards, deepspeed_single_rank):
     spec = tiny_spec(tmp_path, data={"shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24, "batch_size": 2},
                      student={"epochs": 1, "distill": {"target": "mixed_5c", "weight": 0.5}})
     torch.manual_seed(0)
@@ -70,7 +52,7 @@ def test_mixed_5c_distillation_trains_student_and_projection_in_the_engine_in_fp
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_compile_flag_reaches_the_engine(one_rank, compile):
+def test_compile_flag_reaches_the_engine(deepspeed_single_rank, compile):
     from d3d_cluster.spec import DeepSpeedSpec, OptimizerSpec
 
     engine = initialize(torch.nn.Linear(4, 2), OptimizerSpec(), DeepSpeedSpec(global_batch_size=2), 2, 1, 10, 10,
@@ -78,7 +60,7 @@ def test_compile_flag_reaches_the_engine(one_rank, compile):
     assert engine.is_compiled == compile
 
 
-def test_engine_forward_runs_in_the_autocast_dtype_it_is_configured_with(one_rank):
+def test_engine_forward_runs_in_the_autocast_dtype_it_is_configured_with(deepspeed_single_rank):
     """The GPU path's precision wiring, exercised on the CPU: the engine's own forward autocasts to the dtype
     in its config while the weights stay fp32. (On CUDA, DeepSpeed also turns an outer autocast off inside its
     forward when that section is off; it tests `torch.is_autocast_enabled()`, which is CUDA's, so that half
