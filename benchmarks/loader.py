@@ -1,6 +1,6 @@
 """Clips/s of the project's DALI loader against a plain PyTorch DataLoader decoding the same shards with PyAV.
 
-    .venv/bin/python benchmarks/loader.py --workdir /tmp/d3dc-loader-bench --out benchmarks/results/loader.json
+    .venv/bin/python -m benchmarks.loader --workdir /tmp/d3dc-loader-bench --out benchmarks/results/loader.json
 
 Both read the same samples in the same order, cut the same views (random start, crop, mirror) and hand out
 float tensors of the same shape: DALI with `data.reader_threads` = cores threads in one process, the baseline

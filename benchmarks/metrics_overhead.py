@@ -1,7 +1,7 @@
 """What monitoring costs a training step: one `observe_step` (counters, gauges, two histograms, the ETA) and one
 scrape of a rank's registry, against a training micro-step of the tiny width-0.25 S3D-G, in one run.
 
-    .venv/bin/python benchmarks/metrics_overhead.py --out benchmarks/results/metrics_overhead.json
+    .venv/bin/python -m benchmarks.metrics_overhead --out benchmarks/results/metrics_overhead.json
 
 The step is forward + backward + AdamW on a random 2 x 2 x 8 x 24 x 24 flow batch, one thread; no loader.
 """

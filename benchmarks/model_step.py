@@ -9,8 +9,8 @@ timed steps, clips/s, the student/teacher time ratio and, on a GPU, MFU: the ste
 multiply-add, from `model_info`; x3 for forward + backward, x1 for the teacher's forward in the student step)
 divided by time and by the peak (default: H100 SXM dense bf16, 989 TFLOP/s).
 
-    python benchmarks/model_step.py --out benchmarks/results/model_step_cpu.json                 # CPU: fp32
-    python benchmarks/model_step.py --shapes 1.0:64:224:8 --precisions bf16 fp32 \\
+    python -m benchmarks.model_step --out benchmarks/results/model_step_cpu.json                 # CPU: fp32
+    python -m benchmarks.model_step --shapes 1.0:64:224:8 --precisions bf16 fp32 \\
         --out benchmarks/results/model_step_h100.json                                            # GPU
 
 A shape is WIDTH:FRAMES:SIZE:BATCH (clips per step).

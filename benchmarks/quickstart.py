@@ -1,6 +1,6 @@
 """The quickstart, with several training seeds on one prepared dataset: accuracy mean and spread, wall times.
 
-    .venv/bin/python benchmarks/quickstart.py --seeds 0 1 2 --workdir /tmp/d3dc-bench --out benchmarks/results/quickstart.json
+    .venv/bin/python -m benchmarks.quickstart --seeds 0 1 2 --workdir /tmp/d3dc-bench --out benchmarks/results/quickstart.json
 
 The dataset is made and prepared once (its time is reported on its own); each seed then trains the teacher,
 the student and the RGB-only baseline from scratch with that seed (weights and sample order).
