@@ -25,6 +25,8 @@ from typing import Callable
 
 from netns import NodeNetwork
 
+from d3d_cluster.monitor import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "sinfo", "squeue", "scontrol", "scancel")
 PARTITION = "debug"
@@ -43,12 +45,6 @@ def find_programs() -> tuple[dict[str, str], list[str]]:
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     found = {name: shutil.which(name, path=search) for name in DAEMONS + CLIENTS}
     return {name: path for name, path in found.items() if path}, [name for name, path in found.items() if not path]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def node_resources(slurmd: str) -> dict[str, int]:

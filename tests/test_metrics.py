@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from d3d_cluster.metrics import (GpuCollector, GpuUnavailable, PrepProgress, TrainMetrics, bind_address,
                                  retire_target, target_path, write_target)
+from d3d_cluster.monitor import free_port
 from d3d_cluster.spec import MetricsSpec
 
 LABELS = {"run": "r", "stage": "teacher", "job_id": "42", "node": "n1", "rank": "0"}
@@ -208,9 +209,7 @@ def test_prep_progress_reaches_a_real_pushgateway_grouped_by_run_and_task(pushga
 
 
 def test_an_unreachable_pushgateway_warns_once_and_the_task_goes_on():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
+    closed = free_port()  # free, so nothing answers there
     progress = PrepProgress(f"http://127.0.0.1:{closed}", run="r", task=0, videos=2, interval=0)
     with pytest.warns(RuntimeWarning, match=f"metrics.pushgateway http://127.0.0.1:{closed}: cannot push"):
         progress.record(written=1)
