@@ -92,7 +92,7 @@ def prep(spec_path: str | None, workdir: str | None, workers: int | None, cluste
 @workdir_option
 def train(stage: str, spec_path: str | None, workdir: str | None) -> None:
     """Train one stage (or teacher, student and baseline in turn) on the spec's shards."""
-    from d3d_cluster.launch.pipeline import check_ready, results_table, run_pipeline, run_stage
+    from d3d_cluster.launch.pipeline import check_ready, run_evaluation, run_pipeline, run_stage
     from d3d_cluster.launch.rundir import RunDir
 
     spec = _spec(spec_path, workdir)
@@ -105,7 +105,7 @@ def train(stage: str, spec_path: str | None, workdir: str | None) -> None:
         _print_results(run_pipeline(run, echo=echo))
     else:
         run_stage(run, stage, echo=echo)
-        _print_results(results_table(run, (stage,)))
+        _print_results(run_evaluation(run, (stage,), echo=echo))
 
 
 @main.command("check-spec")

@@ -1,4 +1,5 @@
-"""Teacher, then student (and the RGB-only baseline), each as a multi-rank job; then the results table."""
+"""Teacher, then student (and the RGB-only baseline), each as a multi-rank job; then their evaluation, which
+writes the results table."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from typing import Callable
 from d3d_cluster.data.pipeline import clip_geometry
 from d3d_cluster.data.schema import SPLITS, Manifest
 from d3d_cluster.launch.executor import check_cluster, make_executor
-from d3d_cluster.launch.job import StageJob
-from d3d_cluster.files import write_json_atomically
+from d3d_cluster.launch.job import EvalJob, StageJob
 from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
-from d3d_cluster.train.evaluate import Predictions, ensemble_top1
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network
 
 
@@ -51,17 +50,35 @@ def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll
     """Submit one stage, relay its rank-0 output and metrics endpoints while it runs, wait for it."""
     spec = run.spec()
     check_ready(spec, stage)
-    executor = make_executor(spec.cluster, run.stage(stage) / "submitit", name=f"{spec.name}-{stage}")
-    job = executor.submit(StageJob(str(run.path), stage))
-    run.event("submitted", stage=stage, job_id=job.job_id, executor=spec.cluster.executor)
-    echo(f"[{stage}] submitted job {job.job_id} ({spec.world_size} ranks, logs in {job.paths.folder})")
+    job = _submit(run, stage, StageJob(str(run.path), stage), echo)
+    _follow(job, echo, poll_seconds)
+    return json.loads((run.stage(stage) / SUMMARY_NAME).read_text())
+
+
+def run_evaluation(run: RunDir, stages: tuple[str, ...], echo: Callable[[str], None] = print,
+                   poll_seconds: float = 1.0) -> dict:
+    """Evaluate the trained `stages` as a job of the run's world size; the results table it writes."""
+    job = _submit(run, "eval", EvalJob(str(run.path), tuple(stages)), echo)
+    _follow(job, echo, poll_seconds)
+    return json.loads((run.path / RESULTS_NAME).read_text())
+
+
+def _submit(run: RunDir, name: str, function, echo: Callable[[str], None]):
+    spec = run.spec()
+    executor = make_executor(spec.cluster, run.stage(name) / "submitit", name=f"{spec.name}-{name}")
+    job = executor.submit(function)
+    run.event("submitted", stage=name, job_id=job.job_id, executor=spec.cluster.executor)
+    echo(f"[{name}] submitted job {job.job_id} ({spec.world_size} ranks, logs in {job.paths.folder})")
+    return job
+
+
+def _follow(job, echo: Callable[[str], None], poll_seconds: float) -> None:
     relayed = 0
     while not job.done():
         time.sleep(poll_seconds)
         relayed = _relay(job.paths.stdout, relayed, echo)
     _relay(job.paths.stdout, relayed, echo)
     job.results()  # raises with the failing rank's error output
-    return json.loads((run.stage(stage) / SUMMARY_NAME).read_text())
 
 
 def _relay(log: Path, offset: int, echo: Callable[[str], None]) -> int:
@@ -76,25 +93,7 @@ def _relay(log: Path, offset: int, echo: Callable[[str], None]) -> int:
     return offset + len(complete) + len(newline)
 
 
-def results_table(run: RunDir, stages: tuple[str, ...]) -> dict:
-    summaries = {stage: json.loads((run.path / stage / SUMMARY_NAME).read_text()) for stage in stages}
-    predictions = {stage: Predictions.load(run.path / stage) for stage in stages}
-    models = {
-        stage: {"input": STAGE_INPUT[stage], "top1": summaries[stage]["top1"],
-                "clips_per_second": summaries[stage]["clips_per_second"], "wall_seconds": summaries[stage]["wall_seconds"]}
-        for stage in stages
-    }
-    if {"teacher", "student"} <= set(stages):
-        models["student+teacher"] = {"input": "rgb+flow",
-                                     "top1": ensemble_top1(predictions["student"], predictions["teacher"])}
-    reference = next(iter(predictions.values()))
-    return {"run": run.path.name, "val_samples": len(reference.labels),
-            "chance": 1.0 / reference.logits.shape[1], "models": models}
-
-
 def run_pipeline(run: RunDir, stages: tuple[str, ...] = STAGES, echo: Callable[[str], None] = print) -> dict:
     for stage in stages:
         run_stage(run, stage, echo)
-    results = results_table(run, stages)
-    write_json_atomically(run.path / RESULTS_NAME, results)
-    return results
+    return run_evaluation(run, stages, echo)

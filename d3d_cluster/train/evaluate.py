@@ -6,6 +6,7 @@ score) are computed afterwards from the files, by averaging softmax scores of th
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from d3d_cluster.data.pipeline import ClipLoader
+from d3d_cluster.data.schema import Manifest
 from d3d_cluster.files import replace_atomically
+from d3d_cluster.launch.rundir import SUMMARY_NAME
+from d3d_cluster.models.weights import load_s3dg
+from d3d_cluster.spec import Spec
+from d3d_cluster.train.loop import predict
+from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, build_model
 
 PREDICTIONS_NAME = "predictions.npz"
 
@@ -109,3 +117,41 @@ def ensemble_report(stage_dirs: list[Path]) -> dict:
                              f"an ensemble needs the same validation split")
     return {"val_samples": len(members[first].keys), "members": {name: p.top1() for name, p in members.items()},
             "ensemble_top1": ensemble_top1(*members.values())}
+
+
+def evaluate_stage(spec: Spec, run_path: Path, stage: str, rank: int, world: int,
+                   device: torch.device) -> Predictions | None:
+    """A trained stage's exported network on every view of the validation split, each rank reading its share;
+    rank 0 gets the gathered predictions, the others None."""
+    weights = run_path / stage / EXPORT_NAME
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: stage {stage} has not finished training")
+    shards = spec.path(spec.data.shards)
+    modality = STAGE_INPUT[stage]
+    network = build_model(spec.model, modality, len(Manifest.load(shards).classes))
+    load_s3dg(network, weights)
+    network.to(device)
+    val = ClipLoader(shards, "val", spec.data, modalities=(modality,), train=False, rank=rank, world=world,
+                     seed=spec.seed, device_id=device.index if device.type == "cuda" else None)
+    try:
+        return gather_predictions(*predict(network, modality, val, device), keys=val.table.keys,
+                                  views_per_video=len(val.views), skipped=val.skipped_samples)
+    finally:
+        val.close()
+
+
+def results_table(run_path: Path, stages: tuple[str, ...]) -> dict:
+    """The run's table: each evaluated stage's accuracy and training throughput, and the two-stream ensemble."""
+    summaries = {stage: json.loads((run_path / stage / SUMMARY_NAME).read_text()) for stage in stages}
+    predictions = {stage: Predictions.load(run_path / stage) for stage in stages}
+    models = {
+        stage: {"input": STAGE_INPUT[stage], "top1": predictions[stage].top1(),
+                "clips_per_second": summaries[stage]["clips_per_second"], "wall_seconds": summaries[stage]["wall_seconds"]}
+        for stage in stages
+    }
+    if {"teacher", "student"} <= set(stages):
+        models["student+teacher"] = {"input": "rgb+flow",
+                                     "top1": ensemble_top1(predictions["student"], predictions["teacher"])}
+    reference = next(iter(predictions.values()))
+    return {"run": run_path.name, "val_samples": len(reference.labels),
+            "chance": 1.0 / reference.logits.shape[1], "models": models}

@@ -37,7 +37,7 @@ def test_teacher_stage_runs_as_two_slurm_tasks_and_exports_its_model(tmp_path, t
 
     stage = run.path / "teacher"
     result = json.loads((stage / "summary.json").read_text())
-    assert result["world_size"] == 2 and 0.0 <= result["top1"] <= 1.0
+    assert result["world_size"] == 2 and result["steps"] > 0
     weights = torch.load(stage / EXPORT_NAME)
     assert weights and all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     script = next((stage / "submitit").glob(f"{job_id}_submission.sh")).read_text()
