@@ -176,6 +176,15 @@ class DeepSpeedSpec(_Section):
     zero_stage: Literal[0, 1, 2] = 1
     global_batch_size: int = Field(32, ge=1, description="kept fixed when the world size changes")
     gradient_clipping: float = Field(1.0, ge=0.0)
+    max_nonfinite_steps: int = Field(3, ge=1, description="consecutive NaN or infinite losses skipped before the "
+                                                           "stage stops with an error (its last checkpoint kept)")
+
+
+class CheckpointSpec(_Section):
+    """Checkpoints of a stage: periodic, and whenever the job is told to stop (time limit, preemption)."""
+
+    every_steps: int = Field(50, ge=1, description="micro-steps between periodic checkpoints")
+    keep: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted")
 
 
 class ClusterSpec(_Section):
@@ -249,6 +258,7 @@ class Spec(_Section):
     teacher: StageSpec = StageSpec()
     student: StudentSpec = StudentSpec()
     deepspeed: DeepSpeedSpec = DeepSpeedSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
     cluster: ClusterSpec = ClusterSpec()
     metrics: MetricsSpec = MetricsSpec()
     probe: ProbeSpec = ProbeSpec()

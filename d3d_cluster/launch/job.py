@@ -1,6 +1,12 @@
 """The jobs every rank runs: a stage's training (`StageJob`) and the evaluation of a run's trained stages
 (`EvalJob`).
 
+A stage job is requeueable. Every rank catches the warning signals (USR2, which Slurm sends `signal_delay_s`
+before the time limit and some clusters on preemption; SIGTERM, which others send on preemption before a grace
+time): the loop then has every rank checkpoint at the next step boundary (a checkpoint is collective; submitit's
+own handler would run on rank 0 alone), rank 0 records the event and requeues the job, and the requeued job
+resumes from that checkpoint. A job that dies without warning resumes from its last periodic checkpoint.
+
 What submitit pickles is one of these small objects (a run directory and names), never a model or an engine:
 everything else is rebuilt from the run directory on the node. This is also the one place below the CLI
 that reads the environment (ranks, master address, accelerator).
@@ -11,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +36,7 @@ class Rank:
     device: torch.device
     job_id: str
     master: str
+    cluster: str  # "slurm" or "local": how the job requeues
 
 
 @contextlib.contextmanager
@@ -46,9 +55,10 @@ def distributed():
     device = torch.device("cuda", env.local_rank) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
+    job = submitit.JobEnvironment()
     try:
-        yield Rank(env.rank, env.world_size, env.local_rank, device, submitit.JobEnvironment().job_id,
-                   f"{env.master_addr}:{env.master_port}")
+        yield Rank(env.rank, env.world_size, env.local_rank, device, job.job_id, f"{env.master_addr}:{env.master_port}",
+                   job.cluster)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -59,8 +69,84 @@ class StageJob:
     stage: str
 
     def __call__(self) -> dict:
+        stop = StopSignals()
         with distributed() as rank:
-            return _train_stage(Path(self.run_dir), self.stage, rank)
+            summary = _train_stage(Path(self.run_dir), self.stage, rank, stop)
+            if summary.stopped:
+                _requeue(Path(self.run_dir), self.stage, rank, stop.received, summary.steps)
+            return asdict(summary)
+
+
+class StopSignals:
+    """Remembers the first warning signal; the loop polls it at every step."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: str | None = None
+        for number in self.SIGNALS:  # replaces submitit's handlers, which act on rank 0 only
+            signal.signal(number, self._handle)
+
+    def _handle(self, number, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(number).name
+            print(f"received {self.received}: checkpointing at the next step boundary", flush=True)
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+
+def _requeue(run_path: Path, stage: str, rank: Rank, signal_name: str, step: int) -> None:
+    """Every rank has checkpointed: rank 0 records why and requeues the job (within `cluster.max_requeues`),
+    then every rank exits without a result, so that submitit runs the job again when it restarts."""
+    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+    from d3d_cluster.launch.rundir import RunDir
+
+    run = RunDir(run_path)
+    spec = run.spec()
+    requeues = sum(1 for e in run.events() if e["event"] == "requeued" and e.get("stage") == stage
+                   and e.get("job_id") == rank.job_id)
+    allowed = requeues < spec.cluster.max_requeues
+    if rank.rank == 0:
+        run.event("preempted", stage=stage, job_id=rank.job_id, signal=signal_name,
+                  reason=_stop_reason(rank, spec.cluster.signal_delay_s), step=step)
+        if allowed:
+            if rank.cluster == "slurm":
+                subprocess.run(["scontrol", "requeue", rank.job_id], check=True, timeout=60)
+            run.event("requeued", stage=stage, job_id=rank.job_id, requeues=requeues + 1)
+        else:
+            run.event("failed", stage=stage, job_id=rank.job_id,
+                      error=f"stopped by {signal_name} at step {step} after {requeues} requeues "
+                            f"(cluster.max_requeues); resubmit the stage to resume from its checkpoint")
+    torch.distributed.barrier()
+    if not allowed:
+        raise RuntimeError(f"stage {stage} stopped by {signal_name} at step {step}: no requeue left "
+                           f"(cluster.max_requeues = {spec.cluster.max_requeues}); its checkpoint is kept")
+    print(f"[{stage}] checkpointed at step {step} after {signal_name}; requeued", flush=True)
+    raise SystemExit(LOCAL_REQUEUE_RETURN_CODE if rank.cluster == "local" else 1)
+
+
+def _stop_reason(rank: Rank, signal_delay_s: int) -> str:
+    """On Slurm, "time limit" when the job is within its warning time of the limit, else "preemption"."""
+    if rank.cluster != "slurm":
+        return "signal"
+    left = subprocess.run(["squeue", "-h", "-j", rank.job_id, "-o", "%L"], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+    seconds = _slurm_duration(left)
+    return "time limit" if seconds is not None and seconds <= signal_delay_s + 60 else "preemption"
+
+
+def _slurm_duration(text: str) -> int | None:
+    """Seconds in Slurm's [D-]HH:MM:SS / MM:SS form; None for anything else (UNLIMITED, empty)."""
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if not all(part.isdigit() for part in parts) or not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    return seconds + int(days or 0) * 86400
 
 
 @dataclass(frozen=True)
@@ -82,15 +168,16 @@ def _check_world(spec, run_path: Path, rank: Rank) -> None:
         torch.set_num_threads(spec.cluster.cpus_per_task)
 
 
-def _train_stage(run_path: Path, stage_name: str, rank: Rank) -> dict:
+def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals):
     from d3d_cluster.data.pipeline import ClipLoader
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import replace_atomically, write_json_atomically
     from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir
     from d3d_cluster.metrics import (TrainMetrics, bind_address, retire_target, scrape_host, target_path,
                                     targets_dir, write_target)
+    from d3d_cluster.train import checkpoint as checkpoints
     from d3d_cluster.train.engine import autocast_dtype, initialize
-    from d3d_cluster.train.loop import train
+    from d3d_cluster.train.loop import Checkpointing, train
     from d3d_cluster.train.stages import EXPORT_NAME, build_network, build_stage
 
     started = time.time()
@@ -98,8 +185,13 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank) -> dict:
     spec = run.spec()
     _check_world(spec, run_path, rank)
     stage_dir = run.stage(stage_name)
+    checkpoint_dir = stage_dir / checkpoints.CHECKPOINTS
+    log_path = stage_dir / "train_log.jsonl"
+    resume = checkpoints.choose(checkpoint_dir)
+    steps_lost = _forget_steps_after(log_path, resume.step if resume else 0) if rank.rank == 0 else 0
     if rank.rank == 0:
-        run.event("started", stage=stage_name, job_id=rank.job_id, world_size=rank.world, master=rank.master)
+        run.event("started", stage=stage_name, job_id=rank.job_id, world_size=rank.world, master=rank.master,
+                  **({"resumed_from": resume.tag, "step": resume.step, "steps_lost": steps_lost} if resume else {}))
     torch.manual_seed(spec.seed)
     shards = spec.path(spec.data.shards)
     num_classes = len(Manifest.load(shards).classes)
@@ -107,6 +199,9 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank) -> dict:
     device_id = rank.device.index if rank.device.type == "cuda" else None
 
     metrics = TrainMetrics(spec.name, stage_name, rank.rank, job_id=rank.job_id)
+    job_events = [e for e in run.events() if e.get("stage") == stage_name and e.get("job_id") == rank.job_id]
+    metrics.requeued(sum(1 for e in job_events if e["event"] == "requeued"))
+    metrics.steps_lost(sum(e.get("steps_lost", 0) for e in job_events if e["event"] == "started"))
     if rank.device.type == "cuda":
         metrics.watch_gpu(rank.device.index)
     bind = bind_address(spec.metrics, spec.cluster.executor)
@@ -121,17 +216,37 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank) -> dict:
     try:
         loader = ClipLoader(shards, "train", spec.data, modalities=stage.modalities, train=True,
                             epochs=stage.settings.epochs, rank=rank.rank, world=rank.world, seed=spec.seed,
-                            device_id=device_id)
+                            device_id=device_id, resume=resume.loader if resume else None)
         network = build_network(spec, stage.settings, stage.modality, num_classes)
         micro_steps = len(loader) * stage.settings.epochs
+        universal = resume is not None and checkpoints.needs_universal(resume, rank.world)
         engine = initialize(stage.trainable(network).to(rank.device), stage.settings.optimizer, spec.deepspeed,
                             spec.data.batch_size, spec.grad_accumulation, max(1, micro_steps // spec.grad_accumulation),
                             max(1, len(loader) // spec.grad_accumulation), autocast_to=autocast_dtype(rank.device),
-                            compile=spec.model.compile)
-        summary = train(engine, stage, loader, stage.settings.epochs, metrics, rank.world,
-                        log_path=stage_dir / "train_log.jsonl" if rank.rank == 0 else None,
+                            compile=spec.model.compile, load_universal=universal)
+        if resume:
+            if universal:
+                checkpoints.universal_copy(resume)
+            checkpoints.load(engine, resume)
+            if rank.rank == 0:
+                print(f"[{stage_name}] resumed from {resume.path} (step {resume.step}, epoch {resume.epoch:.2f}, "
+                      f"saved by {resume.world_size} ranks)", flush=True)
+
+        def saved(checkpoint, seconds: float, reason: str) -> None:
+            if rank.rank == 0:
+                run.event("checkpointed", stage=stage_name, job_id=rank.job_id, tag=checkpoint.tag,
+                          step=checkpoint.step, epoch=round(checkpoint.epoch, 4), seconds=round(seconds, 3),
+                          reason=reason)
+
+        summary = train(engine, stage, loader, metrics, rank.world, step=resume.step if resume else 0,
+                        checkpointing=Checkpointing(checkpoint_dir, spec.checkpoint.every_steps, spec.checkpoint.keep,
+                                                    saved),
+                        stop_requested=stop, max_nonfinite_steps=spec.deepspeed.max_nonfinite_steps,
+                        log_path=log_path if rank.rank == 0 else None,
                         print_every=max(1, len(loader) // 2) if rank.rank == 0 else 0)
         loader.close()
+        if summary.stopped:
+            return summary
         if rank.rank == 0:
             weights = {k: v.float().cpu() for k, v in network.state_dict().items()}
             replace_atomically(stage_dir / EXPORT_NAME, lambda tmp: torch.save(weights, tmp))
@@ -141,7 +256,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank) -> dict:
             run.event("finished", stage=stage_name, job_id=rank.job_id)
             print(f"[{stage_name}] done: {json.dumps(result)}", flush=True)
         torch.distributed.barrier()
-        return asdict(summary)
+        return summary
     except BaseException as error:
         if rank.rank == 0:
             run.event("failed", stage=stage_name, job_id=rank.job_id, error=f"{type(error).__name__}: {error}")
@@ -149,6 +264,27 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank) -> dict:
     finally:
         retire_target(target)
         metrics.close()
+
+
+def _forget_steps_after(log_path: Path, step: int) -> int:
+    """Drop the step log's records past the checkpoint a job resumes from (they will be run again); how many."""
+    from d3d_cluster.files import write_text_atomically
+
+    if not log_path.exists():
+        return 0
+    lines = log_path.read_text().splitlines()
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) != len(lines):
+        write_text_atomically(log_path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log record; a record cut short by a kill counts as past any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _evaluate_run(run_path: Path, stages: tuple[str, ...], rank: Rank) -> dict | None:

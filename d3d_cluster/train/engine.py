@@ -42,7 +42,7 @@ def autocast(device: torch.device):
 
 
 def deepspeed_config(ds: DeepSpeedSpec, micro_batch: int, accumulation: int,
-                     autocast_to: torch.dtype | None = None) -> dict:
+                     autocast_to: torch.dtype | None = None, load_universal: bool = False) -> dict:
     """The global batch stays `ds.global_batch_size` whatever the world size: accumulation absorbs it.
 
     No ``bf16``/``fp16`` section: weights, gradients and optimizer stay fp32; `autocast_to` enables DeepSpeed's
@@ -58,6 +58,7 @@ def deepspeed_config(ds: DeepSpeedSpec, micro_batch: int, accumulation: int,
         "torch_autocast": {"enabled": autocast_to is not None, "dtype": str(autocast_to or torch.bfloat16),
                            "lower_precision_safe_modules": []},
         "steps_per_print": 2**31 - 1,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -87,15 +88,16 @@ def build_schedule(settings: OptimizerSpec, optimizer: torch.optim.Optimizer, to
 
 def initialize(model: nn.Module, settings: OptimizerSpec, ds: DeepSpeedSpec, micro_batch: int, accumulation: int,
                optimizer_steps: int, steps_per_epoch: int, autocast_to: torch.dtype | None = None,
-               compile: bool = False):
-    """The engine over `model` (already on its device); `compile` wraps its forward in torch.compile."""
+               compile: bool = False, load_universal: bool = False):
+    """The engine over `model` (already on its device); `compile` wraps its forward in torch.compile;
+    `load_universal` makes it load checkpoints converted to DeepSpeed's universal format."""
     import deepspeed
 
     optimizer = build_optimizer(settings, model)
     schedule = build_schedule(settings, optimizer, optimizer_steps, steps_per_epoch)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=schedule,
-        config=deepspeed_config(ds, micro_batch, accumulation, autocast_to),
+        config=deepspeed_config(ds, micro_batch, accumulation, autocast_to, load_universal),
     )
     if compile:
         engine.compile()

@@ -33,7 +33,7 @@ def test_mixed_5c_distillation_trains_student_and_projection_in_the_engine_in_fp
     engine = initialize(trainable, spec.student.optimizer, spec.deepspeed, 2, accumulation, len(loader) // accumulation,
                         len(loader) // accumulation)
     log = tmp_path / "train_log.jsonl"
-    summary = train(engine, stage, loader, 1, TrainMetrics("t", "student", 0), world=1, log_path=log)
+    summary = train(engine, stage, loader, TrainMetrics("t", "student", 0), world=1, log_path=log)
     loader.close()
 
     assert summary.steps == len(loader) and torch.isfinite(torch.tensor(summary.final_loss))
