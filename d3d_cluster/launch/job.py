@@ -191,7 +191,8 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals)
     steps_lost = _forget_steps_after(log_path, resume.step if resume else 0) if rank.rank == 0 else 0
     if rank.rank == 0:
         run.event("started", stage=stage_name, job_id=rank.job_id, world_size=rank.world, master=rank.master,
-                  **({"resumed_from": resume.tag, "step": resume.step, "steps_lost": steps_lost} if resume else {}))
+                  **({"resumed_from": resume.tag, "step": resume.step, "steps_lost": steps_lost,
+                     "saved_by_ranks": resume.world_size} if resume else {}))
     torch.manual_seed(spec.seed)
     shards = spec.path(spec.data.shards)
     num_classes = len(Manifest.load(shards).classes)

@@ -127,7 +127,7 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
                           f"lr {learning_rate:.2e}", flush=True)
                 if checkpointing and _window_closed(engine):
                     due = step // checkpointing.every_steps > saved_at // checkpointing.every_steps
-                    if stopping or due:
+                    if stopping or due and not in_a_row:  # during NaN steps, the last good one is kept
                         save("signal" if stopping else "periodic")
                     if stopping:
                         return summary()

@@ -9,8 +9,9 @@ from conftest import tiny_spec
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.metrics import TrainMetrics
 from d3d_cluster.models import S3DG, FeatureDistillation
+from d3d_cluster.train import checkpoint as checkpoints
 from d3d_cluster.train.engine import initialize
-from d3d_cluster.train.loop import predict, train
+from d3d_cluster.train.loop import Checkpointing, NonFiniteLoss, predict, train
 from d3d_cluster.train.stages import Stage, build_network
 
 
@@ -73,3 +74,65 @@ def test_engine_forward_runs_in_the_autocast_dtype_it_is_configured_with(deepspe
                             10, autocast_to=autocast_to)
         assert engine(x).dtype == expected
         assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+
+
+class PoisonedStage(Stage):
+    """The teacher stage, with a NaN loss at the given calls (counted from 1)."""
+
+    def __init__(self, spec, poisoned: set[int]):
+        super().__init__("teacher", "flow", spec.teacher)
+        self.poisoned, self.calls = poisoned, 0
+
+    def loss(self, outputs, batch):
+        self.calls += 1
+        loss = super().loss(outputs, batch)
+        if self.calls in self.poisoned:
+            loss = loss._replace(total=loss.total * float("nan"))
+        return loss
+
+
+def _teacher_run(tmp_path, tiny_shards, poisoned: set[int], epochs: int = 2):
+    spec = tiny_spec(tmp_path, data={"shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24, "batch_size": 2},
+                     teacher={"epochs": epochs}, deepspeed={"global_batch_size": 2, "max_nonfinite_steps": 2},
+                     cluster={"tasks_per_node": 1})
+    torch.manual_seed(0)
+    network = build_network(spec, spec.teacher, "flow", 3)
+    loader = ClipLoader(tiny_shards, "train", spec.data, modalities=("flow",), rank=0, world=1, seed=0, train=True,
+                        epochs=epochs)
+    engine = initialize(network, spec.teacher.optimizer, spec.deepspeed, 2, 1, len(loader) * epochs, len(loader))
+    metrics = TrainMetrics("t", "teacher", 0)
+    log = tmp_path / "train_log.jsonl"
+    return spec, network, loader, engine, metrics, log, PoisonedStage(spec, poisoned)
+
+
+def test_a_nan_loss_skips_its_step_on_every_rank_and_is_counted(tmp_path, tiny_shards, deepspeed_single_rank):
+    spec, network, loader, engine, metrics, log, stage = _teacher_run(tmp_path, tiny_shards, poisoned={2})
+    weights = []
+    original_step = engine.step
+
+    def step_recording_weights():
+        original_step()
+        weights.append(network.base.conv_1a[0][0].weight.detach().clone())
+
+    engine.step = step_recording_weights
+    summary = train(engine, stage, loader, metrics, world=1, log_path=log)
+    loader.close()
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert summary.skipped_steps == 1 and summary.steps == len(records) == 2 * len(loader)
+    assert [r["skipped"] for r in records[:3]] == [False, True, False]
+    assert len(weights) == summary.steps - 1  # the poisoned step updated nothing
+    assert all(torch.isfinite(w).all() for w in weights)
+    assert metrics.registry.get_sample_value("d3d_train_skipped_steps_total", metrics.labels) == 1
+
+
+def test_nan_losses_in_a_row_stop_the_stage_and_keep_the_last_good_checkpoint(tmp_path, tiny_shards,
+                                                                             deepspeed_single_rank):
+    spec, network, loader, engine, metrics, log, stage = _teacher_run(tmp_path, tiny_shards, poisoned={4, 5})
+    directory = tmp_path / "checkpoints"
+    with pytest.raises(NonFiniteLoss, match=r"2 consecutive steps had a NaN or infinite loss \(the last at step 5\)"
+                                            r".*last good checkpoint \(step 2\) is kept"):
+        train(engine, stage, loader, metrics, world=1, checkpointing=Checkpointing(directory, 2, 3),
+              max_nonfinite_steps=spec.deepspeed.max_nonfinite_steps)
+    loader.close()
+    assert [c.step for c in checkpoints.completed(directory)] == [2]
+    assert checkpoints.latest_valid(directory).problem() is None

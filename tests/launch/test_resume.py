@@ -1,0 +1,133 @@
+"""Interrupted stages resume exactly: real 2-rank jobs on the local executor (the CPU twin of a Slurm job), on
+the session's tiny shards.
+
+The local executor's controller forwards SIGTERM to its tasks, as Slurm signals every task of a job; a task
+that exits with submitit's requeue code is started again, as `scontrol requeue` does on Slurm.
+"""
+
+import json
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, tiny_spec
+
+from d3d_cluster.launch.executor import make_executor
+from d3d_cluster.launch.job import StageJob
+from d3d_cluster.launch.pipeline import run_stage
+from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.train import checkpoint as checkpoints
+from d3d_cluster.train.stages import EXPORT_NAME
+
+EPOCHS = 4  # 3 steps an epoch on the tiny shards: 12 steps
+
+
+def _run(workdir: Path, tiny_shards: Path, **sections) -> RunDir:
+    sections = {"teacher": {"epochs": EPOCHS}, "checkpoint": {"every_steps": 5}, **sections}
+    return RunDir.create(tiny_spec(workdir, data={**TINY["data"], "shards": str(tiny_shards)}, **sections))
+
+
+def _losses(run: RunDir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run.path / "teacher" / "train_log.jsonl").read_text().splitlines()]
+
+
+def _weights(run: RunDir) -> dict:
+    return torch.load(run.path / "teacher" / EXPORT_NAME)
+
+
+def _submit(run: RunDir):
+    spec = run.spec()
+    return make_executor(spec.cluster, run.stage("teacher") / "submitit").submit(StageJob(str(run.path), "teacher"))
+
+
+def _wait_for_step(run: RunDir, step: int, job) -> None:
+    log = run.path / "teacher" / "train_log.jsonl"
+    deadline = time.time() + 300
+    while not log.exists() or len(log.read_text().splitlines()) < step:
+        assert not job.done(), "the job ended before the step the test interrupts it at"
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+def _tasks(job) -> list[int]:
+    """The rank processes the local executor's controller started (this test's own children)."""
+    controller = job._process.pid
+    return [int(pid) for pid in Path(f"/proc/{controller}/task/{controller}/children").read_text().split()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_shards):
+    run = _run(tmp_path_factory.mktemp("uninterrupted"), tiny_shards)
+    run_stage(run, "teacher", echo=lambda line: None)
+    return run
+
+
+@pytest.mark.integration
+def test_a_stage_stopped_by_a_signal_at_a_random_step_requeues_and_ends_with_the_same_losses_and_weights(
+        tmp_path, tiny_shards, uninterrupted):
+    run = _run(tmp_path, tiny_shards)
+    at = random.randint(1, 3 * EPOCHS - 2)
+    print(f"interrupting after step {at}")
+    job = _submit(run)
+    _wait_for_step(run, at, job)
+    job._process.send_signal(signal.SIGTERM)  # the controller forwards it to both ranks
+    job.results()
+
+    events = [e for e in run.events() if e["stage"] == "teacher"]
+    preempted = next(e for e in events if e["event"] == "preempted")
+    assert preempted["signal"] == "SIGTERM" and preempted["step"] >= at
+    assert [e["event"] for e in events].count("requeued") == 1
+    resumed = [e for e in events if e["event"] == "started" and "resumed_from" in e]
+    assert len(resumed) == 1 and resumed[0]["step"] == preempted["step"] and resumed[0]["steps_lost"] == 0
+    assert any(e["event"] == "checkpointed" and e["reason"] == "signal" for e in events)
+    assert _losses(run) == _losses(uninterrupted)
+    reference = _weights(uninterrupted)
+    assert all(torch.equal(value, reference[key]) for key, value in _weights(run).items())
+
+
+@pytest.mark.integration
+def test_a_stage_killed_without_warning_resumes_from_its_last_periodic_checkpoint(tmp_path, tiny_shards,
+                                                                                  uninterrupted):
+    run = _run(tmp_path, tiny_shards)
+    job = _submit(run)
+    _wait_for_step(run, 8, job)  # past the periodic checkpoint at step 5
+    for pid in _tasks(job):
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(Exception):
+        job.results()
+
+    run_stage(run, "teacher", echo=lambda line: None)  # resubmitted
+    resumed = [e for e in run.events() if e["event"] == "started" and "resumed_from" in e]
+    assert resumed[-1]["step"] == 5 and resumed[-1]["steps_lost"] >= 3
+    assert _losses(run) == _losses(uninterrupted)
+
+
+@pytest.mark.integration
+def test_a_zero_1_stage_resumes_on_another_number_of_ranks_through_the_universal_format(tmp_path, tiny_shards):
+    run = _run(tmp_path, tiny_shards)
+    job = _submit(run)
+    _wait_for_step(run, 6, job)
+    job._process.send_signal(signal.SIGTERM)
+    job.results()  # requeued once locally and finished on 2 ranks; now take its middle checkpoint to 1 rank
+    middle = next(c for c in checkpoints.completed(run.path / "teacher" / checkpoints.CHECKPOINTS) if c.step >= 6)
+    for later in checkpoints.completed(run.path / "teacher" / checkpoints.CHECKPOINTS):
+        if later.step > middle.step:
+            (later.path / checkpoints.MARKER).unlink()
+    single = run.spec().with_overrides(**{"cluster.tasks_per_node": 1})
+    RunDir.create(single)
+
+    run_stage(run, "teacher", echo=lambda line: None)
+    started = [e for e in run.events() if e["event"] == "started"][-1]
+    assert started["world_size"] == 1 and started["resumed_from"] == middle.tag
+    assert started["saved_by_ranks"] == 2
+    # One rank takes 6 steps an epoch where two took 3; the position carries over, not the step count.
+    remaining_epochs = EPOCHS - middle.epoch
+    losses = _losses(run)
+    assert len(losses) == middle.step + round(remaining_epochs * 6)
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    summary = json.loads((run.path / "teacher" / "summary.json").read_text())
+    assert summary["world_size"] == 1
