@@ -131,7 +131,17 @@ class OptimizerSpec(_Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="SGD only")
     warmup_epochs: float = Field(1.0, ge=0.0)
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    decay_epochs: list[float] = Field([], description="step only: epochs at which the rate is multiplied by decay_factor")
+    decay_factor: float = Field(0.1, gt=0.0, le=1.0, description="step only")
+
+    @model_validator(mode="after")
+    def _decay_points(self) -> "OptimizerSpec":
+        if self.schedule == "step" and not self.decay_epochs:
+            raise ValueError("schedule step needs decay_epochs, e.g. [10, 20]")
+        if self.decay_epochs != sorted(self.decay_epochs) or any(e <= 0 for e in self.decay_epochs):
+            raise ValueError(f"decay_epochs must be positive and increasing (got {self.decay_epochs})")
+        return self
 
 
 class DistillSpec(_Section):

@@ -38,6 +38,8 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"cluster": {"signal_delay_s": 600, "timeout_min": 10}},
          "cluster.signal_delay_s (600) must be shorter than cluster.timeout_min (10 min)"),
         ({"metrics": {"bind": "node01"}}, "metrics.bind: Value error, must be an IP address"),
+        ({"teacher": {"optimizer": {"schedule": "step"}}}, "teacher.optimizer: Value error, schedule step needs decay_epochs"),
+        ({"checkpoint": {"every_steps": 0}}, "checkpoint.every_steps: Input should be greater than or equal to 1"),
         ({"metrics": {"pushgateway": "gateway:9091"}}, "metrics.pushgateway: Value error, must be an http(s) URL"),
         ({"metrics": {"port": 70000}}, "metrics.port: Input should be less than or equal to 65535"),
         ({"student": {"distill": {"loss": "kl", "target": "mixed_5c"}}}, "loss kl compares class distributions"),

@@ -72,14 +72,18 @@ def build_optimizer(settings: OptimizerSpec, model: nn.Module) -> torch.optim.Op
 
 def build_schedule(settings: OptimizerSpec, optimizer: torch.optim.Optimizer, total_steps: int,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then cosine decay to zero (or constant); stepped once per optimizer step."""
+    """Linear warmup, then cosine decay to zero, step decay at given epochs, or constant; stepped once per
+    optimizer step."""
     warmup = min(int(settings.warmup_epochs * steps_per_epoch), total_steps - 1)
+    decay_steps = [int(epoch * steps_per_epoch) for epoch in settings.decay_epochs]
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if settings.schedule == "constant":
             return 1.0
+        if settings.schedule == "step":
+            return settings.decay_factor ** sum(step >= boundary for boundary in decay_steps)
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 

@@ -32,6 +32,14 @@ def test_constant_schedule_holds_after_warmup():
     assert rates == [0.5] * 10
 
 
+def test_step_schedule_multiplies_the_rate_at_each_decay_epoch_after_warmup():
+    rates = _lrs(OptimizerSpec(lr=1.0, warmup_epochs=0.5, schedule="step", decay_epochs=[1, 2], decay_factor=0.1),
+                 total=12, per_epoch=4)
+    assert rates[:2] == [pytest.approx(1 / 3), pytest.approx(2 / 3)]
+    assert rates[2:4] == [1.0, 1.0]
+    assert rates[4:8] == [pytest.approx(0.1)] * 4 and rates[8:] == [pytest.approx(0.01)] * 4
+
+
 def test_sgd_uses_momentum_from_the_spec():
     optimizer = build_optimizer(OptimizerSpec(name="sgd", lr=0.1, momentum=0.8), torch.nn.Linear(2, 2))
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["momentum"] == 0.8
