@@ -41,7 +41,8 @@ def train(engine, stage: Stage, loader: ClipLoader, epochs: int, metrics: TrainM
                 ready = time.perf_counter()
                 inputs = stage.inputs(batch).to(engine.device, non_blocking=True)
                 with autocast(engine.device):
-                    loss = stage.loss(engine(inputs), batch)
+                    outputs = engine(inputs)
+                    loss = stage.loss(outputs, batch)
                 engine.backward(loss.total)
                 grad_norm = step_with_grad_norm(engine)
                 done = time.perf_counter()
@@ -60,7 +61,9 @@ def train(engine, stage: Stage, loader: ClipLoader, epochs: int, metrics: TrainM
                     record = {"step": steps, "epoch": round(progress, 4), "loss": loss_value,
                               "cross_entropy": loss.cross_entropy.item(), "distillation": loss.distillation.item(),
                               "lr": learning_rate, "grad_norm": grad_norm, "step_seconds": done - waited_from,
-                              "data_wait_seconds": ready - waited_from}
+                              "data_wait_seconds": ready - waited_from,
+                              "accuracy": (stage.logits(outputs).argmax(1).cpu() == batch.labels).float().mean().item(),
+                              "clips_per_second": len(batch.labels) * world / (done - waited_from)}
                     log.write(json.dumps(record) + "\n")
                 if print_every and steps % print_every == 0:
                     print(f"[{stage.name}] epoch {progress:.2f} step {steps} loss {loss_value:.4f} "

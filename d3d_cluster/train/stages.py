@@ -61,9 +61,14 @@ class Stage:
             return FeatureDistillation(network, self.teacher.num_features)
         return network
 
+    @staticmethod
+    def logits(outputs) -> torch.Tensor:
+        """The class scores among the trainable module's `outputs`."""
+        return outputs[0] if isinstance(outputs, tuple) else outputs
+
     def loss(self, outputs, batch: Batch) -> D3DLoss:
         """`outputs` of the trainable module: logits, or (logits, projected Mixed_5c map)."""
-        logits, matched = outputs if isinstance(outputs, tuple) else (outputs, None)
+        logits, matched = self.logits(outputs), outputs[1] if isinstance(outputs, tuple) else None
         labels = batch.labels.to(logits.device)
         if self.teacher is None:
             return d3d_loss(logits.float(), labels)
