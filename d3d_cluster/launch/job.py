@@ -86,7 +86,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank) -> dict:
     from d3d_cluster.data.pipeline import ClipLoader
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import replace_atomically, write_json_atomically
-    from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir
+    from d3d_cluster.launch.rundir import SUMMARY_NAME, TRAIN_LOG_NAME, RunDir
     from d3d_cluster.metrics import (TrainMetrics, bind_address, retire_target, scrape_host, target_path,
                                     targets_dir, write_target)
     from d3d_cluster.train.engine import autocast_dtype, initialize
@@ -129,7 +129,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank) -> dict:
                             max(1, len(loader) // spec.grad_accumulation), autocast_to=autocast_dtype(rank.device),
                             compile=spec.model.compile)
         summary = train(engine, stage, loader, stage.settings.epochs, metrics, rank.world,
-                        log_path=stage_dir / "train_log.jsonl" if rank.rank == 0 else None,
+                        log_path=stage_dir / TRAIN_LOG_NAME if rank.rank == 0 else None,
                         print_every=max(1, len(loader) // 2) if rank.rank == 0 else 0)
         loader.close()
         if rank.rank == 0:
