@@ -26,9 +26,14 @@ INPUT_CHANNELS = {"rgb": 3, "flow": 2}
 EXPORT_NAME = "model.pt"
 
 
-def build_model(model: ModelSpec, modality: str, num_classes: int) -> S3DG:
-    return S3DG(num_classes=num_classes, in_channels=INPUT_CHANNELS[modality], width=model.width,
+def model_arguments(model: ModelSpec, modality: str, num_classes: int) -> dict:
+    """`S3DG`'s keyword arguments for a stage's network (also written into exports to rebuild it)."""
+    return dict(num_classes=num_classes, in_channels=INPUT_CHANNELS[modality], width=model.width,
                 gating=model.gating, dropout=model.dropout)
+
+
+def build_model(model: ModelSpec, modality: str, num_classes: int) -> S3DG:
+    return S3DG(**model_arguments(model, modality, num_classes))
 
 
 def build_network(spec: Spec, settings: StageSpec, modality: str, num_classes: int) -> S3DG:
