@@ -56,7 +56,7 @@ def quickstart(spec_path: str | None, workdir: str | None) -> None:
     results = run_pipeline(run, echo=echo)
     results.update(prep_seconds=round(prep_seconds, 1), wall_seconds=round(time.time() - started, 1))
     write_json_atomically(run.path / RESULTS_NAME, results)
-    _print_results(results)
+    _show_results(run.path, results)
     console.print(f"results written to {run.path / RESULTS_NAME}")
 
 
@@ -102,10 +102,61 @@ def train(stage: str, spec_path: str | None, workdir: str | None) -> None:
         raise click.ClickException(str(error)) from None
     run = RunDir.create(spec)
     if stage == "pipeline":
-        _print_results(run_pipeline(run, echo=echo))
+        _show_results(run.path, run_pipeline(run, echo=echo))
     else:
         run_stage(run, stage, echo=echo)
-        _print_results(run_evaluation(run, (stage,), echo=echo))
+        _show_results(run.path, run_evaluation(run, (stage,), echo=echo))
+
+
+@main.command()
+@click.argument("run", required=False)
+@spec_option
+@workdir_option
+@click.option("--per-class", is_flag=True, help="Also print per-class accuracy and the confusion matrices.")
+def results(run: str | None, spec_path: str | None, workdir: str | None, per_class: bool) -> None:
+    """A run's accuracy table; writes RUN/curves.png (loss, training accuracy, clips/s per stage).
+    RUN: a run directory or name (default: the spec's run)."""
+    import json
+
+    from d3d_cluster.launch.rundir import RESULTS_NAME
+    from d3d_cluster.monitor import find_run
+
+    try:
+        path = find_run(run, _spec(spec_path, workdir)).path
+        results_file = path / RESULTS_NAME
+        if not results_file.is_file():
+            raise FileNotFoundError(f"{results_file}: no results; the run's evaluation has not finished "
+                                    "(`d3dc train` evaluates each run after training)")
+        try:
+            table = json.loads(results_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{results_file}: not JSON ({error})") from None
+        _show_results(path, table, per_class)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.command()
+@click.argument("run", required=False)
+@click.option("--stage", type=click.Choice(["teacher", "student", "baseline"]), default="student", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), help="Where to write (default: RUN/export).")
+@spec_option
+@workdir_option
+def export(run: str | None, stage: str, out: str | None, spec_path: str | None, workdir: str | None) -> None:
+    """A trained stage as a plain fp32 state dict (.pt and .safetensors), with the run's spec.yaml and a
+    model.json that says how to rebuild and feed the network. RUN: a run directory or name."""
+    from pathlib import Path
+
+    from d3d_cluster.monitor import find_run
+    from d3d_cluster.train.export import export_stage
+
+    try:
+        found = find_run(run, _spec(spec_path, workdir))
+        files = export_stage(found, stage, Path(out) if out else found.path / "export")
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    for kind, path in files.items():
+        console.print(f"{kind:12} {path}", soft_wrap=True)
 
 
 @main.command("check-spec")
@@ -253,18 +304,61 @@ def _prepare(spec: Spec, workers: int | None = None) -> None:
         raise click.ClickException(str(error)) from None
 
 
-def _print_results(results: dict) -> None:
-    table = Table(title=f"{results['run']}: top-1 on {results['val_samples']} validation videos "
-                        f"(chance {results['chance']:.1%})")
-    for column in ("model", "input", "top-1", "clips/s (train)", "wall s"):
+def _show_results(run_path, results: dict, per_class: bool = False) -> None:
+    """The one way a run's results are shown (quickstart, train, results): the table, per class on request,
+    and the training curves, written next to them."""
+    from d3d_cluster.train.curves import write_curves
+
+    _print_results(results, per_class)
+    try:
+        console.print(f"training curves: {write_curves(run_path)}", soft_wrap=True)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _print_results(results: dict, per_class: bool) -> None:
+    classes, models = results["classes"], results["models"]
+    top_k = min(5, len(classes))
+    table = Table(title=f"{results['run']}: video-level accuracy on {results['val_samples']} validation videos, "
+                        f"{results['views_per_video']} views each (chance {results['chance']:.1%})")
+    for column in ("model", "input", "top-1", f"top-{top_k}", "clips/s (train)", "wall s"):
         table.add_column(column, justify="left" if column in ("model", "input") else "right")
-    for name, row in results["models"].items():
-        table.add_row(name, row["input"], f"{row['top1']:.1%}",
+    for name, row in models.items():
+        table.add_row(name, row["input"], f"{row['top1']:.1%}", f"{row['top5']:.1%}",
                       f"{row['clips_per_second']:.1f}" if "clips_per_second" in row else "",
                       f"{row['wall_seconds']:.0f}" if "wall_seconds" in row else "")
     console.print(table)
-    if "wall_seconds" in results:
+    if "prep_seconds" in results:
         console.print(f"prep {results['prep_seconds']:.0f} s, total wall time {results['wall_seconds']:.0f} s")
+    if per_class:
+        _print_per_class(classes, models)
+
+
+MAX_CONFUSION_CLASSES = 20  # wider matrices do not fit a terminal; results.json has them all
+
+
+def _print_per_class(classes: list[str], models: dict) -> None:
+    videos = [sum(counts) for counts in next(iter(models.values()))["confusion"]]
+    table = Table(title="per-class top-1 (videos of the class)")
+    for column in ("class", "videos", *models):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for index, name in enumerate(classes):
+        accuracies = [row["per_class"][name] for row in models.values()]
+        table.add_row(name, str(videos[index]), *("-" if a is None else f"{a:.1%}" for a in accuracies))
+    console.print(table)
+    for model, row in models.items():
+        if len(classes) > MAX_CONFUSION_CLASSES:
+            console.print(f"{model}: the {len(classes)}-class confusion matrix is in results.json")
+            continue
+        console.print(f"{model}: confusion matrix in videos (rows: true class, columns: predicted class)",
+                      soft_wrap=True)
+        matrix = Table()
+        matrix.add_column("true class")
+        for index in range(len(classes)):
+            matrix.add_column(str(index), justify="right")
+        for index, (name, counts) in enumerate(zip(classes, row["confusion"])):
+            matrix.add_row(f"{index} {name}", *(str(count) if count else "." for count in counts))
+        console.print(matrix)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,59 @@ def tiny_shards(tmp_path_factory) -> Path:
     return spec.path(spec.data.shards)
 
 
+EVAL_VIEWS = {"eval_clips": 2, "eval_crops": 3}
+EVALUATED_STAGES = ("teacher", "student")
+
+
+def finish_stage(run, stage: str, seed: int, steps: int = 6):
+    """What a finished stage job leaves in its directory: model.pt (an fp32 state dict, here of a network with
+    random weights and BatchNorm statistics), summary.json and rank 0's train_log.jsonl. The network is returned."""
+    import json
+
+    import torch
+
+    from d3d_cluster.data.schema import Manifest
+    from d3d_cluster.files import write_json_atomically
+    from d3d_cluster.launch.rundir import SUMMARY_NAME, TRAIN_LOG_NAME
+    from d3d_cluster.train.stages import EXPORT_NAME, INPUT_CHANNELS, STAGE_INPUT, build_model
+
+    spec = run.spec()
+    torch.manual_seed(seed)
+    network = build_model(spec.model, STAGE_INPUT[stage], len(Manifest.load(spec.path(spec.data.shards)).classes))
+    with torch.no_grad():  # a few training-mode passes give the BatchNorm layers statistics of their own
+        for _ in range(2):
+            network(torch.randn(4, INPUT_CHANNELS[STAGE_INPUT[stage]], spec.data.clip_frames, spec.data.crop_size,
+                                spec.data.crop_size))
+    network.eval()
+    directory = run.stage(stage)
+    torch.save({k: v.float() for k, v in network.state_dict().items()}, directory / EXPORT_NAME)
+    write_json_atomically(directory / SUMMARY_NAME, {"clips_per_second": 10.0 + seed, "wall_seconds": 60.0 + seed})
+    records = [{"step": step, "loss": 1.0 / step, "accuracy": step / steps, "clips_per_second": 20.0 + seed}
+               for step in range(1, steps + 1)]
+    (directory / TRAIN_LOG_NAME).write_text("".join(json.dumps(record) + "\n" for record in records))
+    return network
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(tmp_path_factory, tiny_shards):
+    """A run of the tiny shards whose teacher and student finished (`finish_stage`) and were then evaluated by
+    the real evaluation job: 2 local ranks, 2 clips x 3 crops per video, 4 clips per rank per step. The val
+    split's 6 videos make 36 views: 4 full global steps of 8 and a last one of 4."""
+    from d3d_cluster.launch.pipeline import run_evaluation
+    from d3d_cluster.launch.rundir import RunDir
+
+    workdir = tmp_path_factory.mktemp("evaluated")
+    spec = tiny_spec(workdir, name="evaluated", data={**TINY["data"], "shards": str(tiny_shards), "batch_size": 4,
+                                                      **EVAL_VIEWS},
+                     deepspeed={"global_batch_size": 8})
+    run = RunDir.create(spec)
+    for seed, stage in enumerate(EVALUATED_STAGES):
+        finish_stage(run, stage, seed)
+    output: list[str] = []
+    run_evaluation(run, EVALUATED_STAGES, echo=output.append, poll_seconds=0.2)
+    return run, output
+
+
 def require(missing: str | None) -> None:
     """Skip a test whose external service cannot run here, with the reason; with CI=true fail instead: CI must
     run every test."""

@@ -7,7 +7,8 @@ from d3d_cluster.cli import main
 def test_help_lists_every_command_with_its_help():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("quickstart", "prep", "train", "check-spec", "monitor", "model-info", "ensemble", "probe"):
+    for command in ("quickstart", "prep", "train", "check-spec", "monitor", "model-info", "ensemble", "probe", "results",
+                    "export"):
         assert command in result.output
     assert "Make a small motion dataset" in result.output
 
@@ -102,3 +103,50 @@ def test_an_init_file_that_does_not_fit_is_refused_before_submission(tmp_path, t
     assert result.exit_code != 0
     assert f"{work / 'k400-teacher.pt'}: does not fit this S3D-G" in result.output
     assert "classifier.weight (400, 256, 1, 1, 1) vs (3, 256, 1, 1, 1)" in result.output
+
+
+def test_results_prints_the_table_and_writes_the_training_curves_of_a_run_given_by_directory_or_name(evaluated_run):
+    import json
+
+    from PIL import Image
+
+    run, _ = evaluated_run
+    results = json.loads((run.path / "results.json").read_text())
+    result = CliRunner().invoke(main, ["results", str(run.path)])
+    assert result.exit_code == 0, result.output
+    for text in ("top-1", "top-3", "teacher", "student+teacher", "rgb+flow", "10.0", "11.0",
+                 f"{results['models']['student']['top1']:.1%}", f"training curves: {run.path / 'curves.png'}"):
+        assert text in result.output
+    assert "confusion" not in result.output
+    with Image.open(run.path / "curves.png") as image:
+        assert image.format == "PNG" and image.size == (1500, 400)  # one row of three panels
+
+    by_name = CliRunner().invoke(main, ["results", "evaluated", "--workdir", str(run.path.parents[1])])
+    assert by_name.exit_code == 0 and by_name.output == result.output
+
+
+def test_results_per_class_prints_each_class_and_each_confusion_matrix(evaluated_run):
+    import json
+
+    run, _ = evaluated_run
+    results = json.loads((run.path / "results.json").read_text())
+    result = CliRunner().invoke(main, ["results", str(run.path), "--per-class"])
+    assert result.exit_code == 0, result.output
+    for name in results["classes"]:
+        assert name in result.output
+    for model in results["models"]:
+        assert f"{model}: confusion matrix in videos (rows: true class, columns: predicted class)" in result.output
+    teacher = results["models"]["teacher"]
+    first_row = " ".join(str(count) if count else "." for count in teacher["confusion"][0])
+    assert first_row in " ".join(result.output.replace("│", " ").split())
+
+
+def test_results_of_a_run_that_was_not_evaluated_name_the_missing_file(tmp_path):
+    from conftest import tiny_spec
+
+    from d3d_cluster.launch.rundir import RunDir
+
+    run = RunDir.create(tiny_spec(tmp_path))
+    result = CliRunner().invoke(main, ["results", str(run.path)])
+    assert result.exit_code != 0
+    assert f"{run.path / 'results.json'}: no results; the run's evaluation has not finished" in result.output

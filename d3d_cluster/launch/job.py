@@ -172,7 +172,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals)
     from d3d_cluster.data.pipeline import ClipLoader
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import replace_atomically, write_json_atomically
-    from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir
+    from d3d_cluster.launch.rundir import SUMMARY_NAME, TRAIN_LOG_NAME, RunDir
     from d3d_cluster.metrics import (TrainMetrics, bind_address, retire_target, scrape_host, target_path,
                                     targets_dir, write_target)
     from d3d_cluster.train import checkpoint as checkpoints
@@ -186,7 +186,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals)
     _check_world(spec, run_path, rank)
     stage_dir = run.stage(stage_name)
     checkpoint_dir = stage_dir / checkpoints.CHECKPOINTS
-    log_path = stage_dir / "train_log.jsonl"
+    log_path = stage_dir / TRAIN_LOG_NAME
     resume = checkpoints.choose(checkpoint_dir)
     steps_lost = _forget_steps_after(log_path, resume.step if resume else 0) if rank.rank == 0 else 0
     if rank.rank == 0:

@@ -14,6 +14,7 @@ SPEC_NAME = "spec.yaml"
 EVENTS_NAME = "events.jsonl"
 RESULTS_NAME = "results.json"
 SUMMARY_NAME = "summary.json"
+TRAIN_LOG_NAME = "train_log.jsonl"  # rank 0's record of every step of a stage
 
 
 class RunDir:

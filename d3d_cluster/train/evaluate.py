@@ -1,7 +1,8 @@
 """Validation predictions: gathered from every rank without duplicates, stored per stage, and scored.
 
 Predictions are stored as logits per sample key, so that ensembles (the paper's student + teacher two-stream
-score) are computed afterwards from the files, by averaging softmax scores of the same videos.
+score) are computed afterwards from the files, by averaging softmax scores of the same videos. Every score in
+results.json (top-1, top-5, per-class accuracy, confusion) is computed from a `Predictions`, here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.files import replace_atomically
-from d3d_cluster.launch.rundir import SUMMARY_NAME
+from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir
 from d3d_cluster.models.weights import load_s3dg
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.loop import predict
@@ -31,11 +32,12 @@ class Predictions:
     keys: np.ndarray  # (N,) str, sorted
     logits: np.ndarray  # (N, classes) float32: log of the mean softmax over the video's views
     labels: np.ndarray  # (N,) int64
+    views: int  # views averaged into each video's score (eval_clips x eval_crops)
 
     def save(self, directory: Path) -> Path:
         def write(tmp: Path) -> None:
             with tmp.open("wb") as handle:  # a handle: given a name, savez would append ".npz"
-                np.savez(handle, keys=self.keys, logits=self.logits, labels=self.labels)
+                np.savez(handle, keys=self.keys, logits=self.logits, labels=self.labels, views=self.views)
 
         return replace_atomically(directory / PREDICTIONS_NAME, write)
 
@@ -45,10 +47,39 @@ class Predictions:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no predictions (is {directory} a finished stage directory?)")
         with np.load(path) as data:
-            return cls(data["keys"], data["logits"], data["labels"])
+            missing = sorted({"keys", "logits", "labels", "views"} - set(data.files))
+            if missing:
+                raise ValueError(f"{path}: no {', '.join(missing)} array (written by an older version: evaluate again)")
+            return cls(data["keys"], data["logits"], data["labels"], int(data["views"]))
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    def top_k(self, k: int) -> float:
+        """Videos whose label is among the k best scores; k is capped at the class count. A stable sort ranks
+        tied scores by class index, as argmax does, so top_k(1) is the argmax's accuracy."""
+        best = np.argsort(-self.logits, axis=1, kind="stable")[:, : min(k, self.num_classes)]
+        return float((best == self.labels[:, None]).any(axis=1).mean())
 
     def top1(self) -> float:
-        return float((self.logits.argmax(axis=1) == self.labels).mean())
+        return self.top_k(1)
+
+    def confusion(self) -> np.ndarray:
+        """Video counts: rows are true classes, columns predicted ones."""
+        matrix = np.zeros((self.num_classes, self.num_classes), dtype=np.int64)
+        np.add.at(matrix, (self.labels, self.logits.argmax(axis=1)), 1)
+        return matrix
+
+    def report(self, classes: list[str]) -> dict:
+        """The scores results.json holds for one model; a class without validation videos has accuracy None."""
+        if len(classes) != self.num_classes:
+            raise ValueError(f"predictions have {self.num_classes} classes, the class list {len(classes)}")
+        confusion = self.confusion()
+        videos = confusion.sum(axis=1)
+        per_class = {name: float(confusion[c, c] / videos[c]) if videos[c] else None for c, name in enumerate(classes)}
+        return {"videos": len(self.keys), "views_per_video": self.views, "top1": self.top1(), "top5": self.top_k(5),
+                "per_class": per_class, "confusion": confusion.tolist()}
 
 
 def gather_predictions(samples: torch.Tensor, views: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
@@ -86,6 +117,7 @@ def gather_predictions(samples: torch.Tensor, views: torch.Tensor, logits: torch
         keys=np.array([keys[s] for s in by_key]),
         logits=np.log(probabilities[by_key] / views_per_video).astype(np.float32),
         labels=label_of[by_key],
+        views=views_per_video,
     )
 
 
@@ -94,14 +126,19 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def ensemble_top1(*members: Predictions) -> float:
-    """Top-1 of the average softmax score of several models over the same videos."""
-    reference = members[0]
-    for other in members[1:]:
-        if not np.array_equal(other.keys, reference.keys):
-            raise ValueError("ensemble members were evaluated on different samples")
-    scores = sum(softmax(member.logits) for member in members)
-    return float((scores.argmax(axis=1) == reference.labels).mean())
+def ensemble(members: dict[str, Predictions]) -> Predictions:
+    """The average softmax score of models evaluated on the same videos with the same views, stored as one
+    model's predictions (the log of that average)."""
+    (first_name, first), *others = members.items()
+    for name, other in others:
+        if not np.array_equal(other.keys, first.keys):
+            raise ValueError(f"{name} and {first_name} were evaluated on different samples: "
+                             f"an ensemble needs the same validation split")
+        if other.views != first.views:
+            raise ValueError(f"{name} and {first_name} were evaluated with {other.views} and {first.views} views "
+                             f"per video: an ensemble compares like with like")
+    probabilities = np.mean([softmax(member.logits) for member in members.values()], axis=0)
+    return Predictions(first.keys, np.log(probabilities).astype(np.float32), first.labels, first.views)
 
 
 def ensemble_report(stage_dirs: list[Path]) -> dict:
@@ -110,13 +147,9 @@ def ensemble_report(stage_dirs: list[Path]) -> dict:
     if len(stage_dirs) < 2:
         raise ValueError("an ensemble needs at least two stage directories")
     members = {str(d): Predictions.load(Path(d)) for d in stage_dirs}
-    first, *others = members
-    for other in others:
-        if not np.array_equal(members[other].keys, members[first].keys):
-            raise ValueError(f"{other} and {first} were evaluated on different samples: "
-                             f"an ensemble needs the same validation split")
-    return {"val_samples": len(members[first].keys), "members": {name: p.top1() for name, p in members.items()},
-            "ensemble_top1": ensemble_top1(*members.values())}
+    combined = ensemble(members)
+    return {"val_samples": len(combined.keys), "members": {name: p.top1() for name, p in members.items()},
+            "ensemble_top1": combined.top1()}
 
 
 def evaluate_stage(spec: Spec, run_path: Path, stage: str, rank: int, world: int,
@@ -141,17 +174,20 @@ def evaluate_stage(spec: Spec, run_path: Path, stage: str, rank: int, world: int
 
 
 def results_table(run_path: Path, stages: tuple[str, ...]) -> dict:
-    """The run's table: each evaluated stage's accuracy and training throughput, and the two-stream ensemble."""
+    """The run's results.json: each evaluated stage's scores and training throughput, and the two-stream
+    ensemble's scores."""
+    spec = RunDir(run_path).spec()
+    classes = Manifest.load(spec.path(spec.data.shards)).classes
     summaries = {stage: json.loads((run_path / stage / SUMMARY_NAME).read_text()) for stage in stages}
     predictions = {stage: Predictions.load(run_path / stage) for stage in stages}
     models = {
-        stage: {"input": STAGE_INPUT[stage], "top1": predictions[stage].top1(),
+        stage: {"input": STAGE_INPUT[stage], **predictions[stage].report(classes),
                 "clips_per_second": summaries[stage]["clips_per_second"], "wall_seconds": summaries[stage]["wall_seconds"]}
         for stage in stages
     }
     if {"teacher", "student"} <= set(stages):
-        models["student+teacher"] = {"input": "rgb+flow",
-                                     "top1": ensemble_top1(predictions["student"], predictions["teacher"])}
+        two_stream = ensemble({"student": predictions["student"], "teacher": predictions["teacher"]})
+        models["student+teacher"] = {"input": "rgb+flow", **two_stream.report(classes)}
     reference = next(iter(predictions.values()))
-    return {"run": run_path.name, "val_samples": len(reference.labels),
-            "chance": 1.0 / reference.logits.shape[1], "models": models}
+    return {"run": run_path.name, "val_samples": len(reference.labels), "views_per_video": reference.views,
+            "classes": classes, "chance": 1.0 / len(classes), "models": models}

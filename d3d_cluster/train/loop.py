@@ -112,8 +112,7 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
                     metrics.corrupt_samples(len(loader.skipped) - corrupt_reported)
                     corrupt_reported = len(loader.skipped)
                 if log:
-                    logits = outputs[0] if isinstance(outputs, tuple) else outputs
-                    accuracy = (logits.argmax(dim=1).cpu() == batch.labels).float().mean().item()
+                    accuracy = (stage.logits(outputs).argmax(1).cpu() == batch.labels).float().mean().item()
                     record = {"step": step, "epoch": round(progress, 4), "loss": loss_value,
                               "cross_entropy": loss.cross_entropy.item(), "distillation": loss.distillation.item(),
                               "accuracy": accuracy, "lr": learning_rate, "grad_norm": grad_norm,

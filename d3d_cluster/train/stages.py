@@ -26,9 +26,14 @@ INPUT_CHANNELS = {"rgb": 3, "flow": 2}
 EXPORT_NAME = "model.pt"
 
 
-def build_model(model: ModelSpec, modality: str, num_classes: int) -> S3DG:
-    return S3DG(num_classes=num_classes, in_channels=INPUT_CHANNELS[modality], width=model.width,
+def model_arguments(model: ModelSpec, modality: str, num_classes: int) -> dict:
+    """`S3DG`'s keyword arguments for a stage's network (also written into exports to rebuild it)."""
+    return dict(num_classes=num_classes, in_channels=INPUT_CHANNELS[modality], width=model.width,
                 gating=model.gating, dropout=model.dropout)
+
+
+def build_model(model: ModelSpec, modality: str, num_classes: int) -> S3DG:
+    return S3DG(**model_arguments(model, modality, num_classes))
 
 
 def build_network(spec: Spec, settings: StageSpec, modality: str, num_classes: int) -> S3DG:
@@ -61,9 +66,14 @@ class Stage:
             return FeatureDistillation(network, self.teacher.num_features)
         return network
 
+    @staticmethod
+    def logits(outputs) -> torch.Tensor:
+        """The class scores among the trainable module's `outputs`."""
+        return outputs[0] if isinstance(outputs, tuple) else outputs
+
     def loss(self, outputs, batch: Batch) -> D3DLoss:
         """`outputs` of the trainable module: logits, or (logits, projected Mixed_5c map)."""
-        logits, matched = outputs if isinstance(outputs, tuple) else (outputs, None)
+        logits, matched = self.logits(outputs), outputs[1] if isinstance(outputs, tuple) else None
         labels = batch.labels.to(logits.device)
         if self.teacher is None:
             return d3d_loss(logits.float(), labels)

@@ -62,3 +62,13 @@ def test_reduced_quickstart_trains_teacher_student_and_baseline(tmp_path):
 
     for target in run.targets.glob("*.json"):
         assert json.loads(target.read_text()) == []
+
+    # The quickstart shows the results as `d3dc results` does, curves included, from the real step logs.
+    assert "top-3" in done.stdout and f"training curves: {run.path / 'curves.png'}" in done.stdout
+    for stage in ("teacher", "student", "baseline"):
+        first = json.loads((run.path / stage / "train_log.jsonl").read_text().splitlines()[0])
+        assert 0.0 <= first["accuracy"] <= 1.0 and first["clips_per_second"] > 0
+    shown = subprocess.run([sys.executable, "-m", "d3d_cluster.cli", "results", "reduced", "--workdir", str(workdir),
+                            "--per-class"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "student+teacher: confusion matrix" in shown.stdout and (run.path / "curves.png").is_file()

@@ -4,7 +4,7 @@ import torch
 from click.testing import CliRunner
 
 from d3d_cluster.cli import main
-from d3d_cluster.train.evaluate import Predictions, ensemble_report, gather_predictions, softmax
+from d3d_cluster.train.evaluate import Predictions, ensemble, ensemble_report, gather_predictions, softmax
 
 KEYS = ["c", "a", "b"]
 
@@ -19,6 +19,7 @@ def test_a_video_scores_the_mean_softmax_of_its_views_and_videos_come_out_sorted
     assert np.allclose(softmax(predictions.logits)[2], expected_c)
     assert predictions.labels.tolist() == [1, 1, 0]
     assert predictions.top1() == pytest.approx(2 / 3)
+    assert predictions.views == 2
 
 
 def test_missing_or_repeated_views_are_errors_but_skipped_corrupt_videos_are_left_out():
@@ -33,13 +34,67 @@ def test_missing_or_repeated_views_are_errors_but_skipped_corrupt_videos_are_lef
     assert kept.keys.tolist() == ["a", "c"]
 
 
+def test_top_k_counts_a_label_among_the_k_best_scores_capped_at_the_class_count():
+    logits = np.array([[6, 5, 4, 3, 2, 1, 0],  # label ranked 1st
+                       [0, 1, 2, 3, 4, 5, 6],  # label 0 ranked last
+                       [1, 7, 1, 1, 1, 1, 0],  # label 2 tied 2nd: ties rank by class index, so within the top 5
+                       [5, 4, 3, 2, 1, 6, 0]], dtype=np.float32)  # label 4 ranked 6th
+    predictions = Predictions(np.array(["a", "b", "c", "d"]), logits, np.array([0, 0, 2, 4]), views=1)
+    assert predictions.top1() == 0.25
+    assert predictions.top_k(5) == 0.5
+    assert predictions.top_k(6) == 0.75 and predictions.top_k(7) == 1.0
+    three_classes = Predictions(np.array(["a", "b"]), logits[:2, :3], np.array([2, 0]), views=1)
+    assert three_classes.top_k(5) == three_classes.top_k(3) == 1.0
+
+
+def test_ties_in_top1_go_to_the_lower_class_index_as_argmax():
+    predictions = Predictions(np.array(["a", "b"]), np.zeros((2, 3), np.float32), np.array([0, 1]), views=1)
+    assert predictions.top1() == 0.5
+    assert predictions.confusion()[:, 0].tolist() == [1, 1, 0]
+
+
+def test_report_has_confusion_rows_true_columns_predicted_and_per_class_accuracy_by_name():
+    # Predicted classes: 0, 0, 1, 2, 2; labels 0, 0, 0, 2, 1. Class "c" (2) right once, "b" (1) never, "a" 2 of 3.
+    logits = np.eye(4, dtype=np.float32)[[0, 0, 1, 2, 2]]
+    predictions = Predictions(np.array(list("vwxyz")), logits, np.array([0, 0, 0, 2, 1]), views=6)
+    report = predictions.report(["a", "b", "c", "d"])
+    assert report["confusion"] == [[2, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert report["per_class"] == {"a": pytest.approx(2 / 3), "b": 0.0, "c": 1.0, "d": None}
+    assert (report["top1"], report["top5"]) == (pytest.approx(3 / 5), 1.0)
+    assert (report["videos"], report["views_per_video"]) == (5, 6)
+    with pytest.raises(ValueError, match="predictions have 4 classes, the class list 3"):
+        predictions.report(["a", "b", "c"])
+
+
+def test_predictions_keep_their_views_through_the_file_and_an_older_file_is_refused_by_name(tmp_path):
+    saved = Predictions(np.array(["a", "b"]), np.ones((2, 3), np.float32), np.array([0, 2]), views=6)
+    saved.save(tmp_path)
+    loaded = Predictions.load(tmp_path)
+    assert loaded.views == 6 and loaded.keys.tolist() == ["a", "b"] and np.array_equal(loaded.logits, saved.logits)
+    np.savez(tmp_path / "predictions.npz", keys=saved.keys, logits=saved.logits, labels=saved.labels)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'predictions.npz'}: no views array"):
+        Predictions.load(tmp_path)
+
+
+def test_an_ensemble_is_stored_as_predictions_of_the_mean_softmax_and_needs_the_same_views():
+    keys, labels = np.array(["a", "b"]), np.array([0, 1])
+    first = Predictions(keys, np.array([[2, 0], [0, 1]], np.float32), labels, views=3)
+    second = Predictions(keys, np.array([[0, 1], [3, 0]], np.float32), labels, views=3)
+    combined = ensemble({"first": first, "second": second})
+    assert np.allclose(softmax(combined.logits), (softmax(first.logits) + softmax(second.logits)) / 2)
+    assert combined.views == 3 and combined.report(["x", "y"])["confusion"] == [[1, 0], [1, 0]]
+    other_views = Predictions(keys, second.logits, labels, views=1)
+    with pytest.raises(ValueError, match="other and first were evaluated with 1 and 3 views per video"):
+        ensemble({"first": first, "other": other_views})
+
+
 ENSEMBLE_KEYS = np.array(["a", "b", "c", "d"])
 LABELS = np.array([0, 1, 2, 0])
 
 
 def _stage(directory, logits) -> str:
     directory.mkdir(parents=True)
-    Predictions(ENSEMBLE_KEYS, np.array(logits, dtype=np.float32), LABELS).save(directory)
+    Predictions(ENSEMBLE_KEYS, np.array(logits, dtype=np.float32), LABELS, views=6).save(directory)
     return str(directory)
 
 
@@ -61,7 +116,7 @@ def test_student_plus_student_ensemble_averages_softmax_scores(two_students):
 def test_members_evaluated_on_other_samples_are_refused(tmp_path, two_students):
     other = tmp_path / "other" / "student"
     other.mkdir(parents=True)
-    Predictions(np.array(["a", "b", "c", "x"]), np.zeros((4, 3), np.float32), LABELS).save(other)
+    Predictions(np.array(["a", "b", "c", "x"]), np.zeros((4, 3), np.float32), LABELS, views=6).save(other)
     with pytest.raises(ValueError, match=f"{other} and {two_students[0]} were evaluated on different samples"):
         ensemble_report([two_students[0], str(other)])
 
