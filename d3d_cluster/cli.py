@@ -7,6 +7,7 @@ import time
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from d3d_cluster.spec import Spec, SpecError, load_spec
 
@@ -162,8 +163,8 @@ def status(run: str | None, spec_path: str | None, workdir: str | None) -> None:
         table.add_row(job.stage, job.job_id or "", job.slurm.state if job.slurm else "",
                       f"{job.last_event} {job.last_time}", "" if job.step is None else str(job.step),
                       "" if job.epoch is None else f"{job.epoch:.2f}",
-                      f"{checkpoint.get('tag', '')} (step {checkpoint.get('step')}) {checkpoint['time']}"
-                      if checkpoint else "", str(job.requeues), note)
+                      Text(f"{checkpoint.get('tag', '')} (step {checkpoint.get('step')}) {checkpoint['time']}")
+                      if checkpoint else "", str(job.requeues), Text(note))  # Text: an error is not markup
     console.print(table)
 
 
