@@ -7,6 +7,7 @@ import time
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from d3d_cluster.spec import Spec, SpecError, load_spec
 
@@ -87,25 +88,59 @@ def prep(spec_path: str | None, workdir: str | None, workers: int | None, cluste
 
 
 @main.command()
-@click.argument("stage", type=click.Choice(["teacher", "student", "baseline", "pipeline"]))
+@click.argument("target", type=click.Choice(["prep", "teacher", "student", "baseline", "eval", "pipeline"]))
 @spec_option
 @workdir_option
-def train(stage: str, spec_path: str | None, workdir: str | None) -> None:
-    """Train one stage (or teacher, student and baseline in turn) on the spec's shards."""
-    from d3d_cluster.launch.pipeline import check_ready, run_evaluation, run_pipeline, run_stage
-    from d3d_cluster.launch.rundir import RunDir
+@click.option("--nodes", type=click.IntRange(min=1), help="cluster.nodes")
+@click.option("--gpus-per-node", type=click.IntRange(min=1), help="cluster.gpus_per_node, one rank each (sets "
+              "cluster.tasks_per_node too)")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), help="cluster.cpus_per_task")
+@click.option("--mem", help="cluster.mem: memory per node, as sbatch takes it (64G)")
+@click.option("--partition", help="cluster.partition")
+@click.option("--account", help="cluster.account")
+@click.option("--qos", help="cluster.qos")
+@click.option("--time", help="cluster.timeout_min: minutes, or MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS")
+@click.option("--constraint", help="cluster.constraint: node features")
+@click.option("--exclusive", is_flag=True, default=None, help="cluster.exclusive: whole nodes")
+@click.option("--cluster", type=click.Choice(["slurm", "local"]), help="cluster.executor")
+@click.option("--name", help="The run's name (its directory under WORKDIR/runs).")
+@click.option("--array", "prep_tasks", type=click.IntRange(min=1), default=1, help="prep on Slurm: array tasks.")
+@click.option("--workers", "prep_workers", type=click.IntRange(min=1), help="prep: processes per task "
+              "(default: prep.workers).")
+@click.option("--dry-run", is_flag=True, help="Print the sbatch scripts that would be submitted; submit nothing.")
+def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: int, prep_workers: int | None,
+           dry_run: bool, **flags) -> None:
+    """Queue a stage, the evaluation, the whole pipeline or dataprep on Slurm (teacher and baseline, the student
+    after the teacher, the evaluation after both), or run it in the foreground with the local executor. Flags
+    override the spec; everything is checked before the first job is queued."""
+    from d3d_cluster.launch import submit as submission
 
-    spec = _spec(spec_path, workdir)
+    if target != "prep" and (prep_tasks != 1 or prep_workers is not None):
+        raise click.ClickException("--array and --workers are for `d3dc submit prep`")
     try:
-        check_ready(spec, "teacher" if stage == "pipeline" else stage)
+        spec = _spec(spec_path, workdir).with_overrides(**submission.flag_overrides(**flags))
+    except ValueError as error:  # SpecError, or a malformed --time
+        raise click.ClickException(str(error)) from None
+    try:
+        if dry_run:
+            click.echo(submission.dry_run(spec, target, prep_tasks, prep_workers), nl=False)
+            return
+        result = submission.submit(spec, target, echo=echo, prep_tasks=prep_tasks, prep_workers=prep_workers)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from None
-    run = RunDir.create(spec)
-    if stage == "pipeline":
-        _show_results(run.path, run_pipeline(run, echo=echo))
-    else:
-        run_stage(run, stage, echo=echo)
-        _show_results(run.path, run_evaluation(run, (stage,), echo=echo))
+    if spec.cluster.executor == "slurm" and target != "prep":
+        console.print(f"follow it with `d3dc status {spec.name}` and `d3dc logs {spec.name} --follow`", markup=False)
+    elif "models" in result:  # the evaluation ran in the foreground
+        _show_results(spec.run_dir, result)
+
+
+def _run(run: str | None, spec_path: str | None, workdir: str | None):
+    from d3d_cluster.monitor import find_run
+
+    try:
+        return find_run(run, _spec(spec_path, workdir))
+    except FileNotFoundError as error:
+        raise click.ClickException(str(error)) from None
 
 
 @main.command()
@@ -119,14 +154,13 @@ def results(run: str | None, spec_path: str | None, workdir: str | None, per_cla
     import json
 
     from d3d_cluster.launch.rundir import RESULTS_NAME
-    from d3d_cluster.monitor import find_run
 
     try:
-        path = find_run(run, _spec(spec_path, workdir)).path
+        path = _run(run, spec_path, workdir).path
         results_file = path / RESULTS_NAME
         if not results_file.is_file():
             raise FileNotFoundError(f"{results_file}: no results; the run's evaluation has not finished "
-                                    "(`d3dc train` evaluates each run after training)")
+                                    "(`d3dc submit eval` evaluates a run's trained stages)")
         try:
             table = json.loads(results_file.read_text())
         except json.JSONDecodeError as error:
@@ -147,16 +181,102 @@ def export(run: str | None, stage: str, out: str | None, spec_path: str | None, 
     model.json that says how to rebuild and feed the network. RUN: a run directory or name."""
     from pathlib import Path
 
-    from d3d_cluster.monitor import find_run
     from d3d_cluster.train.export import export_stage
 
+    found = _run(run, spec_path, workdir)
     try:
-        found = find_run(run, _spec(spec_path, workdir))
         files = export_stage(found, stage, Path(out) if out else found.path / "export")
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     for kind, path in files.items():
         console.print(f"{kind:12} {path}", soft_wrap=True)
+
+
+@main.command()
+@click.argument("run", required=False)
+@spec_option
+@workdir_option
+def status(run: str | None, spec_path: str | None, workdir: str | None) -> None:
+    """A run's jobs (RUN: a run directory or name; default the spec's run): Slurm state, last event, step and
+    epoch, last checkpoint, requeues."""
+    from d3d_cluster.launch.status import run_status
+
+    found = _run(run, spec_path, workdir)
+    spec = found.spec()
+    table = Table(title=f"{spec.name}: {spec.cluster.executor} executor, {spec.world_size} ranks ({found.path})")
+    for column in ("job", "job id", "state", "last event", "step", "epoch", "last checkpoint", "requeues", "note"):
+        table.add_column(column, justify="right" if column in ("step", "epoch", "requeues") else "left")
+    for job in run_status(found):
+        checkpoint = job.checkpoint
+        note = job.error or (job.slurm and (job.slurm.waiting_for or job.slurm.reason)) or job.dependency or ""
+        table.add_row(job.stage, job.job_id or "", job.slurm.state if job.slurm else "",
+                      f"{job.last_event} {job.last_time}", "" if job.step is None else str(job.step),
+                      "" if job.epoch is None else f"{job.epoch:.2f}",
+                      Text(f"{checkpoint.get('tag', '')} (step {checkpoint.get('step')}) {checkpoint['time']}")
+                      if checkpoint else "", str(job.requeues), Text(note))  # Text: an error is not markup
+    console.print(table)
+
+
+@main.command()
+@spec_option
+@workdir_option
+def runs(spec_path: str | None, workdir: str | None) -> None:
+    """The runs under the spec's workdir: their jobs' states and the last event, the most recent first."""
+    from d3d_cluster.launch.status import list_runs
+
+    spec = _spec(spec_path, workdir)
+    table = Table(title=f"runs in {spec.path('runs')}")
+    for column in ("run", "jobs", "last event"):
+        table.add_column(column)
+    for summary in list_runs(spec.path("runs")):
+        table.add_row(summary.run.path.name, ", ".join(f"{job.stage} {job.state}" for job in summary.stages),
+                      summary.last_time)
+    console.print(table)
+
+
+@main.command()
+@click.argument("run")
+@spec_option
+@workdir_option
+@click.option("--stage", help="teacher, student, baseline or eval (default: the job that reported last).")
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--err", is_flag=True, help="The task's stderr instead of its stdout.")
+@click.option("--follow", is_flag=True, help="Keep printing until the job has ended.")
+def logs(run: str, spec_path: str | None, workdir: str | None, stage: str | None, rank: int, err: bool,
+         follow: bool) -> None:
+    """A job's per-rank log, as submitit writes it: RUN/STAGE/submitit/JOBID_RANK_log.{out,err}."""
+    from d3d_cluster.launch.status import follow_log, log_path
+
+    found = _run(run, spec_path, workdir)
+    try:
+        job, path = log_path(found, stage, rank, "err" if err else "out")
+    except FileNotFoundError as error:
+        raise click.ClickException(str(error)) from None
+    if not path.is_file() and not follow:
+        raise click.ClickException(f"{path}: no log yet ({job.stage} job {job.job_id} is {job.state}; --follow waits)")
+    follow_log(found, job.stage, path, echo, follow=follow)
+
+
+@main.command()
+@click.argument("run")
+@spec_option
+@workdir_option
+def cancel(run: str, spec_path: str | None, workdir: str | None) -> None:
+    """Cancel every live Slurm job of a run, and record it in the run's events."""
+    from d3d_cluster.launch.status import cancel_run
+
+    found = _run(run, spec_path, workdir)
+    try:
+        cancelled, local = cancel_run(found)
+    except RuntimeError as error:
+        raise click.ClickException(str(error)) from None
+    for job in cancelled:
+        console.print(f"cancelled {job.stage} job {job.job_id} (was {job.slurm.state})", markup=False)
+    for job in local:
+        console.print(f"{job.stage}: local job {job.job_id} ({job.last_event}) is not Slurm's to cancel: stop the "
+                      "`d3dc submit` running it (Ctrl-C)", markup=False)
+    if not cancelled and not local:
+        console.print(f"{found.path.name}: no live job to cancel")
 
 
 @main.command("check-spec")

@@ -41,7 +41,7 @@ def find_run(run: str | None, spec: Spec) -> RunDir:
     given = Path(run) if run else None
     path = given if given is not None and (given / SPEC_NAME).is_file() else spec.path("runs") / (run or spec.name)
     if not (path / SPEC_NAME).is_file():
-        raise FileNotFoundError(f"{path}: not a run directory (no {SPEC_NAME}); start a run with `d3dc train` "
+        raise FileNotFoundError(f"{path}: not a run directory (no {SPEC_NAME}); start a run with `d3dc submit` "
                                 "or `d3dc quickstart`, or pass its directory")
     return RunDir(path)
 

@@ -7,8 +7,8 @@ from d3d_cluster.cli import main
 def test_help_lists_every_command_with_its_help():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
-    for command in ("quickstart", "prep", "train", "check-spec", "monitor", "model-info", "ensemble", "probe", "results",
-                    "export"):
+    for command in ("quickstart", "prep", "submit", "status", "runs", "logs", "cancel", "results", "export",
+                    "check-spec", "monitor", "model-info", "ensemble", "probe"):
         assert command in result.output
     assert "Make a small motion dataset" in result.output
 
@@ -32,7 +32,7 @@ def test_check_spec_prints_the_resolved_spec(tmp_path):
 
 def test_training_without_shards_is_refused_and_writes_nothing(tmp_path):
     workdir = tmp_path / "work"
-    result = CliRunner().invoke(main, ["train", "teacher", "--workdir", str(workdir)])
+    result = CliRunner().invoke(main, ["submit", "teacher", "--workdir", str(workdir)])
     assert result.exit_code != 0
     assert "manifest.json: no shard manifest (run `d3dc prep` first)" in result.output
     assert not workdir.exists()
@@ -42,16 +42,16 @@ def test_student_without_a_finished_teacher_is_refused_before_submission(tmp_pat
     spec = tmp_path / "spec.yaml"
     tree = {"workdir": str(tmp_path / "work"), "data": {"shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24}}
     spec.write_text(yaml.safe_dump(tree))
-    result = CliRunner().invoke(main, ["train", "student", "-c", str(spec)])
+    result = CliRunner().invoke(main, ["submit", "student", "-c", str(spec)])
     assert result.exit_code != 0
-    assert "teacher/model.pt: the student needs a finished teacher in this run" in result.output
+    assert "teacher/model.pt: the student needs a finished teacher in this run; train the teacher first" in result.output
     assert not (tmp_path / "work" / "runs").exists()
 
 
 def test_clips_larger_than_the_stored_videos_are_refused_before_submission(tmp_path, tiny_shards):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "data": {"shards": str(tiny_shards)}}))
-    result = CliRunner().invoke(main, ["train", "teacher", "-c", str(spec)])
+    result = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec)])
     assert result.exit_code != 0
     assert "data.clip_frames = 16 at data.frame_stride = 1 needs 17 (flow lies between frames)" in result.output
 
@@ -81,7 +81,7 @@ def test_a_missing_init_file_is_refused_before_submission(tmp_path, tiny_shards)
     tree = {"workdir": str(tmp_path / "work"), "data": {"shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24},
             "student": {"init": {"path": "k400-student.pt"}}}
     spec.write_text(yaml.safe_dump(tree))
-    result = CliRunner().invoke(main, ["train", "teacher", "-c", str(spec)])
+    result = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec)])
     assert result.exit_code != 0
     assert f"student.init.path: {tmp_path / 'work' / 'k400-student.pt'} does not exist" in result.output
     assert not (tmp_path / "work" / "runs").exists()
@@ -99,7 +99,7 @@ def test_an_init_file_that_does_not_fit_is_refused_before_submission(tmp_path, t
     tree = {"workdir": str(work), "data": {"shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24},
             "teacher": {"init": {"path": "k400-teacher.pt"}}}
     spec.write_text(yaml.safe_dump(tree))
-    result = CliRunner().invoke(main, ["train", "teacher", "-c", str(spec)])
+    result = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec)])
     assert result.exit_code != 0
     assert f"{work / 'k400-teacher.pt'}: does not fit this S3D-G" in result.output
     assert "classifier.weight (400, 256, 1, 1, 1) vs (3, 256, 1, 1, 1)" in result.output

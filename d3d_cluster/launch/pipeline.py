@@ -1,10 +1,12 @@
-"""Teacher, then student (and the RGB-only baseline), each as a multi-rank job; then their evaluation, which
-writes the results table."""
+"""What a run's jobs are (a stage, the evaluation, or the whole chain: teacher and baseline, the student after the
+teacher, the evaluation after both), and the two ways to run them: queued on Slurm with `afterok` dependencies,
+or one after another in the foreground with the local executor, relaying rank 0's output."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -16,20 +18,57 @@ from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network
 
+EVAL = "eval"
+TARGETS = (*STAGES, EVAL, "pipeline")
 
-def check_ready(spec: Spec, stage: str) -> None:
-    """Refuse, before anything is written or submitted, a stage whose inputs are missing or whose cluster
-    request cannot run."""
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One job of a submission: a stage's training, or the evaluation of `stages`; `after` names the jobs of the
+    same submission it waits for (`afterok`)."""
+
+    name: str
+    after: tuple[str, ...] = ()
+    stages: tuple[str, ...] = ()
+
+    def function(self, run: RunDir) -> StageJob | EvalJob:
+        if self.name == EVAL:
+            return EvalJob(str(run.path), self.stages)
+        return StageJob(str(run.path), self.name)
+
+
+def plan_jobs(spec: Spec, target: str) -> list[PlannedJob]:
+    """The jobs `target` submits, in an order that also runs them one after another: the pipeline trains the
+    teacher and the RGB-only baseline at once, the student after the teacher, and evaluates all three after."""
+    if target == "pipeline":
+        return [PlannedJob("teacher"), PlannedJob("baseline"), PlannedJob("student", after=("teacher",)),
+                PlannedJob(EVAL, after=("student", "baseline"), stages=STAGES)]
+    if target == EVAL:
+        trained = tuple(stage for stage in STAGES if (spec.run_dir / stage / EXPORT_NAME).is_file())
+        if not trained:
+            raise FileNotFoundError(f"{spec.run_dir}: no trained stage to evaluate (no {EXPORT_NAME} under "
+                                    f"{', '.join(STAGES)}); submit a stage or the pipeline first")
+        return [PlannedJob(EVAL, stages=trained)]
+    if target not in STAGES:
+        raise ValueError(f"unknown job {target!r} (expected one of {', '.join(TARGETS)})")
+    return [PlannedJob(target)]
+
+
+def check_ready(spec: Spec, *stages: str) -> None:
+    """Refuse, before anything is written or submitted, stages whose inputs are missing or whose cluster request
+    cannot run. The student needs a finished teacher unless the teacher is among `stages` (queued before it)."""
     shards = spec.path(spec.data.shards)
     manifest = Manifest.load(shards)
     for split in SPLITS:
         manifest.shard_paths(shards, split)
     clip_geometry(manifest, shards, spec.data)
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r} (expected one of {', '.join(STAGES)})")
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r} (expected one of {', '.join(STAGES)})")
     teacher = spec.run_dir / "teacher" / EXPORT_NAME
-    if stage == "student" and not teacher.is_file():
-        raise FileNotFoundError(f"{teacher}: the student needs a finished teacher in this run; train the teacher first")
+    if "student" in stages and "teacher" not in stages and not teacher.is_file():
+        raise FileNotFoundError(f"{teacher}: the student needs a finished teacher in this run; train the teacher "
+                                "first (or submit the pipeline)")
     check_initial_weights(spec, len(manifest.classes))
     check_cluster(spec.cluster)
 
@@ -46,11 +85,31 @@ def check_initial_weights(spec: Spec, num_classes: int) -> None:
         build_network(spec, settings, STAGE_INPUT[section], num_classes)
 
 
+def queue_jobs(run: RunDir, jobs: list[PlannedJob], echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Submit every job without waiting, each after the jobs it depends on; their Slurm job ids by name."""
+    job_ids: dict[str, str] = {}
+    for planned in jobs:
+        dependency = "afterok:" + ":".join(job_ids[name] for name in planned.after) if planned.after else None
+        job_ids[planned.name] = submit_job(run, planned.name, planned.function(run), echo, dependency).job_id
+    return job_ids
+
+
+def run_jobs(run: RunDir, jobs: list[PlannedJob], echo: Callable[[str], None] = print,
+             poll_seconds: float = 1.0) -> dict:
+    """Run the jobs one after another in the foreground; the last one's result (a summary, or the results)."""
+    result: dict = {}
+    for planned in jobs:
+        if planned.name == EVAL:
+            result = run_evaluation(run, planned.stages, echo, poll_seconds)
+        else:
+            result = run_stage(run, planned.name, echo, poll_seconds)
+    return result
+
+
 def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll_seconds: float = 1.0) -> dict:
     """Submit one stage, relay its rank-0 output and metrics endpoints while it runs, wait for it."""
-    spec = run.spec()
-    check_ready(spec, stage)
-    job = _submit(run, stage, StageJob(str(run.path), stage), echo)
+    check_ready(run.spec(), stage)
+    job = submit_job(run, stage, StageJob(str(run.path), stage), echo)
     _follow(job, echo, poll_seconds)
     return json.loads((run.stage(stage) / SUMMARY_NAME).read_text())
 
@@ -58,17 +117,26 @@ def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll
 def run_evaluation(run: RunDir, stages: tuple[str, ...], echo: Callable[[str], None] = print,
                    poll_seconds: float = 1.0) -> dict:
     """Evaluate the trained `stages` as a job of the run's world size; the results table it writes."""
-    job = _submit(run, "eval", EvalJob(str(run.path), tuple(stages)), echo)
+    job = submit_job(run, EVAL, EvalJob(str(run.path), tuple(stages)), echo)
     _follow(job, echo, poll_seconds)
     return json.loads((run.path / RESULTS_NAME).read_text())
 
 
-def _submit(run: RunDir, name: str, function, echo: Callable[[str], None]):
+def run_pipeline(run: RunDir, echo: Callable[[str], None] = print) -> dict:
+    """Teacher, baseline, student and their evaluation in the foreground; the results table."""
+    return run_jobs(run, plan_jobs(run.spec(), "pipeline"), echo)
+
+
+def submit_job(run: RunDir, name: str, function, echo: Callable[[str], None], dependency: str | None = None):
+    """Queue one job of the run (its logs under RUN/NAME/submitit) and record it in the events log."""
     spec = run.spec()
-    executor = make_executor(spec.cluster, run.stage(name) / "submitit", name=f"{spec.name}-{name}")
+    executor = make_executor(spec.cluster, run.stage(name) / "submitit", name=f"{spec.name}-{name}",
+                             dependency=dependency)
     job = executor.submit(function)
-    run.event("submitted", stage=name, job_id=job.job_id, executor=spec.cluster.executor)
-    echo(f"[{name}] submitted job {job.job_id} ({spec.world_size} ranks, logs in {job.paths.folder})")
+    run.event("submitted", stage=name, job_id=job.job_id, executor=spec.cluster.executor, dependency=dependency)
+    after = f", after {dependency}" if dependency else ""
+    ranks = f"{spec.world_size} rank{'s' if spec.world_size > 1 else ''}"
+    echo(f"[{name}] submitted job {job.job_id} ({ranks}{after}, logs in {job.paths.folder})")
     return job
 
 
@@ -91,9 +159,3 @@ def _relay(log: Path, offset: int, echo: Callable[[str], None]) -> int:
         if line.startswith("["):
             echo(line)
     return offset + len(complete) + len(newline)
-
-
-def run_pipeline(run: RunDir, stages: tuple[str, ...] = STAGES, echo: Callable[[str], None] = print) -> dict:
-    for stage in stages:
-        run_stage(run, stage, echo)
-    return run_evaluation(run, stages, echo)

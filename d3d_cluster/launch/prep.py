@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from d3d_cluster.launch.executor import check_cluster, make_executor
-from d3d_cluster.spec import Spec
+from d3d_cluster.spec import ClusterSpec, Spec
 
 LOGS = "prep-logs"
 
@@ -74,6 +74,13 @@ def prepare_locally(spec: Spec, workers: int | None = None, progress: bool = Tru
                     min_frames=spec.data.clip_span)
 
 
+def prep_clusters(spec: Spec, workers: int) -> tuple[ClusterSpec, ClusterSpec]:
+    """What an array task asks for (one task of `workers` CPUs, no GPU) and what the finalize job asks for (one CPU)."""
+    array = spec.cluster.model_copy(update={"nodes": 1, "tasks_per_node": 1, "cpus_per_task": workers,
+                                            "gpus_per_node": None})
+    return array, array.model_copy(update={"cpus_per_task": 1})
+
+
 def submit_prep(spec: Spec, tasks: int, workers: int, echo: Callable[[str], None] = print, wait: bool = True):
     """Submit the array and its finalize job; with `wait`, follow them and raise if one fails."""
     from dataprep.prepare import plan_shards
@@ -83,14 +90,14 @@ def submit_prep(spec: Spec, tasks: int, workers: int, echo: Callable[[str], None
     shards = len(plan_shards(spec.prep, dataset, spec.path(spec.data.shards), spec.data.clip_span))
     if not 1 <= tasks <= shards:
         raise ValueError(f"--array {tasks}: the dataset has {shards} shards; ask for 1 to {shards} tasks")
-    cluster = spec.cluster.model_copy(update={"nodes": 1, "tasks_per_node": 1, "cpus_per_task": workers,
-                                              "gpus_per_node": None})
-    check_cluster(cluster)
-    executor = make_executor(cluster, spec.path(LOGS), name=f"{spec.name}-prep")
-    array = executor.map_array(PrepTask(spec, tasks, workers), range(tasks))
+    array_cluster, final_cluster = prep_clusters(spec, workers)
+    check_cluster(array_cluster)
+    name = f"{spec.name}-prep"
+    array = make_executor(array_cluster, spec.path(LOGS), name=name).map_array(PrepTask(spec, tasks, workers),
+                                                                              range(tasks))
     array_id = array[0].job_id.split("_")[0]
-    executor.update_parameters(cpus_per_task=1, dependency=f"afterok:{array_id}")
-    final = executor.submit(FinalizeTask(spec))
+    final = make_executor(final_cluster, spec.path(LOGS), name=name,
+                          dependency=f"afterok:{array_id}").submit(FinalizeTask(spec))
     echo(f"prep: array job {array_id} ({tasks} tasks x {workers} workers, {shards} shards), finalize job "
          f"{final.job_id} after it; logs in {spec.path(LOGS)}")
     if not wait:

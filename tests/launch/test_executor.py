@@ -26,6 +26,12 @@ def test_slurm_executor_carries_the_spec_and_its_requeue_limit(tmp_path, slurm_c
     executor = make_executor(ClusterSpec(executor="slurm", tasks_per_node=2, max_requeues=5), tmp_path, name="run-teacher")
     assert executor.max_num_timeout == 5
     assert executor.parameters["job_name"] == "run-teacher" and executor.parameters["ntasks_per_node"] == 2
+    # A requeued job keeps its id: it may be requeued, and its task logs are appended to, not truncated.
+    assert executor.parameters["additional_parameters"] == {"requeue": True}
+    assert executor.parameters["srun_args"] == ["--open-mode=append"] and "dependency" not in executor.parameters
+    chained = make_executor(ClusterSpec(executor="slurm"), tmp_path, name="run-student", dependency="afterok:7")
+    assert chained.parameters["dependency"] == "afterok:7"
+    assert chained.parameters["additional_parameters"] == {"requeue": True, "kill-on-invalid-dep": "yes"}
 
 
 def test_a_cluster_without_slurm_commands_is_refused(tmp_path, monkeypatch):
@@ -34,12 +40,12 @@ def test_a_cluster_without_slurm_commands_is_refused(tmp_path, monkeypatch):
         check_cluster(ClusterSpec(executor="slurm"))
 
 
-def _train_teacher(tmp_path, shards, cluster: dict):
+def _submit_teacher(tmp_path, shards, cluster: dict):
     spec = tmp_path / "spec.yaml"
     tree = {**TINY, "workdir": str(tmp_path / "work"), "data": {**TINY["data"], "shards": str(shards)},
             "cluster": {"executor": "slurm", **cluster}}
     spec.write_text(yaml.safe_dump(tree))
-    return CliRunner().invoke(main, ["train", "teacher", "-c", str(spec)])
+    return CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec)])
 
 
 def _queued(slurm_cluster) -> str:
@@ -48,7 +54,7 @@ def _queued(slurm_cluster) -> str:
 
 def test_an_unknown_partition_is_refused_before_anything_is_queued(tmp_path, tiny_shards, slurm_cluster):
     queued = _queued(slurm_cluster)
-    result = _train_teacher(tmp_path, tiny_shards, {"partition": "gpu-h100"})
+    result = _submit_teacher(tmp_path, tiny_shards, {"partition": "gpu-h100"})
     assert result.exit_code != 0
     assert "cluster.partition: no partition 'gpu-h100' on this cluster (partitions: debug)" in result.output
     assert _queued(slurm_cluster) == queued
@@ -57,7 +63,7 @@ def test_an_unknown_partition_is_refused_before_anything_is_queued(tmp_path, tin
 
 def test_a_request_no_node_can_satisfy_is_refused_before_anything_is_queued(tmp_path, tiny_shards, slurm_cluster):
     queued = _queued(slurm_cluster)
-    result = _train_teacher(tmp_path, tiny_shards, {"nodes": 2, "tasks_per_node": 1})
+    result = _submit_teacher(tmp_path, tiny_shards, {"nodes": 2, "tasks_per_node": 1})
     assert result.exit_code != 0
     assert "cluster: Slurm refuses the request --nodes=2 --ntasks-per-node=1" in result.output
     assert "Requested node configuration is not available" in result.output

@@ -1,0 +1,135 @@
+"""`d3dc submit`: from a spec and the command line's flags to jobs, every check done before the first is queued.
+
+On Slurm the jobs are queued and `submit` returns (follow them with `d3dc status` and `d3dc logs`); with the local
+executor there is no scheduler, so they run one after another in the foreground. `--dry-run` prints the sbatch
+scripts submitit would write and touches nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable
+
+from d3d_cluster.launch.executor import sbatch_script
+from d3d_cluster.launch.pipeline import PlannedJob, check_ready, plan_jobs, queue_jobs, run_jobs
+from d3d_cluster.launch.prep import LOGS, prep_clusters, prepare_locally, submit_prep
+from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.spec import Spec
+from d3d_cluster.train.stages import STAGES
+
+PREP = "prep"
+
+# Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_TIME = re.compile(r"(?:(?P<days>\d+)-(?P<day_hours>\d+)(?::(?P<day_minutes>\d+)(?::(?P<day_seconds>\d+))?)?"
+                   r"|(?P<first>\d+)(?::(?P<second>\d+)(?::(?P<third>\d+))?)?)")
+# Command-line flag -> the spec keys it sets. One rank per GPU: --gpus-per-node also sets the ranks per node.
+FLAG_KEYS = {
+    "nodes": ("cluster.nodes",),
+    "gpus_per_node": ("cluster.gpus_per_node", "cluster.tasks_per_node"),
+    "cpus_per_task": ("cluster.cpus_per_task",),
+    "mem": ("cluster.mem",),
+    "partition": ("cluster.partition",),
+    "account": ("cluster.account",),
+    "qos": ("cluster.qos",),
+    "time": ("cluster.timeout_min",),
+    "constraint": ("cluster.constraint",),
+    "exclusive": ("cluster.exclusive",),
+    "cluster": ("cluster.executor",),
+    "name": ("name",),
+}
+
+
+def parse_time(text: str) -> int:
+    """Minutes from a Slurm time limit (`90`, `30:00`, `1:30:00`, `2-0`, `1-12:00:00`); seconds round up."""
+    match = _TIME.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"--time {text!r}: expected minutes or one of Slurm's forms MM, MM:SS, HH:MM:SS, D-HH, "
+                         "D-HH:MM, D-HH:MM:SS")
+    part = {key: int(value) for key, value in match.groupdict().items() if value is not None}
+    if "days" in part:
+        seconds = (((part["days"] * 24 + part["day_hours"]) * 60 + part.get("day_minutes", 0)) * 60
+                   + part.get("day_seconds", 0))
+    elif "third" in part:
+        seconds = (part["first"] * 60 + part["second"]) * 60 + part["third"]
+    else:
+        seconds = part["first"] * 60 + part.get("second", 0)
+    return math.ceil(seconds / 60)
+
+
+def flag_overrides(**flags) -> dict:
+    """The spec overrides (dotted keys) of the flags given; flags left at None keep the spec's value."""
+    unknown = sorted(set(flags) - set(FLAG_KEYS))
+    if unknown:
+        raise ValueError(f"no spec key for flag(s) {', '.join(unknown)}")
+    overrides = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        if flag == "time":
+            value = parse_time(value)
+        overrides.update(dict.fromkeys(FLAG_KEYS[flag], value))
+    return overrides
+
+
+def dry_run(spec: Spec, target: str, prep_tasks: int = 1, prep_workers: int | None = None) -> str:
+    """What `submit` would queue, as the sbatch scripts submitit would write for it; the job ids a script depends
+    on are placeholders (`<teacher>`). Nothing is created or queued; Slurm is not needed."""
+    if spec.cluster.executor != "slurm":
+        names = [PREP] if target == PREP else [planned.name for planned in plan_jobs(spec, target)]
+        return (f"# local executor: no sbatch; `d3dc submit` runs {', '.join(names)} in the foreground, one after "
+                f"another, {spec.world_size} ranks each\n")
+    if target == PREP:
+        array, final = prep_clusters(spec, prep_workers or spec.prep.workers)
+        name = f"{spec.name}-{PREP}"
+        scripts = [("prep array", sbatch_script(array, spec.path(LOGS), name, array_tasks=prep_tasks)),
+                   ("prep finalize", sbatch_script(final, spec.path(LOGS), name, dependency="afterok:<prep array>"))]
+    else:
+        scripts = [(planned.name, _job_script(spec, planned)) for planned in plan_jobs(spec, target)]
+    return "".join(f"# ----- job {number} of {len(scripts)}: {name} -----\n{script}\n"
+                   for number, (name, script) in enumerate(scripts, 1))
+
+
+def _job_script(spec: Spec, planned: PlannedJob) -> str:
+    dependency = "afterok:" + ":".join(f"<{name}>" for name in planned.after) if planned.after else None
+    return sbatch_script(spec.cluster, spec.run_dir / planned.name / "submitit", f"{spec.name}-{planned.name}",
+                         dependency=dependency)
+
+
+def submit(spec: Spec, target: str, echo: Callable[[str], None] = print, prep_tasks: int = 1,
+           prep_workers: int | None = None) -> dict:
+    """Check everything, then queue `target`'s jobs (Slurm: their job ids by name) or run them in the foreground
+    (local: the last job's result). `prep` writes the spec's shards, outside any run."""
+    if target == PREP:
+        return _submit_prep(spec, echo, prep_tasks, prep_workers)
+    jobs = plan_jobs(spec, target)
+    check_ready(spec, *(planned.name for planned in jobs if planned.name in STAGES))
+    slurm = spec.cluster.executor == "slurm"
+    if slurm:
+        _refuse_live_jobs(RunDir(spec.run_dir))
+    run = RunDir.create(spec)
+    echo(f"run directory: {run.path}")
+    if slurm:
+        return queue_jobs(run, jobs, echo)
+    return run_jobs(run, jobs, echo)
+
+
+def _submit_prep(spec: Spec, echo: Callable[[str], None], tasks: int, workers: int | None) -> dict:
+    if spec.cluster.executor == "slurm":
+        array, final = submit_prep(spec, tasks, workers or spec.prep.workers, echo=echo, wait=False)
+        return {"prep array": array[0].job_id.split("_")[0], "prep finalize": final.job_id}
+    if tasks != 1:
+        raise ValueError("--array needs the slurm executor (locally, --workers sets the parallelism)")
+    prepare_locally(spec, workers)
+    return {}
+
+
+def _refuse_live_jobs(run: RunDir) -> None:
+    """One run, one chain of jobs: queueing more into a run whose jobs still run would change the spec they read."""
+    from d3d_cluster.launch.status import run_status
+
+    live = [status for status in run_status(run) if status.live]
+    if live:
+        jobs = ", ".join(f"{status.stage} {status.job_id} {status.slurm.state}" for status in live)
+        raise ValueError(f"{run.path}: the run has live jobs ({jobs}); `d3dc cancel {run.path.name}` them first, "
+                         "or submit under another --name")

@@ -1,0 +1,182 @@
+"""`d3dc submit`, `status`, `logs` and `cancel` through real sbatch on the test suite's own Slurm cluster."""
+
+import json
+import re
+import time
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import TINY
+
+from d3d_cluster import cli
+from d3d_cluster.cli import main
+from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.launch.status import ACTIVE_STATES, run_status
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """Tables as a wide terminal shows them (CliRunner's output is 80 columns)."""
+    from rich.console import Console
+
+    monkeypatch.setattr(cli, "console", Console(highlight=False, width=220))
+
+
+def _spec_file(tmp_path, shards, slurm_cluster, **sections):
+    tree = {**TINY, "workdir": str(tmp_path / "work"), "data": {**TINY["data"], "shards": str(shards)},
+            "teacher": {"epochs": 1}, "student": {"epochs": 1},
+            "cluster": {"executor": "slurm", "partition": slurm_cluster.partition, "timeout_min": 10}, **sections}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def _d3dc(*args: str):
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _job_ids(run: RunDir) -> dict[str, str]:
+    return {e["stage"]: e["job_id"] for e in run.events() if e["event"] == "submitted"}
+
+
+def _queued(slurm_cluster) -> set[str]:
+    return set(slurm_cluster.run("squeue", "-h", "-t", "all", "-o", "%i").split())
+
+
+def _wait(condition, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not after {timeout:.0f} s")
+        time.sleep(poll)
+    return value
+
+
+@pytest.mark.integration
+def test_the_pipeline_is_queued_as_four_jobs_chained_by_afterok_and_runs_to_its_results(tmp_path, tiny_shards,
+                                                                                      slurm_cluster):
+    # One rank per job: teacher and baseline fit on the node together.
+    spec = _spec_file(tmp_path, tiny_shards, slurm_cluster, cluster={
+        "executor": "slurm", "partition": slurm_cluster.partition, "timeout_min": 10, "tasks_per_node": 1})
+    dry = _d3dc("submit", "pipeline", "-c", str(spec), "--dry-run", "--name", "chain")
+    output = _d3dc("submit", "pipeline", "-c", str(spec), "--name", "chain")
+    run = RunDir(tmp_path / "work" / "runs" / "chain")
+    ids = _job_ids(run)
+    assert list(ids) == ["teacher", "baseline", "student", "eval"] and all(i.isdigit() for i in ids.values())
+    assert f"[student] submitted job {ids['student']} (1 rank, after afterok:{ids['teacher']}" in output
+    submitted = {e["stage"]: e for e in run.events() if e["event"] == "submitted"}
+    assert submitted["eval"]["dependency"] == f"afterok:{ids['student']}:{ids['baseline']}"
+    assert submitted["teacher"]["dependency"] is None and submitted["teacher"]["executor"] == "slurm"
+
+    # The teacher takes seconds to start: its dependents still wait on it.
+    student = slurm_cluster.run("scontrol", "show", "job", ids["student"])
+    assert f"Dependency=afterok:{ids['teacher']}(unfulfilled)" in student
+    evaluation = slurm_cluster.run("scontrol", "show", "job", ids["eval"])
+    assert re.search(rf"Dependency=afterok:{ids['student']}\(unfulfilled\),afterok:{ids['baseline']}\(unfulfilled\)",
+                     evaluation), evaluation
+    # What the dry run printed is what was submitted (the dependency aside).
+    teacher_script = (run.path / "teacher" / "submitit" / f"{ids['teacher']}_submission.sh").read_text()
+    assert dry.split("# ----- job 1 of 4: teacher -----\n")[1].split("\n# ----- job 2")[0] == teacher_script
+    student_script = (run.path / "student" / "submitit" / f"{ids['student']}_submission.sh").read_text()
+    assert f"#SBATCH --dependency=afterok:{ids['teacher']}\n" in student_script
+
+    _d3dc("logs", "chain", "--workdir", str(tmp_path / "work"), "--stage", "eval", "--follow")  # until eval ends
+    for stage, job_id in ids.items():
+        assert "JobState=COMPLETED" in slurm_cluster.wait_for_job(job_id)
+    results = json.loads((run.path / "results.json").read_text())
+    assert set(results["models"]) >= {"teacher", "student", "baseline"}
+    status = _d3dc("status", str(run.path))
+    for stage in ids:
+        assert re.search(rf"{stage}\s+│\s+{ids[stage]}\s+│\s+COMPLETED\s+│\s+finished", status), status
+    teacher_log = _d3dc("logs", "chain", "--workdir", str(tmp_path / "work"), "--stage", "teacher")
+    assert "[teacher] done:" in teacher_log
+    assert "chain" in _d3dc("runs", "--workdir", str(tmp_path / "work"))
+
+
+@pytest.mark.integration
+def test_status_shows_live_jobs_and_cancel_cancels_every_one_of_them(tmp_path, tiny_shards, slurm_cluster):
+    spec = _spec_file(tmp_path, tiny_shards, slurm_cluster, teacher={"epochs": 500})
+    _d3dc("submit", "pipeline", "-c", str(spec), "--name", "long")
+    run = RunDir(tmp_path / "work" / "runs" / "long")
+    ids = _job_ids(run)
+
+    _wait(lambda: any(e["event"] == "started" and e["stage"] == "teacher" for e in run.events()), 60, "teacher start")
+    status = _d3dc("status", "long", "-c", str(spec))
+    assert re.search(rf"teacher\s+│\s+{ids['teacher']}\s+│\s+RUNNING\s+│\s+started", status), status
+    assert re.search(rf"student\s+│\s+{ids['student']}\s+│\s+PENDING\s+│\s+submitted.*afterok:{ids['teacher']}",
+                     status), status
+    assert "long" in _d3dc("runs", "-c", str(spec)) and "teacher RUNNING" in _d3dc("runs", "-c", str(spec))
+
+    again = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec), "--name", "long"])
+    assert again.exit_code != 0 and f"the run has live jobs (teacher {ids['teacher']} RUNNING" in again.output
+    assert _job_ids(run) == ids
+
+    cancelled = _d3dc("cancel", "long", "-c", str(spec))
+    for stage, job_id in ids.items():
+        assert f"cancelled {stage} job {job_id}" in cancelled
+    _wait(lambda: not any(job.live for job in run_status(run)), 60, "jobs to leave the queue")
+    live = slurm_cluster.run("squeue", "-h", "-o", "%i %T").split("\n")
+    assert not any(line.split()[0] in ids.values() for line in live if line)
+    events = [e for e in run.events() if e["event"] == "cancelled"]
+    assert {e["stage"]: e["job_id"] for e in events} == ids
+    assert all(job.state == "CANCELLED" and job.slurm.state not in ACTIVE_STATES for job in run_status(run))
+    assert "no live job to cancel" in _d3dc("cancel", "long", "-c", str(spec))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["unknown partition", "student without teacher", "malformed spec"])
+def test_bad_input_is_refused_before_anything_is_queued(case, tmp_path, tiny_shards, slurm_cluster):
+    spec = _spec_file(tmp_path, tiny_shards, slurm_cluster)
+    target, flags, message = {
+        "unknown partition": ("pipeline", ["--partition", "gpu-h100"],
+                              "cluster.partition: no partition 'gpu-h100' on this cluster (partitions: debug)"),
+        "student without teacher": ("student", [], "teacher/model.pt: the student needs a finished teacher in this "
+                                                   "run; train the teacher first (or submit the pipeline)"),
+        "malformed spec": ("pipeline", [], "unknown key data.clip_frame (expected one of: shards, clip_frames"),
+    }[case]
+    if case == "malformed spec":
+        tree = yaml.safe_load(spec.read_text())
+        tree["data"]["clip_frame"] = tree["data"].pop("clip_frames")
+        spec.write_text(yaml.safe_dump(tree))
+    queued = _queued(slurm_cluster)
+    result = CliRunner().invoke(main, ["submit", target, "-c", str(spec), *flags])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert _queued(slurm_cluster) == queued
+    assert not (tmp_path / "work" / "runs").exists()
+
+
+@pytest.mark.integration
+def test_the_dry_run_queues_nothing_on_a_live_cluster(tmp_path, tiny_shards, slurm_cluster):
+    queued = _queued(slurm_cluster)
+    output = _d3dc("submit", "pipeline", "-c", str(_spec_file(tmp_path, tiny_shards, slurm_cluster)), "--dry-run")
+    assert output.count("#!/bin/bash") == 4
+    assert _queued(slurm_cluster) == queued and not (tmp_path / "work").exists()
+
+
+
+@pytest.mark.integration
+def test_when_a_stage_fails_slurm_cancels_the_jobs_waiting_on_it_and_status_shows_why(tmp_path, tiny_shards,
+                                                                                     slurm_cluster):
+    import shutil
+
+    shards = shutil.copytree(tiny_shards, tmp_path / "shards")
+    spec = _spec_file(tmp_path, shards, slurm_cluster, cluster={
+        "executor": "slurm", "partition": slurm_cluster.partition, "timeout_min": 10, "tasks_per_node": 1})
+    _d3dc("submit", "pipeline", "-c", str(spec), "--name", "broken")
+    for tar in shards.glob("*.tar"):  # after the checks, before the jobs read them
+        tar.unlink()
+    run = RunDir(tmp_path / "work" / "runs" / "broken")
+    ids = _job_ids(run)
+    assert "JobState=FAILED" in slurm_cluster.wait_for_job(ids["teacher"], timeout=90)
+    # Without --kill-on-invalid-dep the student and the evaluation would wait forever (DependencyNeverSatisfied).
+    for stage in ("student", "eval"):
+        assert "JobState=CANCELLED" in slurm_cluster.wait_for_job(ids[stage], timeout=60)
+    jobs = {job.stage: job for job in run_status(run)}
+    assert jobs["teacher"].state == "FAILED" and jobs["teacher"].last_event == "failed"
+    assert ".tar" in jobs["teacher"].error
+    assert jobs["student"].state == "CANCELLED" and jobs["student"].last_event == "submitted"
+    status = _d3dc("status", "broken", "-c", str(spec))
+    assert re.search(rf"teacher\s+│\s+{ids['teacher']}\s+│\s+FAILED\s+│\s+failed", status), status
