@@ -36,26 +36,32 @@ def slurm_parameters(cluster: ClusterSpec) -> dict:
     return {key: value for key, value in parameters.items() if value is not None}
 
 
-def executor_parameters(cluster: ClusterSpec, name: str, dependency: str | None = None) -> dict:
+def executor_parameters(cluster: ClusterSpec, name: str, dependency: str | None = None,
+                        on_exit: str | None = None) -> dict:
     """Everything a Slurm job of ours is submitted with: the spec's resources, and what a requeue needs.
 
     A requeued job keeps its id, so its logs must be appended to, by sbatch (submitit's default) and by srun
     (which would otherwise truncate each task's log); `--requeue` lets `scontrol requeue` put it back in the
-    queue. A job that depends on another is cancelled by Slurm when that one fails, instead of pending forever.
+    queue. When one task dies, srun kills the others (`--kill-on-bad-exit`) rather than leaving them blocked in
+    a collective, and the batch script runs `on_exit` (`launch.requeue.exit_hook`) with srun's exit status. A
+    job that depends on another is cancelled by Slurm when that one fails, instead of pending forever.
     """
-    parameters = {"job_name": name, **slurm_parameters(cluster), "srun_args": ["--open-mode=append"],
+    parameters = {"job_name": name, **slurm_parameters(cluster),
+                  "srun_args": ["--open-mode=append", "--kill-on-bad-exit=1"],
                   "additional_parameters": {"requeue": True}}
+    if on_exit is not None:
+        parameters["setup"] = [f"trap {shlex.quote(on_exit)} EXIT"]
     if dependency is not None:
         parameters["dependency"] = dependency
         parameters["additional_parameters"]["kill-on-invalid-dep"] = "yes"
     return parameters
 
 
-def make_executor(cluster: ClusterSpec, folder: Path, name: str = "d3dc",
-                  dependency: str | None = None) -> submitit.Executor:
+def make_executor(cluster: ClusterSpec, folder: Path, name: str = "d3dc", dependency: str | None = None,
+                  on_exit: str | None = None) -> submitit.Executor:
     if cluster.executor == "slurm":
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cluster.max_requeues)
-        executor.update_parameters(**executor_parameters(cluster, name, dependency))
+        executor.update_parameters(**executor_parameters(cluster, name, dependency, on_exit))
         return executor
     executor = submitit.LocalExecutor(folder=folder)
     executor.update_parameters(tasks_per_node=cluster.tasks_per_node, timeout_min=cluster.timeout_min)
@@ -63,7 +69,7 @@ def make_executor(cluster: ClusterSpec, folder: Path, name: str = "d3dc",
 
 
 def sbatch_script(cluster: ClusterSpec, folder: Path, name: str, dependency: str | None = None,
-                  array_tasks: int | None = None) -> str:
+                  array_tasks: int | None = None, on_exit: str | None = None) -> str:
     """The sbatch script `make_executor`'s executor writes for a job (an array of `array_tasks`), rendered by
     submitit's own function without submitting anything, and without Slurm."""
     from submitit.slurm.slurm import _make_sbatch_string
@@ -71,7 +77,7 @@ def sbatch_script(cluster: ClusterSpec, folder: Path, name: str, dependency: str
     folder = Path(folder).absolute()
     command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     return _make_sbatch_string(command=command, folder=folder, map_count=array_tasks,
-                               **executor_parameters(cluster, name, dependency))
+                               **executor_parameters(cluster, name, dependency, on_exit))
 
 
 def check_cluster(cluster: ClusterSpec) -> None:

@@ -18,12 +18,17 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from d3d_cluster.train.loop import NonFiniteLoss
+
+
+# Failures a requeue would only repeat: bad input found on the node, or a diverged run.
+NOT_RETRYABLE = (ValueError, FileNotFoundError, KeyError, NonFiniteLoss)
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,9 @@ class StageJob:
         with distributed() as rank:
             summary = _train_stage(Path(self.run_dir), self.stage, rank, stop)
             if summary.stopped:
-                _requeue(Path(self.run_dir), self.stage, rank, stop.received, summary.steps)
+                from d3d_cluster.launch.requeue import requeue_stopped
+
+                requeue_stopped(Path(self.run_dir), self.stage, rank, stop.received, summary.steps)
             return asdict(summary)
 
 
@@ -96,57 +103,6 @@ class StopSignals:
         return self.received is not None
 
 
-def _requeue(run_path: Path, stage: str, rank: Rank, signal_name: str, step: int) -> None:
-    """Every rank has checkpointed: rank 0 records why and requeues the job (within `cluster.max_requeues`),
-    then every rank exits without a result, so that submitit runs the job again when it restarts."""
-    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
-
-    from d3d_cluster.launch.rundir import RunDir
-
-    run = RunDir(run_path)
-    spec = run.spec()
-    requeues = sum(1 for e in run.events() if e["event"] == "requeued" and e.get("stage") == stage
-                   and e.get("job_id") == rank.job_id)
-    allowed = requeues < spec.cluster.max_requeues
-    if rank.rank == 0:
-        run.event("preempted", stage=stage, job_id=rank.job_id, signal=signal_name,
-                  reason=_stop_reason(rank, spec.cluster.signal_delay_s), step=step)
-        if allowed:
-            if rank.cluster == "slurm":
-                subprocess.run(["scontrol", "requeue", rank.job_id], check=True, timeout=60)
-            run.event("requeued", stage=stage, job_id=rank.job_id, requeues=requeues + 1)
-        else:
-            run.event("failed", stage=stage, job_id=rank.job_id,
-                      error=f"stopped by {signal_name} at step {step} after {requeues} requeues "
-                            f"(cluster.max_requeues); resubmit the stage to resume from its checkpoint")
-    torch.distributed.barrier()
-    if not allowed:
-        raise RuntimeError(f"stage {stage} stopped by {signal_name} at step {step}: no requeue left "
-                           f"(cluster.max_requeues = {spec.cluster.max_requeues}); its checkpoint is kept")
-    print(f"[{stage}] checkpointed at step {step} after {signal_name}; requeued", flush=True)
-    raise SystemExit(LOCAL_REQUEUE_RETURN_CODE if rank.cluster == "local" else 1)
-
-
-def _stop_reason(rank: Rank, signal_delay_s: int) -> str:
-    """On Slurm, "time limit" when the job is within its warning time of the limit, else "preemption"."""
-    if rank.cluster != "slurm":
-        return "signal"
-    left = subprocess.run(["squeue", "-h", "-j", rank.job_id, "-o", "%L"], capture_output=True, text=True,
-                          timeout=60).stdout.strip()
-    seconds = _slurm_duration(left)
-    return "time limit" if seconds is not None and seconds <= signal_delay_s + 60 else "preemption"
-
-
-def _slurm_duration(text: str) -> int | None:
-    """Seconds in Slurm's [D-]HH:MM:SS / MM:SS form; None for anything else (UNLIMITED, empty)."""
-    days, _, clock = text.rpartition("-")
-    parts = clock.split(":")
-    if not all(part.isdigit() for part in parts) or not 1 <= len(parts) <= 3 or (days and not days.isdigit()):
-        return None
-    seconds = 0
-    for part in parts:
-        seconds = seconds * 60 + int(part)
-    return seconds + int(days or 0) * 86400
 
 
 @dataclass(frozen=True)
@@ -260,7 +216,8 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals)
         return summary
     except BaseException as error:
         if rank.rank == 0:
-            run.event("failed", stage=stage_name, job_id=rank.job_id, error=f"{type(error).__name__}: {error}")
+            run.event("failed", stage=stage_name, job_id=rank.job_id, error=f"{type(error).__name__}: {error}",
+                      retryable=not isinstance(error, NOT_RETRYABLE))
         raise
     finally:
         retire_target(target)

@@ -14,6 +14,7 @@ from d3d_cluster.data.pipeline import clip_geometry
 from d3d_cluster.data.schema import SPLITS, Manifest
 from d3d_cluster.launch.executor import check_cluster, make_executor
 from d3d_cluster.launch.job import EvalJob, StageJob
+from d3d_cluster.launch.requeue import exit_hook
 from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network
@@ -131,7 +132,7 @@ def submit_job(run: RunDir, name: str, function, echo: Callable[[str], None], de
     """Queue one job of the run (its logs under RUN/NAME/submitit) and record it in the events log."""
     spec = run.spec()
     executor = make_executor(spec.cluster, run.stage(name) / "submitit", name=f"{spec.name}-{name}",
-                             dependency=dependency)
+                             dependency=dependency, on_exit=exit_hook(run.path, name))
     job = executor.submit(function)
     run.event("submitted", stage=name, job_id=job.job_id, executor=spec.cluster.executor, dependency=dependency)
     after = f", after {dependency}" if dependency else ""

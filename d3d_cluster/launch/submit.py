@@ -12,6 +12,7 @@ import re
 from typing import Callable
 
 from d3d_cluster.launch.executor import sbatch_script
+from d3d_cluster.launch.requeue import exit_hook
 from d3d_cluster.launch.pipeline import PlannedJob, check_ready, plan_jobs, queue_jobs, run_jobs
 from d3d_cluster.launch.prep import LOGS, prep_clusters, prepare_locally, submit_prep
 from d3d_cluster.launch.rundir import RunDir
@@ -93,7 +94,7 @@ def dry_run(spec: Spec, target: str, prep_tasks: int = 1, prep_workers: int | No
 def _job_script(spec: Spec, planned: PlannedJob) -> str:
     dependency = "afterok:" + ":".join(f"<{name}>" for name in planned.after) if planned.after else None
     return sbatch_script(spec.cluster, spec.run_dir / planned.name / "submitit", f"{spec.name}-{planned.name}",
-                         dependency=dependency)
+                         dependency=dependency, on_exit=exit_hook(spec.run_dir, planned.name))
 
 
 def submit(spec: Spec, target: str, echo: Callable[[str], None] = print, prep_tasks: int = 1,

@@ -1,16 +1,22 @@
-"""Preemption on a real Slurm: `scancel --signal=USR2` mid-training makes every rank checkpoint, rank 0 requeue the
-job through Slurm, and the requeued job resume and finish with exactly the losses of an uninterrupted run."""
+"""Requeues on a real Slurm. Preemption: `scancel --signal=USR2` mid-training makes every rank checkpoint, rank 0
+requeue the job through Slurm, and the requeued job resume. Death without warning: a rank killed mid-training
+takes its job down, the batch script's exit hook requeues it, and it resumes from the last periodic checkpoint.
+Both finish with exactly the losses of an uninterrupted run."""
 
 import json
+import os
 import random
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import TINY, tiny_spec
 
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.launch.submit import submit
 
 EPOCHS = 4
 
@@ -25,19 +31,25 @@ def _losses(run: RunDir) -> list[float]:
     return [json.loads(line)["loss"] for line in (run.path / "teacher" / "train_log.jsonl").read_text().splitlines()]
 
 
-def _wait(condition, what: str, timeout: float = 300) -> None:
+def _wait(condition, what, timeout: float = 300) -> None:
+    """Wait for `condition`; `what` it waits for, or a function that describes the state when it times out."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_shards) -> RunDir:
+    """The uninterrupted run, on the local executor: the same 2-rank world, the same arithmetic."""
+    run = _run(tmp_path_factory.mktemp("uninterrupted"), tiny_shards)
+    run_stage(run, "teacher", echo=lambda line: None)
+    return run
 
 
 @pytest.mark.integration
 def test_a_job_preempted_with_usr2_requeues_resumes_and_finishes_with_identical_losses(tmp_path, tiny_shards,
-                                                                                       slurm_cluster):
-    reference = _run(tmp_path / "local", tiny_shards)
-    run_stage(reference, "teacher", echo=lambda line: None)
-
+                                                                                       slurm_cluster, reference):
     run = _run(tmp_path / "slurm", tiny_shards, executor="slurm", partition=slurm_cluster.partition)
     failure = []
     follower = threading.Thread(target=lambda: _follow(run, failure))
@@ -49,9 +61,7 @@ def test_a_job_preempted_with_usr2_requeues_resumes_and_finishes_with_identical_
     job_id = next(e["job_id"] for e in run.events() if e["event"] == "submitted")
     slurm_cluster.run("scancel", "--signal=USR2", job_id)
     _wait(lambda: any(e["event"] == "requeued" for e in run.events()), "the requeue")
-    # Slurm holds a requeued job back for a while; let it start now.
-    _wait(lambda: "JobState=PENDING" in slurm_cluster.run("scontrol", "show", "job", job_id), "the job to pend")
-    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+    _release(slurm_cluster, job_id)
     follower.join(timeout=600)
     assert not follower.is_alive() and not failure, failure
 
@@ -64,6 +74,51 @@ def test_a_job_preempted_with_usr2_requeues_resumes_and_finishes_with_identical_
     assert "JobState=COMPLETED" in slurm_cluster.wait_for_job(job_id) and "Restarts=1" in \
         slurm_cluster.run("scontrol", "show", "job", job_id)
     assert _losses(run) == _losses(reference)
+
+
+@pytest.mark.integration
+def test_a_job_whose_rank_is_killed_is_requeued_by_its_exit_hook_and_resumes_from_the_periodic_checkpoint(
+        tmp_path, tiny_shards, slurm_cluster, reference):
+    run = _run(tmp_path / "slurm", tiny_shards, executor="slurm", partition=slurm_cluster.partition)
+    submit(run.spec(), "teacher", echo=lambda line: None)
+    job_id = next(e["job_id"] for e in run.events() if e["event"] == "submitted")
+    log = run.path / "teacher" / "train_log.jsonl"
+    _wait(lambda: log.exists() and len(log.read_text().splitlines()) >= 7, "step 7")  # checkpointed at step 5
+    os.kill(_rank_process(run.path / "teacher" / "submitit", rank=1), signal.SIGKILL)
+
+    _wait(lambda: any(e["event"] == "requeued" for e in run.events()), "the exit hook's requeue")
+    _release(slurm_cluster, job_id)
+    _wait(lambda: run.events()[-1]["event"] == "finished",
+          lambda: f"the resumed job to finish: {slurm_cluster.run('scontrol', 'show', 'job', job_id)}"
+                  f"{slurm_cluster.run('sinfo', '-N', '-l')}{run.events()[-3:]}")
+
+    requeued = next(e for e in run.events() if e["event"] == "requeued")
+    assert requeued["job_id"] == job_id and "without warning" in requeued["reason"]
+    resumed = next(e for e in run.events() if e["event"] == "started" and "resumed_from" in e)
+    assert resumed["resumed_from"] == "step-00000005" and resumed["steps_lost"] >= 2
+    assert _losses(run) == _losses(reference)
+
+
+def _release(slurm_cluster, job_id: str) -> None:
+    """Slurm holds a requeued job back for a while; let it start now, once its last run has left the node (a
+    release while the old batch step is still being torn down makes the relaunch fail)."""
+    _wait(lambda: "JobState=PENDING" in slurm_cluster.run("scontrol", "show", "job", job_id), "the job to pend")
+    _wait(lambda: slurm_cluster.node_states() == ["idle"], "the node to be idle")
+    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+
+def _rank_process(submitit_folder: Path, rank: int) -> int:
+    """The pid of one rank of the test's own job, found by its command line and Slurm rank."""
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(submitit_folder).encode() in command and b"submitit.core._submit" in command \
+                and f"SLURM_PROCID={rank}".encode() in environ:
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} process of {submitit_folder}")
 
 
 def _follow(run: RunDir, failure: list) -> None:

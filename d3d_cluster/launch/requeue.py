@@ -1,0 +1,117 @@
+"""How a run's job goes back to the queue, within `cluster.max_requeues`.
+
+Two ways:
+- told to stop (USR2 before the time limit or on preemption, SIGTERM on preemption): every rank has
+  checkpointed; rank 0 records the event and requeues (`requeue_stopped`, from inside the job);
+- died without warning (a killed rank, an out-of-memory kill): the batch script's EXIT trap runs
+  `python -m d3d_cluster.launch.requeue RUN JOB EXIT_CODE` after srun has ended (every task is gone: srun runs
+  with --kill-on-bad-exit), which requeues the job unless it finished, was cancelled, was already requeued, or
+  failed for a reason a retry cannot fix (`requeue_lost`). It resumes from the last periodic checkpoint.
+A failed node is Slurm's own case: jobs submitted with --requeue are requeued by Slurm.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from d3d_cluster.launch.rundir import RunDir
+
+# Slurm states in which a job's end is final: a user's decision, not a loss.
+FINAL_STATES = ("CANCELLED", "COMPLETED")
+
+
+def requeue_stopped(run_path: Path, stage: str, rank, signal_name: str, step: int) -> None:
+    """Every rank has checkpointed: rank 0 records why and requeues the job, then every rank exits without a
+    result, so that submitit runs the job again when it restarts."""
+    import torch.distributed as dist
+    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+    run = RunDir(run_path)
+    spec = run.spec()
+    requeues = _requeues(run, stage, rank.job_id)
+    allowed = requeues < spec.cluster.max_requeues
+    if rank.rank == 0:
+        run.event("preempted", stage=stage, job_id=rank.job_id, signal=signal_name,
+                  reason=_stop_reason(rank, spec.cluster.signal_delay_s), step=step)
+        if allowed:
+            if rank.cluster == "slurm":
+                subprocess.run(["scontrol", "requeue", rank.job_id], check=True, timeout=60)
+            run.event("requeued", stage=stage, job_id=rank.job_id, requeues=requeues + 1)
+        else:
+            run.event("failed", stage=stage, job_id=rank.job_id, retryable=False,
+                      error=f"stopped by {signal_name} at step {step} after {requeues} requeues "
+                            f"(cluster.max_requeues); resubmit the stage to resume from its checkpoint")
+    dist.barrier()
+    if not allowed:
+        raise RuntimeError(f"stage {stage} stopped by {signal_name} at step {step}: no requeue left "
+                           f"(cluster.max_requeues = {spec.cluster.max_requeues}); its checkpoint is kept")
+    print(f"[{stage}] checkpointed at step {step} after {signal_name}; requeued", flush=True)
+    raise SystemExit(LOCAL_REQUEUE_RETURN_CODE if rank.cluster == "local" else 1)
+
+
+def exit_hook(run_path: Path, job: str) -> str:
+    """The command a Slurm job's batch script runs on exit (`trap ... EXIT`), with its exit status."""
+    command = shlex.join([sys.executable, "-m", "d3d_cluster.launch.requeue", str(Path(run_path).absolute()), job])
+    return f"{command} $?"
+
+
+def requeue_lost(run_path: Path, job: str, job_id: str, exit_code: int) -> str:
+    """Requeue a job that ended badly without recording why it cannot be retried; what was decided."""
+    if exit_code == 0:
+        return "finished"
+    run = RunDir(run_path)
+    events = [e for e in run.events() if e.get("stage") == job and e.get("job_id") == job_id]
+    last = events[-1]["event"] if events else None
+    if last in ("requeued", "finished", "cancelled"):
+        return f"not requeued: the job was {last}"
+    if last == "failed" and not events[-1].get("retryable", True):
+        return f"not requeued: {events[-1].get('error', 'failed')}"
+    state = _slurm_state(job_id)
+    if state in FINAL_STATES:
+        return f"not requeued: the job is {state}"
+    requeues = _requeues(run, job, job_id)
+    limit = run.spec().cluster.max_requeues
+    if requeues >= limit:
+        run.event("failed", stage=job, job_id=job_id, retryable=False,
+                  error=f"ended with exit code {exit_code} after {requeues} requeues (cluster.max_requeues)")
+        return "not requeued: no requeue left"
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    run.event("requeued", stage=job, job_id=job_id, requeues=requeues + 1,
+              reason=f"ended with exit code {exit_code} without warning")
+    return "requeued"
+
+
+def _requeues(run: RunDir, job: str, job_id: str) -> int:
+    return sum(1 for e in run.events() if e["event"] == "requeued" and e.get("stage") == job
+               and e.get("job_id") == job_id)
+
+
+def _slurm_state(job_id: str) -> str | None:
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                           timeout=60).stdout
+    return shown.split("JobState=", 1)[1].split()[0] if "JobState=" in shown else None
+
+
+def _stop_reason(rank, signal_delay_s: int) -> str:
+    """On Slurm, "time limit" when the job is within its warning time of the limit, else "preemption"."""
+    from d3d_cluster.launch.submit import parse_time
+
+    if rank.cluster != "slurm":
+        return "signal"
+    left = subprocess.run(["squeue", "-h", "-j", rank.job_id, "-o", "%L"], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+    try:
+        minutes = parse_time(left)
+    except ValueError:  # UNLIMITED, or the job already gone from the queue
+        return "preemption"
+    return "time limit" if minutes * 60 <= signal_delay_s + 60 else "preemption"
+
+
+if __name__ == "__main__":
+    run_dir, job_name, code = sys.argv[1:4]
+    print(f"{job_name} job exit hook: {requeue_lost(Path(run_dir), job_name, os.environ['SLURM_JOB_ID'], int(code))}",
+          file=sys.stderr, flush=True)
