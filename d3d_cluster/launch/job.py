@@ -91,7 +91,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank) -> dict:
                                     targets_dir, write_target)
     from d3d_cluster.train.engine import autocast_dtype, initialize
     from d3d_cluster.train.loop import train
-    from d3d_cluster.train.stages import EXPORT_NAME, build_network, build_stage
+    from d3d_cluster.train.stages import EXPORT_NAME, build_network, build_stage, with_precomputed_teacher
 
     started = time.time()
     run = RunDir(run_path)
@@ -119,9 +119,11 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank) -> dict:
     print(f"[{stage_name}] rank {rank.rank}/{rank.world} metrics at http://{scrape_host(bind)}:{port}/metrics",
           flush=True)
     try:
+        if stage.distill is not None and stage.distill.precompute:
+            stage = with_precomputed_teacher(stage, spec, run.path, rank.rank, rank.world, device_id)
         loader = ClipLoader(shards, "train", spec.data, modalities=stage.modalities, train=True,
                             epochs=stage.settings.epochs, rank=rank.rank, world=rank.world, seed=spec.seed,
-                            device_id=device_id)
+                            device_id=device_id, skip=stage.unusable_samples)
         network = build_network(spec, stage.settings, stage.modality, num_classes)
         micro_steps = len(loader) * stage.settings.epochs
         engine = initialize(stage.trainable(network).to(rank.device), stage.settings.optimizer, spec.deepspeed,
