@@ -15,6 +15,7 @@ from d3d_cluster.launch.job import EvalJob, StageJob
 from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network
+from d3d_cluster.train.teacher_outputs import check_space
 
 
 def check_ready(spec: Spec, stage: str) -> None:
@@ -30,6 +31,8 @@ def check_ready(spec: Spec, stage: str) -> None:
     teacher = spec.run_dir / "teacher" / EXPORT_NAME
     if stage == "student" and not teacher.is_file():
         raise FileNotFoundError(f"{teacher}: the student needs a finished teacher in this run; train the teacher first")
+    if stage == "student" and spec.student.distill.precompute:
+        check_space(spec, len(manifest.classes), manifest.splits["train"].samples)
     check_initial_weights(spec, len(manifest.classes))
     check_cluster(spec.cluster)
 

@@ -23,6 +23,7 @@ fingerprint is stale: it is replaced and its epochs computed again.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -71,6 +72,31 @@ def fingerprint(spec: Spec, teacher_weights: Path, keys: list[str], shard_hash: 
                   "crop_area": data.crop_area, "crop_aspect": data.crop_aspect},
         "keys": keys,
     }
+
+
+def output_shape(spec: Spec, num_classes: int) -> tuple[int, ...]:
+    """One clip's stored output: its logits, or its Mixed_5c map (worked out on the meta device: no compute)."""
+    if spec.student.distill.target == "logits":
+        return (num_classes,)
+    teacher = S3DG(num_classes, in_channels=2, width=spec.model.width, gating=spec.model.gating).to("meta")
+    clip = torch.empty(1, 2, spec.data.clip_frames, spec.data.crop_size, spec.data.crop_size, device="meta")
+    return tuple(teacher.feature_map(clip).shape[1:])
+
+
+def check_space(spec: Spec, num_classes: int, train_samples: int) -> None:
+    """Refuse, before the student is queued, teacher outputs the run directory's file system cannot hold."""
+    directory = spec.run_dir / "student" / DIRECTORY_NAME
+    row = int(np.prod(output_shape(spec, num_classes))) * np.dtype(STORED_DTYPE[spec.student.distill.target]).itemsize
+    # One epoch more: its parts lie beside the epoch files while rank 0 merges them.
+    needed = row * train_samples * (spec.student.epochs + 1)
+    present = sum(path.stat().st_size for path in directory.glob("epoch-*")) if directory.is_dir() else 0
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if needed - present > free:
+        raise ValueError(f"student.distill.precompute: the teacher outputs of {train_samples} clips x "
+                         f"{spec.student.epochs} epochs ({spec.student.distill.target}, {row} bytes a clip) need "
+                         f"{needed / 2**30:.1f} GiB, and {existing} has {free / 2**30:.1f} GiB free; "
+                         f"free space, or train with the live teacher")
 
 
 def _differences(stored: dict, expected: dict) -> list[str]:

@@ -16,7 +16,7 @@ from d3d_cluster.launch.rundir import RunDir
 from d3d_cluster.models import S3DG
 from d3d_cluster.train.stages import build_stage, with_precomputed_teacher
 from d3d_cluster.train.teacher_outputs import (DIRECTORY_NAME, MANIFEST_NAME, StaleTeacherOutputs, TeacherOutputs,
-                                               epoch_path, fingerprint)
+                                               check_space, epoch_path, fingerprint, output_shape)
 
 CPU = torch.device("cpu")
 RANK = Rank(0, 1, 0, CPU, "test", "127.0.0.1:0")
@@ -159,3 +159,14 @@ def test_outputs_of_other_teacher_weights_are_refused_then_computed_again(tmp_pa
     assert stage.precomputed.targets(0, torch.tensor([0])).shape == (1, 3)
     with pytest.raises(ValueError, match=r"teacher outputs of epochs \[2\] have not been computed"):
         TeacherOutputs(directory, retrained, EPOCHS + 1)
+
+
+def test_outputs_the_disk_cannot_hold_are_refused_before_the_student_is_queued(tmp_path):
+    spec = tiny_spec(tmp_path, student={"epochs": 20, "distill": {"precompute": True, "target": "mixed_5c"}},
+                     model={"width": 1.0}, data={**TINY["data"], "clip_frames": 64, "crop_size": 224},
+                     prep={**TINY["prep"], "short_side": 256, "synthetic": {"frames": 80}})
+    assert output_shape(spec, 400) == (1024, 8, 7, 7)  # 0.8 MB a clip in float16
+    check_space(spec, 400, train_samples=100)
+    with pytest.raises(ValueError, match=r"student.distill.precompute: the teacher outputs of 240000 clips x 20 epochs "
+                                         r"\(mixed_5c, 802816 bytes a clip\) need 3768.3 GiB, and .* GiB free"):
+        check_space(spec, 400, train_samples=240_000)
