@@ -10,7 +10,7 @@ on gloo), from one exported teacher:
 - reused: the precompute run's stage again, finding its side file complete (what a requeued student does).
 Reported per mode, as medians over repeats: training clips/s (the loop, world throughput), the loop's seconds,
 the pass's seconds, and the stage's wall time from job start to the exported model (process start, DeepSpeed
-set-up, the pass and training); and the ratios of live to precompute. The teacher is a randomly initialised
+set-up, the pass and training); the ratios of those medians, and the medians of the ratios within a repeat. The teacher is a randomly initialised
 S3D-G: its weights do not change what a step costs. Modes alternate their order between repeats, and the
 load average is recorded: the machine may be shared.
 """
@@ -117,6 +117,15 @@ def main() -> None:
             "wall_live_over_reused": live["wall_seconds"] / reused["wall_seconds"],
             "pass_seconds_over_live_loop_seconds": pre["pass_seconds"] / live["loop_seconds"],
         },
+        # Live and precompute of one repeat ran back to back: their ratios are less exposed to drifting load.
+        "paired_ratio_medians": {
+            "training_clips_per_second_precompute_over_live": statistics.median(
+                p["clips_per_second"] / l["clips_per_second"] for p, l in zip(rows["precompute"], rows["live"])),
+            "wall_live_over_precompute_with_pass": statistics.median(
+                l["wall_seconds"] / p["wall_seconds"] for p, l in zip(rows["precompute"], rows["live"])),
+            "wall_live_over_reused": statistics.median(
+                l["wall_seconds"] / r["wall_seconds"] for r, l in zip(rows["reused"], rows["live"])),
+        },
         "load_average_range": [min(min(r["load_average"]) for rs in rows.values() for r in rs),
                                max(max(r["load_average"]) for rs in rows.values() for r in rs)],
         "runs": rows,
@@ -124,7 +133,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({key: report[key] for key in ("medians", "ratios", "load_average_range")}, indent=2))
+    print(json.dumps({key: report[key] for key in ("medians", "ratios", "paired_ratio_medians", "load_average_range")},
+                     indent=2))
 
 
 if __name__ == "__main__":
