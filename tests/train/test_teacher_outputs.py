@@ -12,6 +12,7 @@ from conftest import TINY, tiny_spec
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.data.schema import FLOW_EXT
 from d3d_cluster.launch.job import Rank, _train_stage
+from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.rundir import RunDir
 from d3d_cluster.models import S3DG
 from d3d_cluster.train.stages import build_stage, with_precomputed_teacher
@@ -37,9 +38,9 @@ def _teacher(seed: int) -> dict:
     return teacher.state_dict()
 
 
-def _run(workdir, shards, name: str, teacher: dict, batch_size: int = 2, **distill) -> RunDir:
+def _run(workdir, shards, name: str, teacher: dict, batch_size: int = 2, ranks: int = 1, **distill) -> RunDir:
     spec = tiny_spec(workdir, name=name, data={**TINY["data"], "shards": str(shards), "batch_size": batch_size},
-                     deepspeed={"global_batch_size": 2 * batch_size}, cluster={"tasks_per_node": 1},
+                     deepspeed={"global_batch_size": 2 * batch_size}, cluster={"tasks_per_node": ranks},
                      student={"epochs": EPOCHS, "distill": distill})
     run = RunDir.create(spec)
     torch.save(teacher, run.stage("teacher") / "model.pt")
@@ -170,3 +171,31 @@ def test_outputs_the_disk_cannot_hold_are_refused_before_the_student_is_queued(t
     with pytest.raises(ValueError, match=r"student.distill.precompute: the teacher outputs of 240000 clips x 20 epochs "
                                          r"\(mixed_5c, 802816 bytes a clip\) need 3768.3 GiB, and .* GiB free"):
         check_space(spec, 400, train_samples=240_000)
+
+
+def test_two_ranks_store_every_clip_once_as_the_teacher_sees_it(tmp_path, tiny_shards, threads):
+    """A real 2-rank student job (local executor): each rank computes its share, rank 0 merges them."""
+    run = _run(tmp_path, tiny_shards, "two", _teacher(1), ranks=2, precompute=True)
+    echoed = []
+    run_stage(run, "student", echo=echoed.append, poll_seconds=0.2)
+    assert any(line.startswith("[student] teacher outputs of epoch 1 computed") for line in echoed)
+    directory = run.path / "student" / DIRECTORY_NAME
+    assert sorted(f.name for f in directory.iterdir()) == ["epoch-0000.npy", "epoch-0001.npy", MANIFEST_NAME]
+
+    # Each rank's share again, as the ranks ran it (one thread each: another thread count, or other batch-mates,
+    # rounds oneDNN's sums differently), through the live teacher: the same numbers, each row filled once.
+    spec = run.spec()
+    stage = build_stage(spec, "student", run.path, 3, CPU)
+    torch.set_num_threads(spec.cluster.cpus_per_task)
+    stored = [np.load(epoch_path(directory, epoch)) for epoch in range(EPOCHS)]
+    seen = [[] for _ in range(EPOCHS)]
+    for rank in range(2):
+        loader = ClipLoader(tiny_shards, "train", spec.data, modalities=("flow",), rank=rank, world=2, seed=spec.seed,
+                            train=True, epochs=EPOCHS)
+        for epoch in range(EPOCHS):
+            for batch in loader.epoch(epoch):
+                torch.testing.assert_close(torch.from_numpy(stored[epoch][batch.samples.numpy()]),
+                                           stage.teacher_output(batch), rtol=0, atol=0)
+                seen[epoch] += batch.samples.tolist()
+        loader.close()
+    assert all(sorted(samples) == list(range(len(stored[0]))) for samples in seen)
