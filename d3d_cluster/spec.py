@@ -152,6 +152,10 @@ class DistillSpec(_Section):
         "logits", description="logits, or the Mixed_5c feature map through a trained 1x1x1 projection")
     loss: Literal["mse", "kl"] = Field("mse", description="squared error, or Hinton's KL on logits x temperature^2")
     temperature: float = Field(1.0, gt=0.0, description="kl only: softmax temperature of both networks")
+    precompute: bool = Field(
+        False, description="run the teacher once over every (epoch, clip) before training and store its outputs in "
+                           "RUN/student/teacher_outputs (logits as float32, Mixed_5c maps as float16); the student "
+                           "then decodes RGB only")
 
     @model_validator(mode="after")
     def _kl_on_logits(self) -> "DistillSpec":

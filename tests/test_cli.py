@@ -18,7 +18,7 @@ def test_check_spec_refuses_a_bad_spec_naming_file_and_key(tmp_path):
     spec.write_text(yaml.safe_dump({"student": {"distill": {"wieght": 1}}}))
     result = CliRunner().invoke(main, ["check-spec", str(spec)])
     assert result.exit_code != 0
-    assert f"{spec}: unknown key student.distill.wieght (expected one of: weight, target, loss, temperature)" in result.output
+    assert f"{spec}: unknown key student.distill.wieght (expected one of: weight, target, loss, temperature, precompute)" in result.output
 
 
 def test_check_spec_prints_the_resolved_spec(tmp_path):

@@ -19,7 +19,7 @@ import hashlib
 import sys
 from collections import deque
 from dataclasses import asdict, dataclass
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # (N,) int64
     samples: torch.Tensor  # (N,) int64 sample ids in the split's SampleTable
     views: torch.Tensor  # (N,) int64 which of a video's evaluation views (0 when training)
+    epoch: int  # the epoch the batch belongs to: with the sample ids, it names each clip's training view
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,13 @@ class ClipLoader:
 
     Training reads one random view per video; evaluation reads every video's `eval_clips` x `eval_crops`
     views. Every item is read exactly once per epoch by the world, and every rank runs the same number of steps.
+    `skip`: samples known to be unusable before reading starts (the student's precompute pass could not decode
+    their flow); they are left out as found-corrupt ones are, so the steps stay those of the live run.
     """
 
     def __init__(self, shard_dir, split: str, data: DataSpec, *, modalities: tuple[str, ...], rank: int, world: int,
                  seed: int, train: bool, device_id: int | None = None, first_epoch: int = 0, epochs: int = 1,
-                 resume: LoaderState | None = None):
+                 resume: LoaderState | None = None, skip: Iterable[int] = ()):
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
@@ -187,7 +190,7 @@ class ClipLoader:
         self._consumed = (first_epoch, position)  # epoch and world position after the last batch handed out
         self._next_epoch = first_epoch
         self.skipped: list[dict] = []  # corrupt samples: key, shard, modality, error
-        self._corrupt: set[int] = set()
+        self._corrupt: set[int] = set(skip)  # samples known unusable before reading (`skip`) or found corrupt
         self._start_pipeline()
 
     def _check_resumable(self, state: LoaderState, shard_dir, split: str) -> None:
@@ -285,7 +288,7 @@ class ClipLoader:
             labels, samples, views, *videos = outputs
             tensors = dict(zip(self.modalities, (_to_torch(v, self.device) for v in videos)))
             yield Batch(tensors.get("rgb"), tensors.get("flow"), *(torch.from_numpy(np.array(t.as_tensor()))
-                                                                   for t in (labels, samples, views)))
+                                                                   for t in (labels, samples, views)), planned.epoch)
 
     def _run(self):
         try:

@@ -134,7 +134,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals)
     from d3d_cluster.train import checkpoint as checkpoints
     from d3d_cluster.train.engine import autocast_dtype, initialize
     from d3d_cluster.train.loop import Checkpointing, train
-    from d3d_cluster.train.stages import EXPORT_NAME, build_network, build_stage
+    from d3d_cluster.train.stages import EXPORT_NAME, build_network, build_stage, with_precomputed_teacher
 
     started = time.time()
     run = RunDir(run_path)
@@ -171,9 +171,12 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals)
     print(f"[{stage_name}] rank {rank.rank}/{rank.world} metrics at http://{scrape_host(bind)}:{port}/metrics",
           flush=True)
     try:
+        if stage.distill is not None and stage.distill.precompute:
+            stage = with_precomputed_teacher(stage, spec, run.path, rank.rank, rank.world, device_id)
         loader = ClipLoader(shards, "train", spec.data, modalities=stage.modalities, train=True,
                             epochs=stage.settings.epochs, rank=rank.rank, world=rank.world, seed=spec.seed,
-                            device_id=device_id, resume=resume.loader if resume else None)
+                            device_id=device_id, resume=resume.loader if resume else None,
+                            skip=stage.unusable_samples)
         network = build_network(spec, stage.settings, stage.modality, num_classes)
         micro_steps = len(loader) * stage.settings.epochs
         universal = resume is not None and checkpoints.needs_universal(resume, rank.world)

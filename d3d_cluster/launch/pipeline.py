@@ -18,6 +18,7 @@ from d3d_cluster.launch.requeue import exit_hook
 from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network
+from d3d_cluster.train.teacher_outputs import check_space
 
 EVAL = "eval"
 TARGETS = (*STAGES, EVAL, "pipeline")
@@ -70,6 +71,8 @@ def check_ready(spec: Spec, *stages: str) -> None:
     if "student" in stages and "teacher" not in stages and not teacher.is_file():
         raise FileNotFoundError(f"{teacher}: the student needs a finished teacher in this run; train the teacher "
                                 "first (or submit the pipeline)")
+    if "student" in stages and spec.student.distill.precompute:
+        check_space(spec, len(manifest.classes), manifest.splits["train"].samples)
     check_initial_weights(spec, len(manifest.classes))
     check_cluster(spec.cluster)
 

@@ -3,13 +3,15 @@
 - teacher : S3D-G on optical flow, cross-entropy.
 - student : S3D-G on RGB, cross-entropy + lambda x a distillation term to the frozen teacher (its logits by
             default, or its Mixed_5c features; squared error or KL, see `models.distill`), the teacher
-            seeing the flow of the very same augmented clip, in eval mode and without gradients.
+            seeing the flow of the very same augmented clip, in eval mode and without gradients; or, with
+            `student.distill.precompute`, its outputs for every clip computed once before training
+            (`teacher_outputs`), so that training decodes no flow and runs no teacher.
 - baseline: the student with lambda = 0 and no teacher: what RGB alone reaches, for comparison.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ from d3d_cluster.data.pipeline import Batch
 from d3d_cluster.models import S3DG, D3DLoss, FeatureDistillation, d3d_loss
 from d3d_cluster.models.weights import load_s3dg, load_weights
 from d3d_cluster.spec import DistillSpec, ModelSpec, Spec, StageSpec
+from d3d_cluster.train.teacher_outputs import DIRECTORY_NAME, TeacherOutputs, precompute_teacher_outputs
 
 STAGES = ("teacher", "student", "baseline")
 STAGE_INPUT = {"teacher": "flow", "student": "rgb", "baseline": "rgb"}
@@ -49,21 +52,33 @@ class Stage:
     name: str
     modality: str  # what the trained network sees
     settings: StageSpec
-    distill: DistillSpec | None = None  # set with `teacher`
-    teacher: S3DG | None = None
+    distill: DistillSpec | None = None  # set with a teacher source
+    teacher: S3DG | None = None  # the frozen teacher, run on each batch's flow
+    precomputed: TeacherOutputs | None = None  # or its outputs, computed before training
+
+    @property
+    def distilled(self) -> bool:
+        return self.teacher is not None or self.precomputed is not None
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """What the loader must decode: the teacher's flow comes along when there is a teacher."""
+        """What the loader must decode: the teacher's flow comes along when the teacher runs live."""
         return (self.modality, "flow") if self.teacher is not None else (self.modality,)
+
+    @property
+    def unusable_samples(self) -> list[int]:
+        """Samples the loader must leave out from the start: those whose flow the precompute pass could not decode
+        (the live teacher's loader skips them too, as it finds them)."""
+        return self.precomputed.unusable if self.precomputed is not None else []
 
     def inputs(self, batch: Batch) -> torch.Tensor:
         return getattr(batch, self.modality)
 
     def trainable(self, network: S3DG) -> nn.Module:
         """What the engine trains: the network, with the Mixed_5c projection when features are distilled."""
-        if self.teacher is not None and self.distill.target == "mixed_5c":
-            return FeatureDistillation(network, self.teacher.num_features)
+        if self.distilled and self.distill.target == "mixed_5c":
+            channels = self.teacher.num_features if self.teacher is not None else self.precomputed.channels
+            return FeatureDistillation(network, channels)
         return network
 
     @staticmethod
@@ -71,17 +86,22 @@ class Stage:
         """The class scores among the trainable module's `outputs`."""
         return outputs[0] if isinstance(outputs, tuple) else outputs
 
+    def teacher_output(self, batch: Batch) -> torch.Tensor:
+        """The frozen teacher's logits or Mixed_5c map for the batch's clips: stored, or computed on their flow."""
+        if self.precomputed is not None:
+            return self.precomputed.targets(batch.epoch, batch.samples)
+        with torch.no_grad():
+            if self.distill.target == "mixed_5c":
+                return self.teacher.feature_map(batch.flow)
+            return self.teacher(batch.flow)
+
     def loss(self, outputs, batch: Batch) -> D3DLoss:
         """`outputs` of the trainable module: logits, or (logits, projected Mixed_5c map)."""
         logits, matched = self.logits(outputs), outputs[1] if isinstance(outputs, tuple) else None
         labels = batch.labels.to(logits.device)
-        if self.teacher is None:
+        if not self.distilled:
             return d3d_loss(logits.float(), labels)
-        with torch.no_grad():
-            if self.distill.target == "mixed_5c":
-                teacher_output = self.teacher.feature_map(batch.flow)
-            else:
-                teacher_output = self.teacher(batch.flow)
+        teacher_output = self.teacher_output(batch).to(logits.device)
         return d3d_loss(logits.float(), labels, teacher_output.float(), self.distill.weight,
                         student_output=None if matched is None else matched.float(), kind=self.distill.loss,
                         temperature=self.distill.temperature)
@@ -107,3 +127,12 @@ def build_stage(spec: Spec, name: str, run_dir: Path, num_classes: int, device: 
         teacher = load_frozen_teacher(spec, run_dir / "teacher", num_classes, device)
         return Stage(name, STAGE_INPUT[name], spec.student, spec.student.distill, teacher)
     raise ValueError(f"unknown stage {name!r} (expected one of {', '.join(STAGES)})")
+
+
+def with_precomputed_teacher(stage: Stage, spec: Spec, run_dir: Path, rank: int, world: int,
+                             device_id: int | None) -> Stage:
+    """The student reading its teacher's stored outputs, computed first (by every rank, a share each) where they
+    are missing or stale; the teacher network is then let go."""
+    outputs = precompute_teacher_outputs(spec, stage.teacher, run_dir / "teacher" / EXPORT_NAME,
+                                         run_dir / stage.name / DIRECTORY_NAME, rank, world, device_id)
+    return replace(stage, teacher=None, precomputed=outputs)
