@@ -21,12 +21,13 @@ def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool) -> np.ndar
     return np.random.default_rng([seed, epoch]).permutation(num_items)
 
 
-def global_steps(remaining: int, world: int, batch_size: int) -> list[int]:
+def global_steps(remaining: int, world: int, batch_size: int, min_per_rank: int = 1) -> list[int]:
     """How many items each global step of the rest of an epoch takes: every item exactly once.
 
-    Full steps take world x batch items. A remainder of at least one item per rank makes a last, smaller
-    step; a remainder smaller than the world joins the last full step instead (a rank then gets at most one
-    clip more than its batch), so no rank ever runs a step without data and all ranks run the same steps.
+    Full steps take world x batch items. A remainder of at least `min_per_rank` items per rank makes a last,
+    smaller step; a smaller remainder joins the last full step instead (a rank then gets at most
+    `min_per_rank` clips more than its batch), so no rank ever runs a step with fewer clips and all ranks run
+    the same steps. Training asks for 2: BatchNorm cannot normalise a single clip.
     """
     if remaining == 0:
         return []
@@ -34,20 +35,21 @@ def global_steps(remaining: int, world: int, batch_size: int) -> list[int]:
         raise ValueError(f"{remaining} items cannot be shared among {world} ranks (fewer items than ranks)")
     full, rest = divmod(remaining, world * batch_size)
     sizes = [world * batch_size] * full
-    if rest >= world or not sizes:
+    if rest >= world * min_per_rank or not sizes:
         sizes.append(rest)
     elif rest:
         sizes[-1] += rest
     return sizes
 
 
-def rank_steps(order: np.ndarray, position: int, rank: int, world: int, batch_size: int) -> list[tuple[np.ndarray, int]]:
+def rank_steps(order: np.ndarray, position: int, rank: int, world: int, batch_size: int,
+               min_per_rank: int = 1) -> list[tuple[np.ndarray, int]]:
     """This rank's items for each remaining global step of an epoch, with the world position after the step.
 
     A step's items are dealt round-robin, so ranks' shares differ by at most one item.
     """
     steps, start = [], position
-    for size in global_steps(len(order) - position, world, batch_size):
+    for size in global_steps(len(order) - position, world, batch_size, min_per_rank):
         steps.append((order[start : start + size][rank::world], start + size))
         start += size
     return steps

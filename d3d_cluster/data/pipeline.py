@@ -220,9 +220,14 @@ class ClipLoader:
     def _order(self, epoch: int) -> np.ndarray:
         return epoch_order(self.items, self.seed, epoch, shuffle=self.train)
 
+    @property
+    def min_per_rank(self) -> int:
+        """Clips a rank needs in a step: BatchNorm in training mode cannot normalise one."""
+        return 2 if self.train else 1
+
     def steps(self, position: int = 0) -> int:
         """Steps of an epoch from a world position; the same on every rank."""
-        return len(global_steps(self.items - position, self.world, self.data.batch_size))
+        return len(global_steps(self.items - position, self.world, self.data.batch_size, self.min_per_rank))
 
     def __len__(self) -> int:
         """Steps of a whole epoch."""
@@ -232,7 +237,7 @@ class ClipLoader:
         views = len(self.views)
         for e in range(epoch, self.end_epoch):
             for items, end in rank_steps(self._order(e), position if e == epoch else 0, self.rank, self.world,
-                                         self.data.batch_size):
+                                         self.data.batch_size, self.min_per_rank):
                 samples = [int(item) // views for item in items]
                 kept = [(s, int(item) % views) for s, item in zip(samples, items) if s not in self._corrupt]
                 if not kept:

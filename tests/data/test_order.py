@@ -42,6 +42,14 @@ def test_resuming_from_a_position_reads_exactly_the_items_not_yet_read(world, re
             [c.tolist() for c, _ in first[1][3:]]
 
 
+@pytest.mark.parametrize("items, world, batch", [(11, 1, 2), (13, 2, 3), (31, 3, 4), (100, 2, 8)])
+def test_training_steps_give_every_rank_at_least_two_clips(items, world, batch):
+    order = epoch_order(items, seed=0, epoch=0, shuffle=True)
+    per_rank = [rank_steps(order, 0, rank, world, batch, min_per_rank=2) for rank in range(world)]
+    assert sorted(np.concatenate([c for steps in per_rank for c, _ in steps]).tolist()) == list(range(items))
+    assert all(2 <= len(chunk) <= batch + 2 for steps in per_rank for chunk, _ in steps)
+
+
 def test_fewer_items_than_ranks_is_refused():
     assert global_steps(0, 4, 2) == []
     with pytest.raises(ValueError, match="3 items cannot be shared among 4 ranks"):
