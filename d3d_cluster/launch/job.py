@@ -5,11 +5,11 @@ A stage job is requeueable. Every rank catches the warning signals (USR2, which 
 before the time limit and some clusters on preemption; SIGTERM, which others send on preemption before a grace
 time): the loop then has every rank checkpoint at the next step boundary (a checkpoint is collective; submitit's
 own handler would run on rank 0 alone), rank 0 records the event and requeues the job, and the requeued job
-resumes from that checkpoint. A job that dies without warning resumes from its last periodic checkpoint.
+resumes from that checkpoint. A job that dies without warning resumes from its last periodic checkpoint (see `launch.requeue`).
 
 What submitit pickles is one of these small objects (a run directory and names), never a model or an engine:
-everything else is rebuilt from the run directory on the node. This is also the one place below the CLI
-that reads the environment (ranks, master address, accelerator).
+everything else is rebuilt from the run directory on the node. With `launch.requeue`, this is the one place
+below the CLI that reads the environment (ranks, master address, accelerator, job id).
 """
 
 from __future__ import annotations
@@ -129,8 +129,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals)
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import replace_atomically, write_json_atomically
     from d3d_cluster.launch.rundir import SUMMARY_NAME, TRAIN_LOG_NAME, RunDir
-    from d3d_cluster.metrics import (TrainMetrics, bind_address, retire_target, scrape_host, target_path,
-                                    targets_dir, write_target)
+    from d3d_cluster.metrics import retire_target
     from d3d_cluster.train import checkpoint as checkpoints
     from d3d_cluster.train.engine import autocast_dtype, initialize
     from d3d_cluster.train.loop import Checkpointing, train
@@ -155,21 +154,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals)
     stage = build_stage(spec, stage_name, run.path, num_classes, rank.device)
     device_id = rank.device.index if rank.device.type == "cuda" else None
 
-    metrics = TrainMetrics(spec.name, stage_name, rank.rank, job_id=rank.job_id)
-    job_events = [e for e in run.events() if e.get("stage") == stage_name and e.get("job_id") == rank.job_id]
-    metrics.requeued(sum(1 for e in job_events if e["event"] == "requeued"))
-    metrics.steps_lost(sum(e.get("steps_lost", 0) for e in job_events if e["event"] == "started"))
-    if rank.device.type == "cuda":
-        metrics.watch_gpu(rank.device.index)
-    bind = bind_address(spec.metrics, spec.cluster.executor)
-    wanted_port = spec.metrics.port + rank.local_rank if spec.metrics.port else 0
-    port = metrics.serve(bind, wanted_port)
-    if port != wanted_port and wanted_port:
-        print(f"[{stage_name}] rank {rank.rank}: metrics port {wanted_port} is taken, serving on {port}", flush=True)
-    target = target_path(targets_dir(spec, run), spec.name, stage_name, rank.rank)
-    write_target(target, scrape_host(bind), port, metrics.labels)
-    print(f"[{stage_name}] rank {rank.rank}/{rank.world} metrics at http://{scrape_host(bind)}:{port}/metrics",
-          flush=True)
+    metrics, target = _serve_metrics(spec, run, stage_name, rank)
     try:
         if stage.distill is not None and stage.distill.precompute:
             stage = with_precomputed_teacher(stage, spec, run.path, rank.rank, rank.world, device_id)
@@ -185,12 +170,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals)
                             max(1, len(loader) // spec.grad_accumulation), autocast_to=autocast_dtype(rank.device),
                             compile=spec.model.compile, load_universal=universal)
         if resume:
-            if universal:
-                checkpoints.universal_copy(resume)
-            checkpoints.load(engine, resume)
-            if rank.rank == 0:
-                print(f"[{stage_name}] resumed from {resume.path} (step {resume.step}, epoch {resume.epoch:.2f}, "
-                      f"saved by {resume.world_size} ranks)", flush=True)
+            _restore(engine, resume, universal, stage_name, rank)
 
         def saved(checkpoint, seconds: float, reason: str) -> None:
             if rank.rank == 0:
@@ -225,6 +205,39 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals)
     finally:
         retire_target(target)
         metrics.close()
+
+
+def _serve_metrics(spec, run, stage_name: str, rank: Rank):
+    """This rank's metrics endpoint and its file_sd target; the requeue counters carry the job's totals."""
+    from d3d_cluster.metrics import TrainMetrics, bind_address, scrape_host, target_path, targets_dir, write_target
+
+    metrics = TrainMetrics(spec.name, stage_name, rank.rank, job_id=rank.job_id)
+    job_events = [e for e in run.events() if e.get("stage") == stage_name and e.get("job_id") == rank.job_id]
+    metrics.requeued(sum(1 for e in job_events if e["event"] == "requeued"))
+    metrics.steps_lost(sum(e.get("steps_lost", 0) for e in job_events if e["event"] == "started"))
+    if rank.device.type == "cuda":
+        metrics.watch_gpu(rank.device.index)
+    bind = bind_address(spec.metrics, spec.cluster.executor)
+    wanted_port = spec.metrics.port + rank.local_rank if spec.metrics.port else 0
+    port = metrics.serve(bind, wanted_port)
+    if port != wanted_port and wanted_port:
+        print(f"[{stage_name}] rank {rank.rank}: metrics port {wanted_port} is taken, serving on {port}", flush=True)
+    target = target_path(targets_dir(spec, run), spec.name, stage_name, rank.rank)
+    write_target(target, scrape_host(bind), port, metrics.labels)
+    print(f"[{stage_name}] rank {rank.rank}/{rank.world} metrics at http://{scrape_host(bind)}:{port}/metrics",
+          flush=True)
+    return metrics, target
+
+
+def _restore(engine, resume, universal: bool, stage_name: str, rank: Rank) -> None:
+    from d3d_cluster.train import checkpoint as checkpoints
+
+    if universal:
+        checkpoints.universal_copy(resume)
+    checkpoints.load(engine, resume)
+    if rank.rank == 0:
+        print(f"[{stage_name}] resumed from {resume.path} (step {resume.step}, epoch {resume.epoch:.2f}, "
+              f"saved by {resume.world_size} ranks)", flush=True)
 
 
 def _forget_steps_after(log_path: Path, step: int) -> int:
