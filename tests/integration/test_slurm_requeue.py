@@ -100,11 +100,23 @@ def test_a_job_whose_rank_is_killed_is_requeued_by_its_exit_hook_and_resumes_fro
 
 
 def _release(slurm_cluster, job_id: str) -> None:
-    """Slurm holds a requeued job back for a while; let it start now, once its last run has left the node (a
-    release while the old batch step is still being torn down makes the relaunch fail)."""
+    """Slurm holds a requeued job back for a while (minutes); let it start now, once its last run has left the
+    node: released while the old run's step daemons are still winding down, the relaunch fails."""
     _wait(lambda: "JobState=PENDING" in slurm_cluster.run("scontrol", "show", "job", job_id), "the job to pend")
-    _wait(lambda: slurm_cluster.node_states() == ["idle"], "the node to be idle")
+    _wait(lambda: not _step_daemons(job_id), f"job {job_id}'s slurmstepd processes to exit")
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+
+
+def _step_daemons(job_id: str) -> list[str]:
+    names = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if command.startswith(b"slurmstepd: [" + job_id.encode() + b"."):
+            names.append(command.decode(errors="replace"))
+    return names
 
 
 def _rank_process(submitit_folder: Path, rank: int) -> int:
