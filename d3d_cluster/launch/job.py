@@ -21,6 +21,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -124,7 +125,7 @@ def _check_world(spec, run_path: Path, rank: Rank) -> None:
         torch.set_num_threads(spec.cluster.cpus_per_task)
 
 
-def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: StopSignals):
+def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[], bool]):
     from d3d_cluster.data.pipeline import ClipLoader
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import replace_atomically, write_json_atomically

@@ -20,7 +20,7 @@ from d3d_cluster.train.teacher_outputs import (DIRECTORY_NAME, MANIFEST_NAME, St
                                                check_space, epoch_path, fingerprint, output_shape)
 
 CPU = torch.device("cpu")
-RANK = Rank(0, 1, 0, CPU, "test", "127.0.0.1:0")
+RANK = Rank(0, 1, 0, CPU, "test", "127.0.0.1:0", "local")
 EPOCHS = 2
 
 
@@ -56,7 +56,7 @@ def threads():
 
 
 def _train_student(run: RunDir) -> list[dict]:
-    _train_stage(run.path, "student", RANK)
+    _train_stage(run.path, "student", RANK, stop=lambda: False)
     return [json.loads(line) for line in (run.path / "student" / "train_log.jsonl").read_text().splitlines()]
 
 
