@@ -28,7 +28,8 @@ def test_slurm_executor_carries_the_spec_and_its_requeue_limit(tmp_path, slurm_c
     assert executor.parameters["job_name"] == "run-teacher" and executor.parameters["ntasks_per_node"] == 2
     # A requeued job keeps its id: it may be requeued, and its task logs are appended to, not truncated.
     assert executor.parameters["additional_parameters"] == {"requeue": True}
-    assert executor.parameters["srun_args"] == ["--open-mode=append"] and "dependency" not in executor.parameters
+    assert executor.parameters["srun_args"] == ["--open-mode=append", "--kill-on-bad-exit=1"]
+    assert "dependency" not in executor.parameters
     chained = make_executor(ClusterSpec(executor="slurm"), tmp_path, name="run-student", dependency="afterok:7")
     assert chained.parameters["dependency"] == "afterok:7"
     assert chained.parameters["additional_parameters"] == {"requeue": True, "kill-on-invalid-dep": "yes"}

@@ -151,11 +151,12 @@ def test_with_the_local_executor_submit_runs_the_jobs_in_the_foreground(tmp_path
     assert "[teacher] submitted job" in result.output and "[teacher] done:" in result.output
     result = CliRunner().invoke(main, ["submit", "eval", "-c", str(spec), "--name", "here"])
     assert result.exit_code == 0, result.output
-    assert "here: top-1 on 6 validation videos" in result.output
+    assert "here: video-level accuracy on 6 validation videos" in result.output
 
     run = tmp_path / "work" / "runs" / "here"
     events = [(e["event"], e["stage"], e.get("executor")) for e in map(json.loads, (run / "events.jsonl").open())]
-    assert events == [("submitted", "teacher", "local"), ("started", "teacher", None), ("finished", "teacher", None),
+    assert events == [("submitted", "teacher", "local"), ("started", "teacher", None),
+                      ("checkpointed", "teacher", None), ("finished", "teacher", None),
                       ("submitted", "eval", "local"), ("started", "eval", None), ("finished", "eval", None)]
     assert json.loads((run / "results.json").read_text())["models"].keys() == {"teacher"}
     result = CliRunner().invoke(main, ["cancel", str(run)])

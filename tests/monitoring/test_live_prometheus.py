@@ -106,12 +106,11 @@ class SlowLoader:
     def __init__(self, loader: ClipLoader, delay: float):
         self.loader, self.delay = loader, delay
 
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)
+
     def __len__(self) -> int:
         return len(self.loader)
-
-    @property
-    def skipped(self) -> list[dict]:
-        return self.loader.skipped
 
     def epoch(self, epoch: int):
         for batch in self.loader.epoch(epoch):
@@ -168,7 +167,7 @@ def _train_fed_and_starved(tmp_path, tiny_shards, promtool):
             wait_until_scraped(prometheus, port)  # so that the scrapes see the whole of this short training
             engine = initialize(build_model(spec.model, "flow", len(manifest.classes)), spec.teacher.optimizer,
                                 spec.deepspeed, spec.data.batch_size, spec.grad_accumulation, 100, len(loader))
-            train(engine, stage, loader, epochs, metrics, world=1)
+            train(engine, stage, loader, metrics, world=1)
             loader.loader.close()
         time.sleep(3)  # a few more evaluations with both endpoints still up
 
