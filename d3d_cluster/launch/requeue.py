@@ -26,29 +26,36 @@ FINAL_STATES = ("CANCELLED", "COMPLETED")
 
 def requeue_stopped(run_path: Path, stage: str, rank, signal_name: str, step: int) -> None:
     """Every rank has checkpointed: rank 0 records why and requeues the job, then every rank exits without a
-    result, so that submitit runs the job again when it restarts."""
+    result, so that submitit runs the job again when it restarts. A job cancelled by its user (scancel sends
+    SIGTERM too) is left cancelled."""
     import torch.distributed as dist
     from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
     run = RunDir(run_path)
     spec = run.spec()
     requeues = _requeues(run, stage, rank.job_id)
-    allowed = requeues < spec.cluster.max_requeues
+    decision = [None]
     if rank.rank == 0:
-        run.event("preempted", stage=stage, job_id=rank.job_id, signal=signal_name,
-                  reason=_stop_reason(rank, spec.cluster.signal_delay_s), step=step)
-        if allowed:
+        cancelled = rank.cluster == "slurm" and _slurm_state(rank.job_id) in FINAL_STATES
+        decision[0] = "cancelled" if cancelled else "requeue" if requeues < spec.cluster.max_requeues else "exhausted"
+        if decision[0] != "cancelled":
+            run.event("preempted", stage=stage, job_id=rank.job_id, signal=signal_name,
+                      reason=_stop_reason(rank, spec.cluster.signal_delay_s), step=step)
+        if decision[0] == "requeue":
             if rank.cluster == "slurm":
                 subprocess.run(["scontrol", "requeue", rank.job_id], check=True, timeout=60)
             run.event("requeued", stage=stage, job_id=rank.job_id, requeues=requeues + 1)
-        else:
+        elif decision[0] == "exhausted":
             run.event("failed", stage=stage, job_id=rank.job_id, retryable=False,
                       error=f"stopped by {signal_name} at step {step} after {requeues} requeues "
                             f"(cluster.max_requeues); resubmit the stage to resume from its checkpoint")
-    dist.barrier()
-    if not allowed:
+    dist.broadcast_object_list(decision, src=0)
+    if decision[0] == "exhausted":
         raise RuntimeError(f"stage {stage} stopped by {signal_name} at step {step}: no requeue left "
                            f"(cluster.max_requeues = {spec.cluster.max_requeues}); its checkpoint is kept")
+    if decision[0] == "cancelled":
+        print(f"[{stage}] cancelled; checkpointed at step {step}", flush=True)
+        raise SystemExit(1)
     print(f"[{stage}] checkpointed at step {step} after {signal_name}; requeued", flush=True)
     raise SystemExit(LOCAL_REQUEUE_RETURN_CODE if rank.cluster == "local" else 1)
 
