@@ -20,8 +20,9 @@ from pathlib import Path
 
 from d3d_cluster.launch.rundir import RunDir
 
-# Slurm states in which a job's end is final: a user's decision, not a loss.
-FINAL_STATES = ("CANCELLED", "COMPLETED")
+# Slurm states in which a job's end is final: a user's decision, not a loss. A cancelled job reads COMPLETING
+# while its tasks are being killed.
+FINAL_STATES = ("CANCELLED", "COMPLETED", "COMPLETING")
 
 
 def requeue_stopped(run_path: Path, stage: str, rank, signal_name: str, step: int) -> None:
@@ -36,7 +37,8 @@ def requeue_stopped(run_path: Path, stage: str, rank, signal_name: str, step: in
     requeues = _requeues(run, stage, rank.job_id)
     decision = [None]
     if rank.rank == 0:
-        cancelled = rank.cluster == "slurm" and _slurm_state(rank.job_id) in FINAL_STATES
+        cancelled = _cancelled(run, stage, rank.job_id) or (
+            rank.cluster == "slurm" and _slurm_state(rank.job_id) in FINAL_STATES)
         decision[0] = "cancelled" if cancelled else "requeue" if requeues < spec.cluster.max_requeues else "exhausted"
         if decision[0] != "cancelled":
             run.event("preempted", stage=stage, job_id=rank.job_id, signal=signal_name,
@@ -73,8 +75,8 @@ def requeue_lost(run_path: Path, job: str, job_id: str, exit_code: int) -> str:
     run = RunDir(run_path)
     events = [e for e in run.events() if e.get("stage") == job and e.get("job_id") == job_id]
     last = events[-1]["event"] if events else None
-    if last in ("requeued", "finished", "cancelled"):
-        return f"not requeued: the job was {last}"
+    if last in ("requeued", "finished") or _cancelled(run, job, job_id):
+        return f"not requeued: the job was {'cancelled' if _cancelled(run, job, job_id) else last}"
     if last == "failed" and not events[-1].get("retryable", True):
         return f"not requeued: {events[-1].get('error', 'failed')}"
     state = _slurm_state(job_id)
@@ -90,6 +92,12 @@ def requeue_lost(run_path: Path, job: str, job_id: str, exit_code: int) -> str:
     run.event("requeued", stage=job, job_id=job_id, requeues=requeues + 1,
               reason=f"ended with exit code {exit_code} without warning")
     return "requeued"
+
+
+def _cancelled(run: RunDir, job: str, job_id: str) -> bool:
+    """`d3dc cancel` recorded it (it writes the event as soon as scancel returns)."""
+    return any(e["event"] == "cancelled" and e.get("stage") == job and e.get("job_id") == job_id
+               for e in run.events())
 
 
 def _requeues(run: RunDir, job: str, job_id: str) -> int:
