@@ -95,6 +95,27 @@ def evaluated_run(tmp_path_factory, tiny_shards):
     return run, output
 
 
+def wait_until(condition, what, timeout: float = 60, poll: float = 0.5):
+    """Poll `condition` until it returns something true, and return that. `what` names what is awaited (or is
+    a function describing the state, called on timeout) for the TimeoutError."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what() if callable(what) else what}: not after {timeout:.0f} s")
+        time.sleep(poll)
+    return value
+
+
+def logged_losses(run, stage: str = "teacher") -> list[float]:
+    """The per-step losses rank 0 logged for a stage of a run."""
+    from d3d_cluster.launch.rundir import TRAIN_LOG_NAME
+    from d3d_cluster.train.curves import read_train_log
+
+    return [record["loss"] for record in read_train_log(run.path / stage / TRAIN_LOG_NAME)]
+
+
 def require(missing: str | None) -> None:
     """Skip a test whose external service cannot run here, with the reason; with CI=true fail instead: CI must
     run every test."""

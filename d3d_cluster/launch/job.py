@@ -5,7 +5,8 @@ A stage job is requeueable. Every rank catches the warning signals (USR2, which 
 before the time limit and some clusters on preemption; SIGTERM, which others send on preemption before a grace
 time): the loop then has every rank checkpoint at the next step boundary (a checkpoint is collective; submitit's
 own handler would run on rank 0 alone), rank 0 records the event and requeues the job, and the requeued job
-resumes from that checkpoint. A job that dies without warning resumes from its last periodic checkpoint (see `launch.requeue`).
+resumes from that checkpoint. A job that dies without warning resumes from its last periodic checkpoint (see
+`launch.requeue`).
 
 What submitit pickles is one of these small objects (a run directory and names), never a model or an engine:
 everything else is rebuilt from the run directory on the node. With `launch.requeue`, this is the one place
@@ -210,12 +211,13 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
 
 def _serve_metrics(spec, run, stage_name: str, rank: Rank):
     """This rank's metrics endpoint and its file_sd target; the requeue counters carry the job's totals."""
+    from d3d_cluster.launch.requeue import count_events, job_events
     from d3d_cluster.metrics import TrainMetrics, bind_address, scrape_host, target_path, targets_dir, write_target
 
     metrics = TrainMetrics(spec.name, stage_name, rank.rank, job_id=rank.job_id)
-    job_events = [e for e in run.events() if e.get("stage") == stage_name and e.get("job_id") == rank.job_id]
-    metrics.requeued(sum(1 for e in job_events if e["event"] == "requeued"))
-    metrics.steps_lost(sum(e.get("steps_lost", 0) for e in job_events if e["event"] == "started"))
+    events = job_events(run, stage_name, rank.job_id)
+    metrics.requeued(count_events(events, "requeued"))
+    metrics.steps_lost(sum(e.get("steps_lost", 0) for e in events if e["event"] == "started"))
     if rank.device.type == "cuda":
         metrics.watch_gpu(rank.device.index)
     bind = bind_address(spec.metrics, spec.cluster.executor)

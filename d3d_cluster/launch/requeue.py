@@ -34,10 +34,11 @@ def requeue_stopped(run_path: Path, stage: str, rank, signal_name: str, step: in
 
     run = RunDir(run_path)
     spec = run.spec()
-    requeues = _requeues(run, stage, rank.job_id)
+    events = job_events(run, stage, rank.job_id)
+    requeues = count_events(events, "requeued")
     decision = [None]
     if rank.rank == 0:
-        cancelled = _cancelled(run, stage, rank.job_id) or (
+        cancelled = count_events(events, "cancelled") > 0 or (
             rank.cluster == "slurm" and _slurm_state(rank.job_id) in FINAL_STATES)
         decision[0] = "cancelled" if cancelled else "requeue" if requeues < spec.cluster.max_requeues else "exhausted"
         if decision[0] != "cancelled":
@@ -73,16 +74,18 @@ def requeue_lost(run_path: Path, job: str, job_id: str, exit_code: int) -> str:
     if exit_code == 0:
         return "finished"
     run = RunDir(run_path)
-    events = [e for e in run.events() if e.get("stage") == job and e.get("job_id") == job_id]
+    events = job_events(run, job, job_id)
     last = events[-1]["event"] if events else None
-    if last in ("requeued", "finished") or _cancelled(run, job, job_id):
-        return f"not requeued: the job was {'cancelled' if _cancelled(run, job, job_id) else last}"
+    if count_events(events, "cancelled"):
+        return "not requeued: the job was cancelled"
+    if last in ("requeued", "finished"):
+        return f"not requeued: the job was {last}"
     if last == "failed" and not events[-1].get("retryable", True):
         return f"not requeued: {events[-1].get('error', 'failed')}"
     state = _slurm_state(job_id)
     if state in FINAL_STATES:
         return f"not requeued: the job is {state}"
-    requeues = _requeues(run, job, job_id)
+    requeues = count_events(events, "requeued")
     limit = run.spec().cluster.max_requeues
     if requeues >= limit:
         run.event("failed", stage=job, job_id=job_id, retryable=False,
@@ -94,15 +97,13 @@ def requeue_lost(run_path: Path, job: str, job_id: str, exit_code: int) -> str:
     return "requeued"
 
 
-def _cancelled(run: RunDir, job: str, job_id: str) -> bool:
-    """`d3dc cancel` recorded it (it writes the event as soon as scancel returns)."""
-    return any(e["event"] == "cancelled" and e.get("stage") == job and e.get("job_id") == job_id
-               for e in run.events())
+def job_events(run: RunDir, job: str, job_id: str) -> list[dict]:
+    """The events of one Slurm job of the run (`d3dc cancel` writes `cancelled` as soon as scancel returns)."""
+    return [e for e in run.events() if e.get("stage") == job and e.get("job_id") == job_id]
 
 
-def _requeues(run: RunDir, job: str, job_id: str) -> int:
-    return sum(1 for e in run.events() if e["event"] == "requeued" and e.get("stage") == job
-               and e.get("job_id") == job_id)
+def count_events(events: list[dict], kind: str) -> int:
+    return sum(1 for e in events if e["event"] == kind)
 
 
 def _slurm_state(job_id: str) -> str | None:

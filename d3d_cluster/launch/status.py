@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from d3d_cluster.launch.rundir import SPEC_NAME, RunDir
+from d3d_cluster.launch.rundir import SPEC_NAME, TRAIN_LOG_NAME, RunDir
 
 # Slurm job states in which a job still holds, or waits for, resources.
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
                            "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"})
 ENDED_EVENTS = frozenset({"finished", "failed", "cancelled"})
-TRAIN_LOG = "train_log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,7 @@ def _stage_status(run: RunDir, stage: str, events: list[dict], slurm: dict[str, 
     job_id = submitted.get("job_id") or next((e["job_id"] for e in reversed(events) if "job_id" in e), None)
     executor = submitted.get("executor")
     last = events[-1]
-    step, epoch = _progress(run.path / stage / TRAIN_LOG, events)
+    step, epoch = _progress(run.path / stage / TRAIN_LOG_NAME, events)
     checkpoints = [e for e in events if e["event"] == "checkpointed"]
     requeued = [e for e in events if e["event"] == "requeued"]
     failed = [e for e in events if e["event"] == "failed"]

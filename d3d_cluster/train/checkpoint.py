@@ -117,11 +117,8 @@ def _prune(directory: Path, keep: int) -> None:
     if not kept:
         return
     oldest_kept = kept[0].step
-    for path in directory.glob("step-*"):
+    for path in [*directory.glob("step-*"), *(directory / UNIVERSAL).glob("step-*")]:
         if path.is_dir() and int(path.name.split("-")[1]) < oldest_kept:
-            shutil.rmtree(path, ignore_errors=True)
-    for path in (directory / UNIVERSAL).glob("step-*"):
-        if int(path.name.split("-")[1]) < oldest_kept:
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -182,7 +182,8 @@ def results_table(run_path: Path, stages: tuple[str, ...]) -> dict:
     predictions = {stage: Predictions.load(run_path / stage) for stage in stages}
     models = {
         stage: {"input": STAGE_INPUT[stage], **predictions[stage].report(classes),
-                "clips_per_second": summaries[stage]["clips_per_second"], "wall_seconds": summaries[stage]["wall_seconds"]}
+                "clips_per_second": summaries[stage]["clips_per_second"],
+                "wall_seconds": summaries[stage]["wall_seconds"]}
         for stage in stages
     }
     if {"teacher", "student"} <= set(stages):

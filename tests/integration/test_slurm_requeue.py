@@ -3,40 +3,27 @@ requeue the job through Slurm, and the requeued job resume. Death without warnin
 takes its job down, the batch script's exit hook requeues it, and it resumes from the last periodic checkpoint.
 Both finish with exactly the losses of an uninterrupted run."""
 
-import json
 import os
 import random
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, tiny_spec
+from conftest import TINY, logged_losses, tiny_spec, wait_until
 
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.rundir import RunDir
 from d3d_cluster.launch.submit import submit
 
 EPOCHS = 4
+WAIT = {"timeout": 300, "poll": 0.05}
 
 
 def _run(workdir, tiny_shards, **cluster) -> RunDir:
     return RunDir.create(tiny_spec(workdir, data={**TINY["data"], "shards": str(tiny_shards)},
                                    teacher={"epochs": EPOCHS}, checkpoint={"every_steps": 5},
                                    cluster={"timeout_min": 10, **cluster}))
-
-
-def _losses(run: RunDir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run.path / "teacher" / "train_log.jsonl").read_text().splitlines()]
-
-
-def _wait(condition, what, timeout: float = 300) -> None:
-    """Wait for `condition`; `what` it waits for, or a function that describes the state when it times out."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what() if callable(what) else what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +35,7 @@ def reference(tmp_path_factory, tiny_shards) -> RunDir:
 
 
 @pytest.mark.integration
-def test_a_job_preempted_with_usr2_requeues_resumes_and_finishes_with_identical_losses(tmp_path, tiny_shards,
+def test_a_job_preempted_with_usr2_requeues_resumes_and_finishes_with_identicallogged_losses(tmp_path, tiny_shards,
                                                                                        slurm_cluster, reference):
     run = _run(tmp_path / "slurm", tiny_shards, executor="slurm", partition=slurm_cluster.partition)
     failure = []
@@ -57,10 +44,10 @@ def test_a_job_preempted_with_usr2_requeues_resumes_and_finishes_with_identical_
     log = run.path / "teacher" / "train_log.jsonl"
     at = random.randint(1, 3 * EPOCHS - 2)
     print(f"preempting after step {at}")
-    _wait(lambda: log.exists() and len(log.read_text().splitlines()) >= at, f"step {at}")
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= at, f"step {at}", **WAIT)
     job_id = next(e["job_id"] for e in run.events() if e["event"] == "submitted")
     slurm_cluster.run("scancel", "--signal=USR2", job_id)
-    _wait(lambda: any(e["event"] == "requeued" for e in run.events()), "the requeue")
+    wait_until(lambda: any(e["event"] == "requeued" for e in run.events()), "the requeue", **WAIT)
     _release(slurm_cluster, job_id)
     follower.join(timeout=600)
     assert not follower.is_alive() and not failure, failure
@@ -73,7 +60,7 @@ def test_a_job_preempted_with_usr2_requeues_resumes_and_finishes_with_identical_
     assert events[-1]["event"] == "finished"
     assert "JobState=COMPLETED" in slurm_cluster.wait_for_job(job_id) and "Restarts=1" in \
         slurm_cluster.run("scontrol", "show", "job", job_id)
-    assert _losses(run) == _losses(reference)
+    assert logged_losses(run) == logged_losses(reference)
 
 
 @pytest.mark.integration
@@ -83,27 +70,29 @@ def test_a_job_whose_rank_is_killed_is_requeued_by_its_exit_hook_and_resumes_fro
     submit(run.spec(), "teacher", echo=lambda line: None)
     job_id = next(e["job_id"] for e in run.events() if e["event"] == "submitted")
     log = run.path / "teacher" / "train_log.jsonl"
-    _wait(lambda: log.exists() and len(log.read_text().splitlines()) >= 7, "step 7")  # checkpointed at step 5
+    # Past the periodic checkpoint at step 5.
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 7, "step 7", **WAIT)
     os.kill(_rank_process(run.path / "teacher" / "submitit", rank=1), signal.SIGKILL)
 
-    _wait(lambda: any(e["event"] == "requeued" for e in run.events()), "the exit hook's requeue")
+    wait_until(lambda: any(e["event"] == "requeued" for e in run.events()), "the exit hook's requeue", **WAIT)
     _release(slurm_cluster, job_id)
-    _wait(lambda: run.events()[-1]["event"] == "finished",
-          lambda: f"the resumed job to finish: {slurm_cluster.run('scontrol', 'show', 'job', job_id)}"
-                  f"{slurm_cluster.run('sinfo', '-N', '-l')}{run.events()[-3:]}")
+    wait_until(lambda: run.events()[-1]["event"] == "finished",
+               lambda: f"the resumed job to finish: {slurm_cluster.run('scontrol', 'show', 'job', job_id)}"
+                       f"{slurm_cluster.run('sinfo', '-N', '-l')}{run.events()[-3:]}", **WAIT)
 
     requeued = next(e for e in run.events() if e["event"] == "requeued")
     assert requeued["job_id"] == job_id and "without warning" in requeued["reason"]
     resumed = next(e for e in run.events() if e["event"] == "started" and "resumed_from" in e)
     assert resumed["resumed_from"] == "step-00000005" and resumed["steps_lost"] >= 2
-    assert _losses(run) == _losses(reference)
+    assert logged_losses(run) == logged_losses(reference)
 
 
 def _release(slurm_cluster, job_id: str) -> None:
     """Slurm holds a requeued job back for a while (minutes); let it start now, once its last run has left the
     node: released while the old run's step daemons are still winding down, the relaunch fails."""
-    _wait(lambda: "JobState=PENDING" in slurm_cluster.run("scontrol", "show", "job", job_id), "the job to pend")
-    _wait(lambda: not _step_daemons(job_id), f"job {job_id}'s slurmstepd processes to exit")
+    wait_until(lambda: "JobState=PENDING" in slurm_cluster.run("scontrol", "show", "job", job_id), "the job to pend",
+               **WAIT)
+    wait_until(lambda: not _step_daemons(job_id), f"job {job_id}'s slurmstepd processes to exit", **WAIT)
     slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
 
 

@@ -2,12 +2,11 @@
 
 import json
 import re
-import time
 
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import TINY
+from conftest import TINY, wait_until
 
 from d3d_cluster import cli
 from d3d_cluster.cli import main
@@ -44,15 +43,6 @@ def _job_ids(run: RunDir) -> dict[str, str]:
 
 def _queued(slurm_cluster) -> set[str]:
     return set(slurm_cluster.run("squeue", "-h", "-t", "all", "-o", "%i").split())
-
-
-def _wait(condition, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout:.0f} s")
-        time.sleep(poll)
-    return value
 
 
 @pytest.mark.integration
@@ -103,7 +93,8 @@ def test_status_shows_live_jobs_and_cancel_cancels_every_one_of_them(tmp_path, t
     run = RunDir(tmp_path / "work" / "runs" / "long")
     ids = _job_ids(run)
 
-    _wait(lambda: any(e["event"] == "started" and e["stage"] == "teacher" for e in run.events()), 60, "teacher start")
+    wait_until(lambda: any(e["event"] == "started" and e["stage"] == "teacher" for e in run.events()), "teacher start",
+               timeout=60)
     status = _d3dc("status", "long", "-c", str(spec))
     assert re.search(rf"teacher\s+│\s+{ids['teacher']}\s+│\s+RUNNING\s+│\s+started", status), status
     assert re.search(rf"student\s+│\s+{ids['student']}\s+│\s+PENDING\s+│\s+submitted.*afterok:{ids['teacher']}",
@@ -117,7 +108,7 @@ def test_status_shows_live_jobs_and_cancel_cancels_every_one_of_them(tmp_path, t
     cancelled = _d3dc("cancel", "long", "-c", str(spec))
     for stage, job_id in ids.items():
         assert f"cancelled {stage} job {job_id}" in cancelled
-    _wait(lambda: not any(job.live for job in run_status(run)), 60, "jobs to leave the queue")
+    wait_until(lambda: not any(job.live for job in run_status(run)), "jobs to leave the queue", timeout=60)
     live = slurm_cluster.run("squeue", "-h", "-o", "%i %T").split("\n")
     assert not any(line.split()[0] in ids.values() for line in live if line)
     events = [e for e in run.events() if e["event"] == "cancelled"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, tiny_spec
+from conftest import TINY, logged_losses, tiny_spec
 
 from d3d_cluster.launch.executor import make_executor
 from d3d_cluster.launch.job import StageJob
@@ -29,10 +29,6 @@ EPOCHS = 4  # 3 steps an epoch on the tiny shards: 12 steps
 def _run(workdir: Path, tiny_shards: Path, **sections) -> RunDir:
     sections = {"teacher": {"epochs": EPOCHS}, "checkpoint": {"every_steps": 5}, **sections}
     return RunDir.create(tiny_spec(workdir, data={**TINY["data"], "shards": str(tiny_shards)}, **sections))
-
-
-def _losses(run: RunDir) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run.path / "teacher" / "train_log.jsonl").read_text().splitlines()]
 
 
 def _weights(run: RunDir) -> dict:
@@ -84,7 +80,7 @@ def test_a_stage_stopped_by_a_signal_at_a_random_step_requeues_and_ends_with_the
     resumed = [e for e in events if e["event"] == "started" and "resumed_from" in e]
     assert len(resumed) == 1 and resumed[0]["step"] == preempted["step"] and resumed[0]["steps_lost"] == 0
     assert any(e["event"] == "checkpointed" and e["reason"] == "signal" for e in events)
-    assert _losses(run) == _losses(uninterrupted)
+    assert logged_losses(run) == logged_losses(uninterrupted)
     reference = _weights(uninterrupted)
     assert all(torch.equal(value, reference[key]) for key, value in _weights(run).items())
 
@@ -103,7 +99,7 @@ def test_a_stage_killed_without_warning_resumes_from_its_last_periodic_checkpoin
     run_stage(run, "teacher", echo=lambda line: None)  # resubmitted
     resumed = [e for e in run.events() if e["event"] == "started" and "resumed_from" in e]
     assert resumed[-1]["step"] == 5 and resumed[-1]["steps_lost"] >= 3
-    assert _losses(run) == _losses(uninterrupted)
+    assert logged_losses(run) == logged_losses(uninterrupted)
 
 
 @pytest.mark.integration
@@ -126,7 +122,7 @@ def test_a_zero_1_stage_resumes_on_another_number_of_ranks_through_the_universal
     assert started["saved_by_ranks"] == 2
     # One rank takes 6 steps an epoch where two took 3; the position carries over, not the step count.
     remaining_epochs = EPOCHS - middle.epoch
-    losses = _losses(run)
+    losses = logged_losses(run)
     assert len(losses) == middle.step + round(remaining_epochs * 6)
     assert all(map(torch.isfinite, torch.tensor(losses)))
     summary = json.loads((run.path / "teacher" / "summary.json").read_text())
