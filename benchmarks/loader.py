@@ -33,15 +33,15 @@ from d3d_cluster.spec import DataSpec, PrepSpec, SyntheticSpec
 
 
 def make_shards(workdir: Path, frames: int, size: int, videos: int) -> Path:
+    """The synthetic motion dataset of `videos` videos in 4 classes, made and prepared under workdir once."""
     from dataprep.prepare import prepare_dataset
-    from dataprep.synthetic import make_motion_dataset
+    from dataprep.sources import load_source
 
     shards = workdir / "shards"
     if not (shards / "manifest.json").exists():
         synthetic = SyntheticSpec(classes=4, videos_per_class=videos // 4, frames=frames, size=size)
-        labels = make_motion_dataset(synthetic, workdir / "raw", seed=0)
         prep = PrepSpec(synthetic=synthetic, short_side=size, flow={"algorithm": "farneback"}, shard_samples=16)
-        prepare_dataset(prep, labels, shards, progress=False)
+        prepare_dataset(prep, load_source(prep, workdir), shards, progress=False)
     return shards
 
 
