@@ -32,7 +32,7 @@ class TrainSummary:
     seconds: float  # wall time of the loop, data loading included
     clips_per_second: float  # world throughput
     final_loss: float
-    stopped: bool  # told to stop: a checkpoint at `steps` holds everything, the job should requeue
+    stopped: bool  # told to stop; with checkpointing, a checkpoint at `steps` holds everything to resume from
 
 
 class NonFiniteLoss(RuntimeError):
@@ -124,9 +124,10 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
                 if print_every and step % print_every == 0:
                     print(f"[{stage.name}] epoch {progress:.2f} step {step} loss {loss_value:.4f} "
                           f"lr {learning_rate:.2e}", flush=True)
-                if checkpointing and _window_closed(engine):
-                    due = step // checkpointing.every_steps > saved_at // checkpointing.every_steps
-                    if stopping or due and not in_a_row:  # during NaN steps, the last good one is kept
+                if _window_closed(engine):
+                    due = checkpointing is not None and \
+                        step // checkpointing.every_steps > saved_at // checkpointing.every_steps
+                    if checkpointing and (stopping or due and not in_a_row):  # NaN steps keep the last good one
                         save("signal" if stopping else "periodic")
                     if stopping:
                         return summary()

@@ -140,3 +140,18 @@ def test_nan_losses_in_a_row_stop_the_stage_and_keep_the_last_good_checkpoint(tm
     loader.close()
     assert [c.step for c in checkpoints.completed(directory)] == [2]
     assert checkpoints.latest_valid(directory).problem() is None
+
+
+def test_a_stop_request_without_checkpointing_ends_the_loop_at_the_next_step(tmp_path, tiny_shards,
+                                                                            deepspeed_single_rank):
+    spec, network, loader, engine, metrics, log, stage = _teacher_run(tmp_path, tiny_shards, poisoned=set())
+    polls = []
+
+    def stop_requested() -> bool:  # asked once a step
+        polls.append(True)
+        return len(polls) == 3
+
+    summary = train(engine, stage, loader, metrics, world=1, stop_requested=stop_requested, log_path=log)
+    loader.close()
+    assert summary.stopped and summary.steps == 3 < 2 * len(loader)
+    assert len(log.read_text().splitlines()) == 3
