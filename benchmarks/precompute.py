@@ -32,6 +32,7 @@ from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.rundir import RunDir
 from d3d_cluster.spec import Spec
+from d3d_cluster.train.checkpoint import CHECKPOINTS
 from d3d_cluster.train.stages import EXPORT_NAME, build_model
 from d3d_cluster.train.teacher_outputs import DIRECTORY_NAME, MANIFEST_NAME
 
@@ -53,6 +54,8 @@ def run_student(spec: Spec, teacher: Path, reuse: RunDir | None) -> tuple[RunDir
     run = reuse or RunDir.create(spec)
     if reuse is None:
         shutil.copyfile(teacher, run.stage("teacher") / EXPORT_NAME)
+    else:  # the finished stage's last checkpoint would resume it at its end: train again, with the side file only
+        shutil.rmtree(run.stage("student") / CHECKPOINTS)
     load_before = os.getloadavg()[0]
     summary = run_stage(run, "student", echo=lambda line: None)
     side_file = run.path / "student" / DIRECTORY_NAME / MANIFEST_NAME
