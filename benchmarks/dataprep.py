@@ -4,11 +4,12 @@
 
 (as a module: run as a script, this file would shadow the `dataprep` package)
 
-Makes `--videos` motion videos of 64 frames at 256x340 (H.264, like downloaded clips), then prepares them
-with each flow setting. Per core: each video through the real per-video work (decode, resample, resize,
-flow, quantize, VP9 encode, DALI check) in this process on one thread, after a warm-up; the rate is
-1 / median seconds. Wall: the real `prepare_dataset` with `--workers` processes (one video per shard),
+Makes `--videos` motion videos of `--frames` frames (64) at `--frame-size` (256x340; H.264, like downloaded
+clips), then prepares them with each flow setting. Per core: each video through the real per-video work (decode,
+resample, resize, flow, quantize, VP9 encode, DALI check) in this process on one thread, after a warm-up; the rate
+is 1 / median seconds. Wall: the real `prepare_dataset` with `--workers` processes (one video per shard),
 process start and shard writing included. Flow alone is timed on the first video to show its share.
+`--smoke`: 2 videos of 8 frames at 32x42.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from benchmarks import parse_args
 from d3d_cluster.spec import FlowSpec, PrepSpec
 from dataprep.flow import compute_flow
 from dataprep.prepare import plan_shards, prepare_dataset
@@ -38,14 +40,16 @@ SETTINGS = {  # name: flow settings
     "tvl1 (quickstart: 3 scales x 3 warps)": FlowSpec(algorithm="tvl1", scales=3, warps=3),
     "farneback": FlowSpec(algorithm="farneback"),
 }
+SMOKE = {"videos": 2, "frames": 8, "frame_size": [32, 42]}
 
 
-def make_videos(folder: Path, count: int, frames: int) -> Path:
-    """`count` motion videos of 256x340 (a 340x340 render with the top and bottom cut) and their labels CSV."""
+def make_videos(folder: Path, count: int, frames: int, height: int, width: int) -> Path:
+    """`count` motion videos of height x width (a square render with the top and bottom cut) and their labels CSV."""
     rows = []
+    top = (width - height) // 2
     for number in range(count):
         label = CLASSES[number % len(CLASSES)]
-        video = render_video(np.random.default_rng([7, number]), label, frames, 340)[:, 42:298]
+        video = render_video(np.random.default_rng([7, number]), label, frames, width)[:, top:top + height]
         write_h264(folder / f"{number:03d}.mp4", video, 25)
         rows.append(f"{number:03d}.mp4,{label},train\n")
     (folder / "labels.csv").write_text("path,label,split\n" + "".join(rows))
@@ -70,8 +74,9 @@ def per_core(prep: PrepSpec, dataset, min_frames: int) -> tuple[list[float], flo
     return seconds, time.perf_counter() - started
 
 
-def measure(name: str, flow: FlowSpec, labels: Path, workers: int, work: Path, min_frames: int) -> dict:
-    prep = PrepSpec(source="csv", short_side=256, flow=flow, shard_samples=1, workers=workers)
+def measure(name: str, flow: FlowSpec, labels: Path, workers: int, work: Path, min_frames: int,
+            short_side: int) -> dict:
+    prep = PrepSpec(source="csv", short_side=short_side, flow=flow, shard_samples=1, workers=workers)
     dataset = read_labels_csv(labels)
     seconds, flow_seconds = per_core(prep, dataset, min_frames)
     started = time.perf_counter()
@@ -98,15 +103,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=4)
     parser.add_argument("--frames", type=int, default=64)
+    parser.add_argument("--frame-size", type=int, nargs=2, default=[256, 340], metavar=("HEIGHT", "WIDTH"),
+                        help="even, height at most width")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/dataprep.json")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
+    height, width = args.frame_size
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="d3dc-bench-dataprep-") as tmp:
         work = Path(tmp)
-        labels = make_videos(work, args.videos, args.frames)
-        results = {name: measure(name, flow, labels, args.workers, work, args.frames)
+        labels = make_videos(work, args.videos, args.frames, height, width)
+        results = {name: measure(name, flow, labels, args.workers, work, args.frames, height)
                    for name, flow in SETTINGS.items()}
     farneback = results["farneback"]["videos_per_second_per_core"]
     report = {

@@ -7,6 +7,7 @@ float tensors of the same shape: DALI with `data.reader_threads` = cores threads
 with `num_workers` = cores processes, each decoding with PyAV from the keyframe before the clip's start (as
 DALI's indexed decoder does). Rounds alternate between the two; medians and their ratio are reported.
 `--device-id 0` on a GPU machine measures the mixed (NVDEC) decoder instead of DALI's CPU one.
+`--smoke`: 12 videos of 12 frames at 32 px, 8-frame clips cropped to 24 px, batches of 2, 2 per round, 1 round.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from benchmarks import parse_args
 from d3d_cluster.data.index import SampleTable
 from d3d_cluster.data.order import epoch_order, train_view
 from d3d_cluster.data.pipeline import RGB_MEAN, RGB_STD, ClipLoader, clip_geometry
 from d3d_cluster.data.schema import FLOW_EXT, RGB_EXT, Manifest, frame_to_flow
 from d3d_cluster.spec import DataSpec, PrepSpec, SyntheticSpec
+
+SMOKE = {"frames": 12, "size": 32, "videos": 12, "clip_frames": 8, "crop": 24, "batch": 2, "batches": 2, "rounds": 1}
 
 
 def make_shards(workdir: Path, frames: int, size: int, videos: int) -> Path:
@@ -144,7 +148,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--device-id", type=int, default=None, help="GPU for DALI's mixed decoder")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
 
     shards = make_shards(Path(args.workdir), args.frames, args.size, args.videos)
     data = DataSpec(clip_frames=args.clip_frames, crop_size=args.crop, batch_size=args.batch,

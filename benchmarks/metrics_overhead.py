@@ -4,6 +4,7 @@ scrape of a rank's registry, against a training micro-step of the tiny width-0.2
     .venv/bin/python -m benchmarks.metrics_overhead --out benchmarks/results/metrics_overhead.json
 
 The step is forward + backward + AdamW on a random 2 x 2 x 8 x 24 x 24 flow batch, one thread; no loader.
+`--smoke`: 20 observations, 2 scrapes and 2 training steps.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from pathlib import Path
 import torch
 from prometheus_client import generate_latest
 
+from benchmarks import parse_args
 from d3d_cluster.metrics import TrainMetrics
 from d3d_cluster.models import S3DG
+
+SMOKE = {"repeats": 20, "steps": 2}
 
 
 def median_seconds(action, repeats: int) -> float:
@@ -33,10 +37,10 @@ def median_seconds(action, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=2000, help="observations timed; scrapes: a tenth as many")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--out", default="benchmarks/results/metrics_overhead.json")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
 
     torch.set_num_threads(1)
     metrics = TrainMetrics("bench", "teacher", 0, job_id="1")

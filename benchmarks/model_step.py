@@ -13,7 +13,8 @@ divided by time and by the peak (default: H100 SXM dense bf16, 989 TFLOP/s).
     python -m benchmarks.model_step --shapes 1.0:64:224:8 --precisions bf16 fp32 \\
         --out benchmarks/results/model_step_h100.json                                            # GPU
 
-A shape is WIDTH:FRAMES:SIZE:BATCH (clips per step).
+A shape is WIDTH:FRAMES:SIZE:BATCH (clips per step). `--smoke`: shape 0.25:8:32:2, 1 warm-up and 1 timed step, on
+one thread (beside other work, spinning OpenMP threads made a tiny step some 70 times slower).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import parse_args
 from d3d_cluster.data.pipeline import Batch
 from d3d_cluster.models import S3DG
 from d3d_cluster.models.info import model_info
@@ -37,6 +39,7 @@ from d3d_cluster.train.stages import Stage
 
 CLASSES = 400
 CPU_SHAPES = ["0.25:16:64:8", "1.0:16:112:4"]
+SMOKE = {"shapes": ["0.25:8:32:2"], "steps": 1, "warmup": 1, "threads": 1}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -113,7 +116,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM dense bf16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
     parser.add_argument("--out", default="benchmarks/results/model_step.json")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")

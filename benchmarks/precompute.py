@@ -13,6 +13,7 @@ the pass's seconds, and the stage's wall time from job start to the exported mod
 set-up, the pass and training); the ratios of those medians, and the medians of the ratios within a repeat. The teacher is a randomly initialised
 S3D-G: its weights do not change what a step costs. Modes alternate their order between repeats, and the
 load average is recorded: the machine may be shared.
+`--smoke`: one repeat of one epoch on the tiny dataset and clips of `benchmarks.SMOKE_SPEC`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import SMOKE_SPEC, parse_args
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.rundir import RunDir
@@ -37,6 +39,7 @@ from d3d_cluster.train.stages import EXPORT_NAME, build_model
 from d3d_cluster.train.teacher_outputs import DIRECTORY_NAME, MANIFEST_NAME
 
 MODES = ("live", "precompute", "reused")
+SMOKE = {"repeats": 1, "epochs": 1}
 
 
 def prepare(spec: Spec) -> Path:
@@ -73,9 +76,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="student epochs")
     parser.add_argument("--target", choices=["logits", "mixed_5c"], default="logits")
     parser.add_argument("--out", default="benchmarks/results/precompute.json")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
 
-    base = Spec().with_overrides(workdir=args.workdir, **{"prep.flow.algorithm": "farneback",
+    base = Spec().with_overrides(workdir=args.workdir, **{**(SMOKE_SPEC if args.smoke else {}),
+                                                          "prep.flow.algorithm": "farneback",
                                                           "student.epochs": args.epochs,
                                                           "student.distill.target": args.target})
     started = time.time()

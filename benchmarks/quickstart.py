@@ -2,8 +2,9 @@
 
     .venv/bin/python -m benchmarks.quickstart --seeds 0 1 2 --workdir /tmp/d3dc-bench --out benchmarks/results/quickstart.json
 
-The dataset is made and prepared once (its time is reported on its own); each seed then trains the teacher,
-the student and the RGB-only baseline from scratch with that seed (weights and sample order).
+The dataset is made and prepared once, by `d3dc prep` in a process of its own (its time is reported on its own);
+each seed then trains the teacher, the student and the RGB-only baseline from scratch with that seed (weights and
+sample order). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+from benchmarks import SMOKE_SPEC, parse_args
 from d3d_cluster.launch.pipeline import run_pipeline
 from d3d_cluster.launch.rundir import RunDir
 from d3d_cluster.spec import Spec, load_spec
+
+SMOKE = {"seeds": [0]}
 
 
 def main() -> None:
@@ -28,11 +33,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workdir", default="/tmp/d3dc-bench")
     parser.add_argument("--out", default="benchmarks/results/quickstart.json")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
 
-    spec = (load_spec(args.spec) if args.spec else Spec()).with_overrides(workdir=args.workdir)
+    spec = (load_spec(args.spec) if args.spec else Spec()).with_overrides(
+        workdir=args.workdir, **(SMOKE_SPEC if args.smoke else {}))
+    spec_path = Path(args.workdir) / "benchmark-spec.yaml"  # what `d3dc prep` reads: the spec trained below
+    spec_path.parent.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(spec.to_yaml())
     started = time.time()
-    subprocess.run(["d3dc", "prep", "--workdir", args.workdir] + (["-c", args.spec] if args.spec else []), check=True)
+    subprocess.run([sys.executable, "-m", "d3d_cluster.cli", "prep", "-c", str(spec_path)], check=True)
     prep_seconds = time.time() - started
 
     runs = {}

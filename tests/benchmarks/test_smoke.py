@@ -1,0 +1,78 @@
+"""Every benchmark at its `--smoke` size, run as BENCHMARKS.md runs it (a module, from the repository root): a
+change of API breaks one of these tests, not a benchmark found broken months later. The figures of a smoke run
+mean nothing; what is checked is that it finishes and writes the report a reader of BENCHMARKS.md needs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def run_benchmark(name: str, tmp_path: Path, *options: str) -> dict:
+    """Runs `python -m benchmarks.NAME --smoke` and returns the JSON report it wrote."""
+    out = tmp_path / f"{name}.json"
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--out", str(out), *options],
+                          cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_the_dataprep_benchmark_runs_at_smoke_size_and_compares_tvl1_with_farneback(tmp_path):
+    report = run_benchmark("dataprep", tmp_path)
+    assert len(report["settings"]) == 3 and "farneback" in report["settings"]
+    for result in report["settings"].values():
+        assert result["videos"] == 2 and result["frames"] == 8 and result["frame_size"] == [32, 42]
+        assert result["videos_per_second_per_core"] > 0 and result["videos_per_second_wall"] > 0
+        assert 0 < result["flow_seconds_first_video"]
+    assert len(report["tvl1_slowdown_vs_farneback"]) == 2
+    assert all(slowdown > 0 for slowdown in report["tvl1_slowdown_vs_farneback"].values())
+
+
+def test_the_loader_benchmark_runs_at_smoke_size_and_reports_both_loaders(tmp_path):
+    report = run_benchmark("loader", tmp_path, "--workdir", str(tmp_path / "work"))
+    assert set(report["results"]) == {"rgb", "rgb+flow"} and report["decoder"] == "cpu"
+    for result in report["results"].values():
+        assert len(result["dali_clips_per_second"]) == len(result["pyav_clips_per_second"]) == 1
+        assert result["dali_median"] > 0 and result["pyav_median"] > 0
+        assert result["ratio"] == pytest.approx(result["dali_median"] / result["pyav_median"])
+
+
+def test_the_metrics_overhead_benchmark_runs_at_smoke_size_and_relates_observing_to_a_step(tmp_path):
+    report = run_benchmark("metrics_overhead", tmp_path)
+    assert report["observe_step_seconds"] > 0 and report["scrape_seconds"] > 0 and report["train_step_seconds"] > 0
+    assert report["observe_over_step"] == pytest.approx(report["observe_step_seconds"] / report["train_step_seconds"])
+
+
+def test_the_model_step_benchmark_runs_at_smoke_size_and_times_teacher_and_student_steps(tmp_path):
+    report = run_benchmark("model_step", tmp_path)
+    [row] = report["results"]
+    assert (row["width"], row["frames"], row["size"], row["batch"]) == (0.25, 8, 32, 2)
+    for step in ("teacher", "student"):
+        assert row[step]["clips_per_s"] > 0 and row["gmacs_per_clip"][step] > 0
+    assert row["student_over_teacher_time"] > 0
+
+
+@pytest.mark.integration
+def test_the_precompute_benchmark_runs_at_smoke_size_and_trains_the_student_in_every_mode(tmp_path):
+    report = run_benchmark("precompute", tmp_path, "--workdir", str(tmp_path / "work"))
+    assert report["setup"]["repeats"] == 1 and report["setup"]["epochs"] == 1
+    for mode in ("live", "precompute", "reused"):
+        assert len(report["runs"][mode]) == 1
+        assert report["medians"][mode]["clips_per_second"] > 0 and report["medians"][mode]["wall_seconds"] > 0
+    assert report["medians"]["precompute"]["pass_seconds"] > 0
+    assert all(ratio > 0 for ratio in [*report["ratios"].values(), *report["paired_ratio_medians"].values()])
+
+
+@pytest.mark.integration
+def test_the_quickstart_benchmark_runs_at_smoke_size_and_reports_every_model(tmp_path):
+    report = run_benchmark("quickstart", tmp_path, "--workdir", str(tmp_path / "work"))
+    assert report["seeds"] == [0] and report["chance"] == pytest.approx(1 / 3) and report["prep_seconds"] > 0
+    assert set(report["models"]) == {"teacher", "student", "baseline", "student+teacher"}
+    for name, model in report["models"].items():
+        assert len(model["top1_per_seed"]) == 1 and 0 <= model["top1_mean"] <= 1
+        if name != "student+teacher":
+            assert model["wall_seconds_median"] > 0 and model["clips_per_second_median"] > 0
