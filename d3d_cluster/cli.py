@@ -44,8 +44,8 @@ def main() -> None:
 @workdir_option
 def quickstart(spec_path: str | None, workdir: str | None) -> None:
     """Make a small motion dataset, prepare shards, train teacher, student and RGB baseline; print the table."""
-    from d3d_cluster.launch.pipeline import run_pipeline
     from d3d_cluster.files import write_json_atomically
+    from d3d_cluster.launch.pipeline import JobCancelled, run_pipeline
     from d3d_cluster.launch.rundir import RESULTS_NAME, RunDir
 
     spec = _spec(spec_path, workdir)
@@ -54,7 +54,10 @@ def quickstart(spec_path: str | None, workdir: str | None) -> None:
     prep_seconds = time.time() - started
     run = RunDir.create(spec)
     console.print(f"run directory: {run.path}")
-    results = run_pipeline(run, echo=echo)
+    try:
+        results = run_pipeline(run, echo=echo)
+    except JobCancelled as error:
+        raise click.ClickException(str(error)) from None
     results.update(prep_seconds=round(prep_seconds, 1), wall_seconds=round(time.time() - started, 1))
     write_json_atomically(run.path / RESULTS_NAME, results)
     _show_results(run.path, results)
@@ -114,6 +117,7 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
     after the teacher, the evaluation after both), or run it in the foreground with the local executor. Flags
     override the spec; everything is checked before the first job is queued."""
     from d3d_cluster.launch import submit as submission
+    from d3d_cluster.launch.pipeline import JobCancelled
 
     if target != "prep" and (prep_tasks != 1 or prep_workers is not None):
         raise click.ClickException("--array and --workers are for `d3dc submit prep`")
@@ -126,7 +130,7 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
             click.echo(submission.dry_run(spec, target, prep_tasks, prep_workers), nl=False)
             return
         result = submission.submit(spec, target, echo=echo, prep_tasks=prep_tasks, prep_workers=prep_workers)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, JobCancelled) as error:
         raise click.ClickException(str(error)) from None
     if spec.cluster.executor == "slurm" and target != "prep":
         console.print(f"follow it with `d3dc status {spec.name}` and `d3dc logs {spec.name} --follow`", markup=False)
@@ -262,20 +266,21 @@ def logs(run: str, spec_path: str | None, workdir: str | None, stage: str | None
 @spec_option
 @workdir_option
 def cancel(run: str, spec_path: str | None, workdir: str | None) -> None:
-    """Cancel every live Slurm job of a run, and record it in the run's events."""
+    """Cancel every live job of a run (Slurm's, and local ones run by a `d3dc submit` elsewhere), and record it
+    in the run's events. A running stage checkpoints at its next step first."""
     from d3d_cluster.launch.status import cancel_run
 
     found = _run(run, spec_path, workdir)
     try:
-        cancelled, local = cancel_run(found)
+        cancelled, gone = cancel_run(found)
     except RuntimeError as error:
         raise click.ClickException(str(error)) from None
     for job in cancelled:
-        console.print(f"cancelled {job.stage} job {job.job_id} (was {job.slurm.state})", markup=False)
-    for job in local:
-        console.print(f"{job.stage}: local job {job.job_id} ({job.last_event}) is not Slurm's to cancel: stop the "
-                      "`d3dc submit` running it (Ctrl-C)", markup=False)
-    if not cancelled and not local:
+        console.print(f"cancelled {job.stage} job {job.job_id} (was {job.state})", markup=False)
+    for job in gone:
+        console.print(f"{job.stage}: local job {job.job_id} ({job.last_event}) is not running on this machine "
+                      "(its process is gone, or it runs on another host)", markup=False)
+    if not cancelled and not gone:
         console.print(f"{found.path.name}: no live job to cancel")
 
 

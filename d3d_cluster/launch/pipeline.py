@@ -14,7 +14,7 @@ from d3d_cluster.data.pipeline import clip_geometry
 from d3d_cluster.data.schema import SPLITS, Manifest
 from d3d_cluster.launch.executor import check_cluster, make_executor
 from d3d_cluster.launch.job import EvalJob, StageJob
-from d3d_cluster.launch.requeue import exit_hook
+from d3d_cluster.launch.requeue import count_events, exit_hook, job_events
 from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network
@@ -114,7 +114,7 @@ def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll
     """Submit one stage, relay its rank-0 output and metrics endpoints while it runs, wait for it."""
     check_ready(run.spec(), stage)
     job = submit_job(run, stage, StageJob(str(run.path), stage), echo)
-    _follow(job, echo, poll_seconds)
+    _follow(run, stage, job, echo, poll_seconds)
     return json.loads((run.stage(stage) / SUMMARY_NAME).read_text())
 
 
@@ -122,7 +122,7 @@ def run_evaluation(run: RunDir, stages: tuple[str, ...], echo: Callable[[str], N
                    poll_seconds: float = 1.0) -> dict:
     """Evaluate the trained `stages` as a job of the run's world size; the results table it writes."""
     job = submit_job(run, EVAL, EvalJob(str(run.path), tuple(stages)), echo)
-    _follow(job, echo, poll_seconds)
+    _follow(run, EVAL, job, echo, poll_seconds)
     return json.loads((run.path / RESULTS_NAME).read_text())
 
 
@@ -144,13 +144,23 @@ def submit_job(run: RunDir, name: str, function, echo: Callable[[str], None], de
     return job
 
 
-def _follow(job, echo: Callable[[str], None], poll_seconds: float) -> None:
+class JobCancelled(RuntimeError):
+    """A job followed in the foreground was cancelled (`d3dc cancel`)."""
+
+
+def _follow(run: RunDir, name: str, job, echo: Callable[[str], None], poll_seconds: float) -> None:
     relayed = 0
     while not job.done():
         time.sleep(poll_seconds)
         relayed = _relay(job.paths.stdout, relayed, echo)
     _relay(job.paths.stdout, relayed, echo)
-    job.results()  # raises with the failing rank's error output
+    try:
+        job.results()  # raises with the failing rank's error output
+    except Exception:
+        if count_events(job_events(run, name, job.job_id), "cancelled"):
+            raise JobCancelled(f"[{name}] job {job.job_id} was cancelled; its checkpoints are kept: submit it again "
+                               "to resume") from None
+        raise
 
 
 def _relay(log: Path, offset: int, echo: Callable[[str], None]) -> int:

@@ -41,7 +41,9 @@ def requeue_stopped(run_path: Path, stage: str, rank, signal_name: str, step: in
         cancelled = count_events(events, "cancelled") > 0 or (
             rank.cluster == "slurm" and _slurm_state(rank.job_id) in FINAL_STATES)
         decision[0] = "cancelled" if cancelled else "requeue" if requeues < spec.cluster.max_requeues else "exhausted"
-        if decision[0] != "cancelled":
+        if decision[0] == "cancelled":  # the job's own last word, after the request: where it stopped
+            run.event("cancelled", stage=stage, job_id=rank.job_id, step=step)
+        else:
             run.event("preempted", stage=stage, job_id=rank.job_id, signal=signal_name,
                       reason=_stop_reason(rank, spec.cluster.signal_delay_s), step=step)
         if decision[0] == "requeue":

@@ -9,7 +9,9 @@ ago (MinJobAge); older ones only `sacct` knows, and only where the cluster keeps
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ from d3d_cluster.launch.rundir import SPEC_NAME, TRAIN_LOG_NAME, RunDir
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
                            "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"})
 ENDED_EVENTS = frozenset({"finished", "failed", "cancelled"})
+CONTROLLER_MODULE = "submitit.local._local"  # what the local executor runs for each job: `python -m` this
 
 
 @dataclass(frozen=True)
@@ -181,8 +184,9 @@ def list_runs(runs_dir: Path) -> list[RunSummary]:
 
 
 def cancel_run(run: RunDir) -> tuple[list[StageStatus], list[StageStatus]]:
-    """scancel every live Slurm job of the run and record a `cancelled` event for each; also returns the local
-    jobs that may still run, which only the `d3dc submit` running them in the foreground can stop."""
+    """Cancel every live job of the run, each recorded as `cancelled`: Slurm's with scancel, local ones by sending
+    their submitit controller SIGTERM, which it forwards to every rank (the ranks checkpoint at the next step and
+    stop). Returns the jobs cancelled, and the local jobs whose events say they run but whose process is gone."""
     statuses = run_status(run)
     live = [status for status in statuses if status.live]
     if live:
@@ -193,7 +197,34 @@ def cancel_run(run: RunDir) -> tuple[list[StageStatus], list[StageStatus]]:
         for status in live:
             run.event("cancelled", stage=status.stage, job_id=status.job_id, state=status.slurm.state)
     local = [status for status in statuses if status.executor == "local" and status.last_event not in ENDED_EVENTS]
-    return live, local
+    gone = []
+    for status in local:
+        controller = local_controller(run, status)
+        if controller is None:
+            gone.append(status)
+            continue
+        # Recorded first: the ranks read it to tell a cancellation from a preemption.
+        run.event("cancelled", stage=status.stage, job_id=status.job_id, state=status.last_event)
+        os.kill(controller, signal.SIGTERM)
+        live.append(status)
+    return live, gone
+
+
+def local_controller(run: RunDir, status: StageStatus) -> int | None:
+    """The pid of a local job's submitit controller (a local job's id is that pid) while it runs this job; its
+    command line is checked, so that a pid the system has since given to another process is never signalled."""
+    if status.executor != "local" or not (status.job_id or "").isdigit():
+        return None
+    process = Path("/proc") / status.job_id
+    try:
+        command = [os.fsdecode(part) for part in (process / "cmdline").read_bytes().split(b"\0")]
+        working_dir = (process / "cwd").resolve(strict=True)
+    except OSError:
+        return None
+    if CONTROLLER_MODULE not in command[:-1]:
+        return None
+    folder = working_dir / command[command.index(CONTROLLER_MODULE) + 1]
+    return int(status.job_id) if folder.resolve() == (run.path / status.stage / "submitit").resolve() else None
 
 
 def log_path(run: RunDir, stage: str | None = None, rank: int = 0, stream: str = "out") -> tuple[StageStatus, Path]:
