@@ -9,17 +9,20 @@ import json
 import os
 import random
 import signal
-import time
+import threading
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, logged_losses, tiny_spec
+from click.testing import CliRunner
+from conftest import TINY, child_processes, frozen, logged_losses, signal_pending, tiny_spec, wait_until
 
+from d3d_cluster.cli import main
 from d3d_cluster.launch.executor import make_executor
 from d3d_cluster.launch.job import StageJob
-from d3d_cluster.launch.pipeline import run_stage
+from d3d_cluster.launch.pipeline import JobCancelled, run_stage
 from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.launch.status import run_status
 from d3d_cluster.train import checkpoint as checkpoints
 from d3d_cluster.train.stages import EXPORT_NAME
 
@@ -42,17 +45,27 @@ def _submit(run: RunDir):
 
 def _wait_for_step(run: RunDir, step: int, job) -> None:
     log = run.path / "teacher" / "train_log.jsonl"
-    deadline = time.time() + 300
-    while not log.exists() or len(log.read_text().splitlines()) < step:
+
+    def reached() -> bool:
         assert not job.done(), "the job ended before the step the test interrupts it at"
-        assert time.time() < deadline
-        time.sleep(0.01)
+        return log.exists() and len(log.read_text().splitlines()) >= step
+
+    wait_until(reached, f"step {step}", timeout=300, poll=0.002)
 
 
 def _tasks(job) -> list[int]:
     """The rank processes the local executor's controller started (this test's own children)."""
-    controller = job._process.pid
-    return [int(pid) for pid in Path(f"/proc/{controller}/task/{controller}/children").read_text().split()]
+    return child_processes(job._process.pid)
+
+
+def _signal_every_rank(job, number: int) -> None:
+    """Through the controller, which forwards it to every rank, while the ranks are held still: however fast
+    they step, the signal is waiting in both before either can take another step."""
+    ranks = _tasks(job)
+    with frozen(ranks):
+        job._process.send_signal(number)
+        wait_until(lambda: all(signal_pending(pid, number) for pid in ranks), f"signal {number} to reach the ranks",
+                   timeout=60, poll=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +83,7 @@ def test_a_stage_stopped_by_a_signal_at_a_random_step_requeues_and_ends_with_the
     print(f"interrupting after step {at}")
     job = _submit(run)
     _wait_for_step(run, at, job)
-    job._process.send_signal(signal.SIGTERM)  # the controller forwards it to both ranks
+    _signal_every_rank(job, signal.SIGTERM)
     job.results()
 
     events = [e for e in run.events() if e["stage"] == "teacher"]
@@ -90,9 +103,11 @@ def test_a_stage_killed_without_warning_resumes_from_its_last_periodic_checkpoin
                                                                                   uninterrupted):
     run = _run(tmp_path, tiny_shards)
     job = _submit(run)
-    _wait_for_step(run, 8, job)  # past the periodic checkpoint at step 5
-    for pid in _tasks(job):
-        os.kill(pid, signal.SIGKILL)
+    _wait_for_step(run, 8, job)  # past the periodic checkpoint at step 5, held still before the one at step 10
+    ranks = _tasks(job)
+    with frozen(ranks):
+        for pid in ranks:
+            os.kill(pid, signal.SIGKILL)
     with pytest.raises(Exception):
         job.results()
 
@@ -107,7 +122,7 @@ def test_a_zero_1_stage_resumes_on_another_number_of_ranks_through_the_universal
     run = _run(tmp_path, tiny_shards)
     job = _submit(run)
     _wait_for_step(run, 6, job)
-    job._process.send_signal(signal.SIGTERM)
+    _signal_every_rank(job, signal.SIGTERM)
     job.results()  # requeued once locally and finished on 2 ranks; now take its middle checkpoint to 1 rank
     middle = next(c for c in checkpoints.completed(run.path / "teacher" / checkpoints.CHECKPOINTS) if c.step >= 6)
     for later in checkpoints.completed(run.path / "teacher" / checkpoints.CHECKPOINTS):
@@ -127,3 +142,39 @@ def test_a_zero_1_stage_resumes_on_another_number_of_ranks_through_the_universal
     assert all(map(torch.isfinite, torch.tensor(losses)))
     summary = json.loads((run.path / "teacher" / "summary.json").read_text())
     assert summary["world_size"] == 1
+
+
+@pytest.mark.integration
+def test_a_local_stage_cancelled_with_d3dc_cancel_checkpoints_stays_cancelled_and_resumes_when_submitted_again(
+        tmp_path, tiny_shards, uninterrupted):
+    run = _run(tmp_path, tiny_shards)
+    outcome = []
+
+    def follow() -> None:  # the `d3dc submit` running the stage in the foreground
+        try:
+            run_stage(run, "teacher", echo=lambda line: None, poll_seconds=0.2)
+        except Exception as error:
+            outcome.append(error)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    log = run.path / "teacher" / "train_log.jsonl"
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 2, "step 2", timeout=300, poll=0.002)
+    (job_id,) = [e["job_id"] for e in run.events() if e["event"] == "submitted"]
+    with frozen(child_processes(int(job_id))):
+        cancelled = CliRunner().invoke(main, ["cancel", str(run.path)])
+    follower.join(timeout=300)
+
+    assert cancelled.exit_code == 0 and f"cancelled teacher job {job_id} (was started)" in cancelled.output
+    assert not follower.is_alive() and isinstance(outcome[0], JobCancelled)
+    assert "submit it again to resume" in str(outcome[0])
+    events = [e["event"] for e in run.events()]
+    # The request, then the job's checkpoint and its own word on where it stopped.
+    assert events[-3:] == ["cancelled", "checkpointed", "cancelled"]
+    assert "preempted" not in events and "requeued" not in events
+    assert run.events()[-1]["step"] == run.events()[-2]["step"] >= 2
+    assert run_status(run)[0].state == "cancelled"
+    assert "no live job to cancel" in CliRunner().invoke(main, ["cancel", str(run.path)]).output
+
+    run_stage(run, "teacher", echo=lambda line: None)
+    assert logged_losses(run) == logged_losses(uninterrupted)
