@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TINY, logged_losses, tiny_spec, wait_until
+from conftest import TINY, frozen, logged_losses, signal_pending, tiny_spec, wait_until
 
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.rundir import RunDir
@@ -18,6 +18,7 @@ from d3d_cluster.launch.submit import submit
 
 EPOCHS = 4
 WAIT = {"timeout": 300, "poll": 0.05}
+STEP_WAIT = {"timeout": 300, "poll": 0.002}  # a step is seen within milliseconds of its log line
 
 
 def _run(workdir, tiny_shards, **cluster) -> RunDir:
@@ -39,14 +40,19 @@ def test_a_job_preempted_with_usr2_requeues_resumes_and_finishes_with_identicall
                                                                                        slurm_cluster, reference):
     run = _run(tmp_path / "slurm", tiny_shards, executor="slurm", partition=slurm_cluster.partition)
     failure = []
-    follower = threading.Thread(target=lambda: _follow(run, failure))
+    follower = threading.Thread(target=lambda: _follow(run, failure), daemon=True)
     follower.start()
     log = run.path / "teacher" / "train_log.jsonl"
     at = random.randint(1, 3 * EPOCHS - 2)
     print(f"preempting after step {at}")
-    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= at, f"step {at}", **WAIT)
+    ranks = _ranks_once_started(run)
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= at, f"step {at}", **STEP_WAIT)
     job_id = next(e["job_id"] for e in run.events() if e["event"] == "submitted")
-    slurm_cluster.run("scancel", "--signal=USR2", job_id)
+    # Held still while Slurm delivers the signal, so that the job cannot finish first however fast it steps.
+    with frozen(ranks):
+        slurm_cluster.run("scancel", "--signal=USR2", job_id)
+        wait_until(lambda: all(signal_pending(pid, signal.SIGUSR2) for pid in ranks), "USR2 to reach the ranks",
+                   **WAIT)
     wait_until(lambda: any(e["event"] == "requeued" for e in run.events()), "the requeue", **WAIT)
     _release(slurm_cluster, job_id)
     follower.join(timeout=600)
@@ -70,9 +76,11 @@ def test_a_job_whose_rank_is_killed_is_requeued_by_its_exit_hook_and_resumes_fro
     submit(run.spec(), "teacher", echo=lambda line: None)
     job_id = next(e["job_id"] for e in run.events() if e["event"] == "submitted")
     log = run.path / "teacher" / "train_log.jsonl"
-    # Past the periodic checkpoint at step 5.
-    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 7, "step 7", **WAIT)
-    os.kill(_rank_process(run.path / "teacher" / "submitit", rank=1), signal.SIGKILL)
+    ranks = _ranks_once_started(run)
+    # Past the periodic checkpoint at step 5, held still before the one at step 10.
+    wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 7, "step 7", **STEP_WAIT)
+    with frozen(ranks):
+        os.kill(ranks[1], signal.SIGKILL)
 
     wait_until(lambda: any(e["event"] == "requeued" for e in run.events()), "the exit hook's requeue", **WAIT)
     _release(slurm_cluster, job_id)
@@ -108,16 +116,23 @@ def _step_daemons(job_id: str) -> list[str]:
     return names
 
 
+def _ranks_once_started(run: RunDir) -> list[int]:
+    """Both ranks' pids, looked up once the job has started (before its first step: the search takes a while)."""
+    wait_until(lambda: any(e["event"] == "started" for e in run.events()), "the job to start", **WAIT)
+    return [_rank_process(run.path / "teacher" / "submitit", rank) for rank in range(2)]
+
+
 def _rank_process(submitit_folder: Path, rank: int) -> int:
-    """The pid of one rank of the test's own job, found by its command line and Slurm rank."""
+    """The pid of one rank of the test's own job, found by its command line and Slurm rank (srun, which starts
+    the ranks, has the same arguments and the batch script's SLURM_PROCID=0)."""
     for proc in Path("/proc").iterdir():
         try:
             command = (proc / "cmdline").read_bytes().split(b"\0")
             environ = (proc / "environ").read_bytes().split(b"\0")
         except (OSError, ValueError):
             continue
-        if str(submitit_folder).encode() in command and b"submitit.core._submit" in command \
-                and f"SLURM_PROCID={rank}".encode() in environ:
+        if Path(os.fsdecode(command[0])).name.startswith("python") and str(submitit_folder).encode() in command \
+                and b"submitit.core._submit" in command and f"SLURM_PROCID={rank}".encode() in environ:
             return int(proc.name)
     raise AssertionError(f"no rank {rank} process of {submitit_folder}")
 
