@@ -5,6 +5,7 @@ import json
 import re
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -12,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY, tiny_spec
+from conftest import TINY, tiny_spec, wait_until
 
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.data.schema import Manifest
-from d3d_cluster.launch.pipeline import run_stage
+from d3d_cluster.launch.pipeline import JobCancelled, run_stage
 from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.launch.status import cancel_run
 from d3d_cluster.metrics import PrepProgress, TrainMetrics, target_path, targets_dir, write_target
 from d3d_cluster.monitor import ALERT_RULES, Prometheus, prometheus_config
 from d3d_cluster.train.engine import initialize
@@ -35,97 +37,131 @@ def expand(expr: str, run: str) -> str:
     return expr.replace("$stage", ".*").replace("$node", ".*")
 
 
-def last_scrape_of_all(prometheus: Prometheus, expr: str, since: float) -> float:
-    """The last time every series of `expr` was still scraped (a query then sees all ranks; once a rank has
-    retired its target, its series are marked stale)."""
-    data = prometheus.api("query_range", query=expr, start=f"{since:.3f}", end=f"{time.time():.3f}", step="1")
-    assert data["result"], f"no samples of {expr}"
-    return min(max(float(t) for t, _ in series["values"]) for series in data["result"])
+SAMPLES = 3  # scrapes of every rank's series before the queries: rate() needs two in its window
+
+
+def scraped_enough(prometheus: Prometheus, run: str, ranks: int) -> float | None:
+    """A moment at which Prometheus holds at least SAMPLES scrapes of every rank's step counter within the last
+    minute (the window the dashboard's rates use here), the last of them after a step; None before that."""
+    at = time.time()
+    counts = prometheus.query(f'count_over_time(d3d_train_steps_total{{run="{run}"}}[1m])', at=at)
+    stepped = prometheus.query(f'd3d_train_steps_total{{run="{run}"}} > 0', at=at)
+    enough = {s["metric"]["rank"] for s in counts if float(s["value"][1]) >= SAMPLES}
+    return at if len(enough & {s["metric"]["rank"] for s in stepped}) == ranks else None
 
 
 def test_every_dashboard_query_and_alert_answers_on_a_live_stage_job(tmp_path, tiny_shards, pushgateway,
                                                                       prometheus_installed):
-    spec = tiny_spec(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)}, teacher={"epochs": 12},
+    """The stage is bounded by scrapes, not epochs: it trains (far longer than the test needs, on any machine)
+    until Prometheus has scraped every rank enough, the queries are asked of the live job, then it is cancelled
+    as a user would cancel it."""
+    spec = tiny_spec(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)}, teacher={"epochs": 100_000},
                      metrics={"pushgateway": pushgateway})
     run = RunDir.create(spec)
     targets = targets_dir(spec, run)
     config = prometheus_config(str(targets / f"{spec.name}-*.json"), pushgateway, ALERT_RULES, interval="1s")
-    started = time.time()
     with Prometheus(config, tmp_path / "prometheus") as prometheus:
         prep = PrepProgress(pushgateway, run=spec.name, task=0, videos=18)
         prep.record(written=17, rejected=1)
         prep.finish()
-        lines = []
-        run_stage(run, "teacher", echo=lines.append)
-        at = last_scrape_of_all(prometheus, f'd3d_train_steps_total{{run="{spec.name}"}}', started)
+        lines, outcome = [], []
 
-        (job_id,) = {e["job_id"] for e in run.events() if e["event"] == "started"}
-        series = prometheus.query(f'd3d_train_clips_total{{run="{spec.name}"}}', at=at)
-        assert {s["metric"]["rank"] for s in series} == {"0", "1"}
-        for s in series:
-            assert s["metric"]["stage"] == "teacher" and s["metric"]["job_id"] == job_id
-            assert s["metric"]["node"] == socket.gethostname() and "exported_run" not in s["metric"]
-        # Up to epochs x training clips: the last steps can end between two scrapes.
-        assert 0 < sum(float(s["value"][1]) for s in series) <= 12 * 12
+        def follow() -> None:  # `d3dc submit teacher` in the foreground
+            try:
+                run_stage(run, "teacher", echo=lines.append, poll_seconds=0.2)
+            except Exception as error:
+                outcome.append(error)
 
-        dashboard = json.loads(DASHBOARD.read_text())
-        for panel in dashboard["panels"]:
-            for target in panel.get("targets", []):
-                expr = expand(target["expr"], spec.name)
-                result = prometheus.query(expr, at=at)  # raises on an invalid query
-                if CPU_ABSENT in expr:
-                    assert result == [], (panel["title"], expr)
-                else:
-                    assert result, (panel["title"], expr)
-        for variable in dashboard["templating"]["list"][1:]:
-            metric, label = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["query"]["query"]).groups()
-            values = prometheus.query(f"count by ({label}) ({expand(metric, spec.name)})", at=at)
-            assert values and all(v["metric"][label] for v in values), variable["name"]
-
-        rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
-        assert len(rules) == 6
-        for rule in rules:
-            assert rule["health"] == "ok" and not rule.get("lastError"), rule
-            prometheus.query(rule["query"], at=at)
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        try:
+            at = wait_until(lambda: outcome or scraped_enough(prometheus, spec.name, ranks=2),
+                            "every rank's series to be scraped while it trains", timeout=600)
+            assert not outcome, outcome
+            _every_query_answers(prometheus, spec.name, run, at)
+        finally:
+            cancel_run(run)
+            follower.join(timeout=300)
+        assert isinstance(outcome[0], JobCancelled), outcome
 
         # The ranks retired their targets: Prometheus stops scraping them.
         def training_targets():
             return [t for t in prometheus.targets() if t["scrapePool"] == "d3d-train"]
 
-        deadline = time.monotonic() + 15
-        while training_targets() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert training_targets() == []
+        wait_until(lambda: not training_targets(), "Prometheus to drop the retired targets", timeout=60, poll=0.5)
     assert [json.loads(p.read_text()) for p in targets.glob("*.json")] == [[], []]
     assert any(line.startswith("[teacher] rank 0/2 metrics at http://127.0.0.1:") for line in lines)
 
 
-class SlowLoader:
-    """The real loader, each batch `delay` seconds late, like shards on a slow file system."""
+def _every_query_answers(prometheus: Prometheus, name: str, run: RunDir, at: float) -> None:
+    (job_id,) = {e["job_id"] for e in run.events() if e["event"] == "started"}
+    clips = prometheus.query(f'd3d_train_clips_total{{run="{name}"}}', at=at)
+    steps = {s["metric"]["rank"]: float(s["value"][1])
+             for s in prometheus.query(f'd3d_train_steps_total{{run="{name}"}}', at=at)}
+    assert {s["metric"]["rank"] for s in clips} == {"0", "1"}
+    for s in clips:
+        assert s["metric"]["stage"] == "teacher" and s["metric"]["job_id"] == job_id
+        assert s["metric"]["node"] == socket.gethostname() and "exported_run" not in s["metric"]
+        # One scrape reads both counters of a rank: its clips are its steps times its batch.
+        assert float(s["value"][1]) == TINY["data"]["batch_size"] * steps[s["metric"]["rank"]] > 0
 
-    def __init__(self, loader: ClipLoader, delay: float):
+    dashboard = json.loads(DASHBOARD.read_text())
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            expr = expand(target["expr"], name)
+            result = prometheus.query(expr, at=at)  # raises on an invalid query
+            if CPU_ABSENT in expr:
+                assert result == [], (panel["title"], expr)
+            else:
+                assert result, (panel["title"], expr)
+    for variable in dashboard["templating"]["list"][1:]:
+        metric, label = re.fullmatch(r"label_values\((.*), (\w+)\)", variable["query"]["query"]).groups()
+        values = prometheus.query(f"count by ({label}) ({expand(metric, name)})", at=at)
+        assert values and all(v["metric"][label] for v in values), variable["name"]
+
+    rules = [r for g in prometheus.api("rules")["groups"] for r in g["rules"]]
+    assert len(rules) == 6
+    for rule in rules:
+        assert rule["health"] == "ok" and not rule.get("lastError"), rule
+        prometheus.query(rule["query"], at=at)
+
+
+class PacedLoader:
+    """The real loader's first epoch, decoded up front and then handed out for every epoch, each batch `delay`
+    seconds after the step asks for it: with no delay a loader that never keeps a step waiting, with one a loader
+    on a slow file system, whatever this machine's decoding speed."""
+
+    def __init__(self, loader: ClipLoader, delay: float = 0.0):
         self.loader, self.delay = loader, delay
+        self.batches = list(loader.epoch(loader.first_epoch))
 
     def __getattr__(self, name: str):
         return getattr(self.loader, name)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.batches)
 
     def epoch(self, epoch: int):
-        for batch in self.loader.epoch(epoch):
+        for batch in self.batches:
             time.sleep(self.delay)
             yield batch
 
 
-def wait_until_scraped(prometheus: Prometheus, port: int, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if any(t["scrapeUrl"] == f"http://127.0.0.1:{port}/metrics" and t["health"] == "up"
-               for t in prometheus.targets()):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"Prometheus did not scrape 127.0.0.1:{port} within {seconds} s")
+class ScrapeCounter:
+    """A collector without metrics that counts how often its registry is read: once per scrape."""
+
+    def __init__(self):
+        self.scrapes = 0
+
+    def collect(self):
+        self.scrapes += 1
+        return iter(())
+
+
+def wait_until_scraped(prometheus: Prometheus, port: int, seconds: float = 60) -> None:
+    wait_until(lambda: any(t["scrapeUrl"] == f"http://127.0.0.1:{port}/metrics" and t["health"] == "up"
+                           for t in prometheus.targets()),
+               f"Prometheus to scrape 127.0.0.1:{port}", timeout=seconds, poll=0.2)
 
 
 def without_for_durations(rules: Path, into: Path) -> Path:
@@ -136,6 +172,10 @@ def without_for_durations(rules: Path, into: Path) -> Path:
             rule["for"] = "0s"
     into.write_text(yaml.safe_dump(tree))
     return into
+
+
+SCRAPES_PER_RUN = 4  # each run trains until Prometheus has scraped it this often: enough for rate(), any speed
+STARVED_WAIT = 4  # the starved loader keeps a step waiting 4 times as long as the fed run's steps took
 
 
 def test_data_starvation_alert_fires_on_a_slow_loader_and_not_on_a_fed_one(tmp_path, tiny_shards, promtool,
@@ -156,23 +196,31 @@ def _train_fed_and_starved(tmp_path, tiny_shards, promtool):
     rules = without_for_durations(ALERT_RULES, tmp_path / "alerts.yml")
     config = prometheus_config(str(tmp_path / "targets" / "*.json"), rules=rules, interval="1s")
     with Prometheus(config, tmp_path / "prometheus") as prometheus:
-        served = []
-        for run, delay, epochs in (("fed", 0.0, 8), ("starved", 0.3, 3)):
-            loader = SlowLoader(ClipLoader(tiny_shards, "train", spec.data, modalities=stage.modalities, train=True,
-                                           epochs=epochs, rank=0, world=1, seed=0), delay)
+        served, fed_step_seconds = [], None
+        for run in ("fed", "starved"):
+            real = ClipLoader(tiny_shards, "train", spec.data, modalities=stage.modalities, train=True,
+                              epochs=100_000, rank=0, world=1, seed=0)
+            loader = PacedLoader(real, 0.0 if run == "fed" else STARVED_WAIT * fed_step_seconds)
             metrics = TrainMetrics(run, "teacher", 0, job_id="1")
+            counter = ScrapeCounter()
+            metrics.registry.register(counter)
             port = metrics.serve("127.0.0.1", 0)
             served.append((metrics, port))
             write_target(target_path(tmp_path / "targets", run, "teacher", 0), "127.0.0.1", port, metrics.labels)
             wait_until_scraped(prometheus, port)  # so that the scrapes see the whole of this short training
             engine = initialize(build_model(spec.model, "flow", len(manifest.classes)), spec.teacher.optimizer,
                                 spec.deepspeed, spec.data.batch_size, spec.grad_accumulation, 100, len(loader))
-            train(engine, stage, loader, metrics, world=1)
-            loader.loader.close()
-        time.sleep(3)  # a few more evaluations with both endpoints still up
+            enough = counter.scrapes + SCRAPES_PER_RUN
+            summary = train(engine, stage, loader, metrics, world=1, stop_requested=lambda: counter.scrapes >= enough)
+            assert summary.stopped and summary.steps > 0
+            fed_step_seconds = fed_step_seconds or summary.seconds / summary.steps
+            real.close()
 
-        firing = prometheus.query('max_over_time(ALERTS{alertname="D3DDataStarved", alertstate="firing"}[5m])')
-        assert {a["metric"]["run"] for a in firing} == {"starved"}
+        def firing() -> set[str]:
+            alerts = prometheus.query('max_over_time(ALERTS{alertname="D3DDataStarved", alertstate="firing"}[5m])')
+            return {a["metric"]["run"] for a in alerts}
+
+        assert wait_until(firing, "the data-starvation alert to fire", timeout=60) == {"starved"}
         fraction = prometheus.query("rate(d3d_train_data_wait_seconds_sum[5m]) / rate(d3d_train_step_seconds_sum[5m])")
         by_run = {f["metric"]["run"]: float(f["value"][1]) for f in fraction}
         assert by_run["starved"] > 0.5 and by_run["fed"] < 0.3, by_run
