@@ -47,7 +47,7 @@ def main() -> None:
     metrics.plan(epochs=10, steps_per_epoch=100)
     observe = median_seconds(lambda: metrics.observe_step(16, 0.1, 0.01, 1.0, 0.5, 1e-3, 0.5, grad_norm=2.0),
                              args.repeats)
-    scrape = median_seconds(lambda: generate_latest(metrics.registry), args.repeats // 10)
+    scrape = median_seconds(lambda: generate_latest(metrics.registry), max(1, args.repeats // 10))
 
     model = S3DG(num_classes=3, in_channels=2, width=0.25, gating=True)
     optimizer = torch.optim.AdamW(model.parameters())
