@@ -137,7 +137,7 @@ class SlurmCluster:
             parts.append(f"----- {path.name} -----\n{path.read_text(errors='replace')[-6000:]}")
         return "\n".join(parts)
 
-    def wait_for_job(self, job_id: str, timeout: float = 60) -> str:
+    def wait_for_job(self, job_id: str, timeout: float = 300) -> str:
         """`scontrol show job` once the job has left the running states (finished jobs stay listed MinJobAge)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -180,7 +180,7 @@ class SlurmCluster:
             self.network = None
 
 
-def start_cluster(root: Path, programs: dict[str, str], nodes: int = 1, timeout: float = 60) -> SlurmCluster:
+def start_cluster(root: Path, programs: dict[str, str], nodes: int = 1, timeout: float = 120) -> SlurmCluster:
     """Write the configuration and key under `root`, start munged, slurmctld and one slurmd per node in the
     foreground as children of this process, and wait until every node is idle. On failure whatever was started
     is stopped and the error carries the daemons' logs."""

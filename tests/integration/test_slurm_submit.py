@@ -61,12 +61,6 @@ def test_the_pipeline_is_queued_as_four_jobs_chained_by_afterok_and_runs_to_its_
     assert submitted["eval"]["dependency"] == f"afterok:{ids['student']}:{ids['baseline']}"
     assert submitted["teacher"]["dependency"] is None and submitted["teacher"]["executor"] == "slurm"
 
-    # The teacher takes seconds to start: its dependents still wait on it.
-    student = slurm_cluster.run("scontrol", "show", "job", ids["student"])
-    assert f"Dependency=afterok:{ids['teacher']}(unfulfilled)" in student
-    evaluation = slurm_cluster.run("scontrol", "show", "job", ids["eval"])
-    assert re.search(rf"Dependency=afterok:{ids['student']}\(unfulfilled\),afterok:{ids['baseline']}\(unfulfilled\)",
-                     evaluation), evaluation
     # What the dry run printed is what was submitted (the dependency aside).
     teacher_script = (run.path / "teacher" / "submitit" / f"{ids['teacher']}_submission.sh").read_text()
     assert dry.split("# ----- job 1 of 4: teacher -----\n")[1].split("\n# ----- job 2")[0] == teacher_script
@@ -76,6 +70,10 @@ def test_the_pipeline_is_queued_as_four_jobs_chained_by_afterok_and_runs_to_its_
     _d3dc("logs", "chain", "--workdir", str(tmp_path / "work"), "--stage", "eval", "--follow")  # until eval ends
     for stage, job_id in ids.items():
         assert "JobState=COMPLETED" in slurm_cluster.wait_for_job(job_id)
+    # Slurm held each job until what it depends on had finished (the events log is appended in time order).
+    order = [(e["event"], e["stage"]) for e in run.events()]
+    for job, after in (("student", "teacher"), ("eval", "student"), ("eval", "baseline")):
+        assert order.index(("started", job)) > order.index(("finished", after)), order
     results = json.loads((run.path / "results.json").read_text())
     assert set(results["models"]) >= {"teacher", "student", "baseline"}
     status = _d3dc("status", str(run.path))
@@ -88,13 +86,13 @@ def test_the_pipeline_is_queued_as_four_jobs_chained_by_afterok_and_runs_to_its_
 
 @pytest.mark.integration
 def test_status_shows_live_jobs_and_cancel_cancels_every_one_of_them(tmp_path, tiny_shards, slurm_cluster):
-    spec = _spec_file(tmp_path, tiny_shards, slurm_cluster, teacher={"epochs": 500})
+    spec = _spec_file(tmp_path, tiny_shards, slurm_cluster, teacher={"epochs": 100_000})  # cancelled long before its end
     _d3dc("submit", "pipeline", "-c", str(spec), "--name", "long")
     run = RunDir(tmp_path / "work" / "runs" / "long")
     ids = _job_ids(run)
 
     wait_until(lambda: any(e["event"] == "started" and e["stage"] == "teacher" for e in run.events()), "teacher start",
-               timeout=60)
+               timeout=300)
     status = _d3dc("status", "long", "-c", str(spec))
     assert re.search(rf"teacher\s+│\s+{ids['teacher']}\s+│\s+RUNNING\s+│\s+started", status), status
     assert re.search(rf"student\s+│\s+{ids['student']}\s+│\s+PENDING\s+│\s+submitted.*afterok:{ids['teacher']}",
@@ -108,7 +106,7 @@ def test_status_shows_live_jobs_and_cancel_cancels_every_one_of_them(tmp_path, t
     cancelled = _d3dc("cancel", "long", "-c", str(spec))
     for stage, job_id in ids.items():
         assert f"cancelled {stage} job {job_id}" in cancelled
-    wait_until(lambda: not any(job.live for job in run_status(run)), "jobs to leave the queue", timeout=60)
+    wait_until(lambda: not any(job.live for job in run_status(run)), "jobs to leave the queue", timeout=300)
     live = slurm_cluster.run("squeue", "-h", "-o", "%i %T").split("\n")
     assert not any(line.split()[0] in ids.values() for line in live if line)
     events = [e for e in run.events() if e["event"] == "cancelled"]
@@ -161,10 +159,10 @@ def test_when_a_stage_fails_slurm_cancels_the_jobs_waiting_on_it_and_status_show
         tar.unlink()
     run = RunDir(tmp_path / "work" / "runs" / "broken")
     ids = _job_ids(run)
-    assert "JobState=FAILED" in slurm_cluster.wait_for_job(ids["teacher"], timeout=90)
+    assert "JobState=FAILED" in slurm_cluster.wait_for_job(ids["teacher"])
     # Without --kill-on-invalid-dep the student and the evaluation would wait forever (DependencyNeverSatisfied).
     for stage in ("student", "eval"):
-        assert "JobState=CANCELLED" in slurm_cluster.wait_for_job(ids[stage], timeout=60)
+        assert "JobState=CANCELLED" in slurm_cluster.wait_for_job(ids[stage])
     jobs = {job.stage: job for job in run_status(run)}
     assert jobs["teacher"].state == "FAILED" and jobs["teacher"].last_event == "failed"
     assert ".tar" in jobs["teacher"].error
