@@ -14,7 +14,9 @@ from d3d_cluster.train.evaluate import Predictions
 REDUCED = {
     "name": "reduced",
     "prep": {
-        "synthetic": {"classes": 3, "videos_per_class": 16, "frames": 12, "size": 32, "val_fraction": 0.25},
+        # 16 training videos a class: with 12 the teacher's top-1 was 58-75% over seeds (and machines), too
+        # close to the bar below; with 16 it was 96-100% (seeds 0-3).
+        "synthetic": {"classes": 3, "videos_per_class": 24, "frames": 12, "size": 32, "val_fraction": 0.34},
         "short_side": 32,
         "shard_samples": 8,
     },
@@ -39,7 +41,7 @@ def test_reduced_quickstart_trains_teacher_student_and_baseline(tmp_path):
     run = RunDir(workdir / "runs" / "reduced")
     results = json.loads((run.path / "results.json").read_text())
     assert set(results["models"]) == {"teacher", "student", "baseline", "student+teacher"}
-    assert results["val_samples"] == 12 and results["chance"] == pytest.approx(1 / 3)
+    assert results["val_samples"] == 24 and results["chance"] == pytest.approx(1 / 3)
     for name in ("teacher", "student", "baseline"):
         row = results["models"][name]
         assert 0.0 <= row["top1"] <= 1.0 and row["clips_per_second"] > 0
@@ -47,7 +49,7 @@ def test_reduced_quickstart_trains_teacher_student_and_baseline(tmp_path):
     assert results["models"]["teacher"]["top1"] > 0.6
 
     manifest = json.loads((workdir / "shards" / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 48
+    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["val"]["samples"] == 72
 
     events = [(e["event"], e["stage"]) for e in run.events()]
     for stage in ("teacher", "student", "baseline"):
@@ -55,7 +57,7 @@ def test_reduced_quickstart_trains_teacher_student_and_baseline(tmp_path):
         assert lifecycle == [("submitted", stage), ("started", stage), ("finished", stage)]
         assert ("checkpointed", stage) in events  # at least the one at the end of training
         predictions = Predictions.load(run.path / stage)
-        assert len(predictions.keys) == 12 and len(np.unique(predictions.keys)) == 12
+        assert len(predictions.keys) == 24 and len(np.unique(predictions.keys)) == 24
         steps = [json.loads(line) for line in (run.path / stage / "train_log.jsonl").read_text().splitlines()]
         assert all(np.isfinite(s["loss"]) for s in steps)
     student_log = (run.path / "student" / "train_log.jsonl").read_text().splitlines()
