@@ -199,7 +199,7 @@ def cancel_run(run: RunDir) -> tuple[list[StageStatus], list[StageStatus]]:
     local = [status for status in statuses if status.executor == "local" and status.last_event not in ENDED_EVENTS]
     gone = []
     for status in local:
-        controller = local_controller(run, status)
+        controller = _local_controller(run, status)
         if controller is None:
             gone.append(status)
             continue
@@ -210,7 +210,7 @@ def cancel_run(run: RunDir) -> tuple[list[StageStatus], list[StageStatus]]:
     return live, gone
 
 
-def local_controller(run: RunDir, status: StageStatus) -> int | None:
+def _local_controller(run: RunDir, status: StageStatus) -> int | None:
     """The pid of a local job's submitit controller (a local job's id is that pid) while it runs this job; its
     command line is checked, so that a pid the system has since given to another process is never signalled."""
     if status.executor != "local" or not (status.job_id or "").isdigit():
