@@ -45,9 +45,12 @@ def test_stop_ends_its_jobs_and_exactly_the_daemons_it_started(programs):
         assert cluster.processes == {}
 
 
-def test_a_cluster_that_does_not_come_up_reports_its_daemons_logs(programs):
+def test_a_cluster_that_does_not_come_up_reports_its_daemons_logs(programs, tmp_path):
+    failing = tmp_path / "munged"  # a munged that cannot start, whatever the machine's speed
+    failing.write_text("#!/bin/sh\necho 'munged: Error: no key (as the test wants)'\nexit 3\n")
+    failing.chmod(0o755)
     with tempfile.TemporaryDirectory(prefix="d3dc-slurm-") as root:
         with pytest.raises(ClusterStartError) as error:
-            start_cluster(Path(root), programs, timeout=0)
-    assert "waiting for munged to open its socket: not after 0 s" in str(error.value)
-    assert "----- munged.out -----" in str(error.value)
+            start_cluster(Path(root), {**programs, "munged": str(failing)})
+    assert "waiting for munged to open its socket: exited: {'munged': 3}" in str(error.value)
+    assert "----- munged.out -----\nmunged: Error: no key (as the test wants)" in str(error.value)
