@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from d3d_cluster.collectives import barrier
 from d3d_cluster.train.loop import NonFiniteLoss
 
 
@@ -197,7 +198,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
             write_json_atomically(stage_dir / SUMMARY_NAME, result)
             run.event("finished", stage=stage_name, job_id=rank.job_id)
             print(f"[{stage_name}] done: {json.dumps(result)}", flush=True)
-        torch.distributed.barrier()
+        barrier()
         return summary
     except BaseException as error:
         if rank.rank == 0:
@@ -285,7 +286,7 @@ def _evaluate_run(run_path: Path, stages: tuple[str, ...], rank: Rank) -> dict |
         if rank.rank == 0:
             write_json_atomically(run.path / RESULTS_NAME, results)
             run.event("finished", stage="eval", job_id=rank.job_id)
-        torch.distributed.barrier()
+        barrier()
         return results
     except BaseException as error:
         if rank.rank == 0:

@@ -29,36 +29,37 @@ def requeue_stopped(run_path: Path, stage: str, rank, signal_name: str, step: in
     """Every rank has checkpointed: rank 0 records why and requeues the job, then every rank exits without a
     result, so that submitit runs the job again when it restarts. A job cancelled by its user (scancel sends
     SIGTERM too) is left cancelled."""
-    import torch.distributed as dist
     from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+    from d3d_cluster.collectives import from_rank0
 
     run = RunDir(run_path)
     spec = run.spec()
     events = job_events(run, stage, rank.job_id)
     requeues = count_events(events, "requeued")
-    decision = [None]
+    decision = None
     if rank.rank == 0:
         cancelled = count_events(events, "cancelled") > 0 or (
             rank.cluster == "slurm" and _slurm_state(rank.job_id) in FINAL_STATES)
-        decision[0] = "cancelled" if cancelled else "requeue" if requeues < spec.cluster.max_requeues else "exhausted"
-        if decision[0] == "cancelled":  # the job's own last word, after the request: where it stopped
+        decision = "cancelled" if cancelled else "requeue" if requeues < spec.cluster.max_requeues else "exhausted"
+        if decision == "cancelled":  # the job's own last word, after the request: where it stopped
             run.event("cancelled", stage=stage, job_id=rank.job_id, step=step)
         else:
             run.event("preempted", stage=stage, job_id=rank.job_id, signal=signal_name,
                       reason=_stop_reason(rank, spec.cluster.signal_delay_s), step=step)
-        if decision[0] == "requeue":
+        if decision == "requeue":
             if rank.cluster == "slurm":
                 subprocess.run(["scontrol", "requeue", rank.job_id], check=True, timeout=60)
             run.event("requeued", stage=stage, job_id=rank.job_id, requeues=requeues + 1)
-        elif decision[0] == "exhausted":
+        elif decision == "exhausted":
             run.event("failed", stage=stage, job_id=rank.job_id, retryable=False,
                       error=f"stopped by {signal_name} at step {step} after {requeues} requeues "
                             f"(cluster.max_requeues); resubmit the stage to resume from its checkpoint")
-    dist.broadcast_object_list(decision, src=0)
-    if decision[0] == "exhausted":
+    decision = from_rank0(decision)
+    if decision == "exhausted":
         raise RuntimeError(f"stage {stage} stopped by {signal_name} at step {step}: no requeue left "
                            f"(cluster.max_requeues = {spec.cluster.max_requeues}); its checkpoint is kept")
-    if decision[0] == "cancelled":
+    if decision == "cancelled":
         print(f"[{stage}] cancelled; checkpointed at step {step}", flush=True)
         raise SystemExit(1)
     print(f"[{stage}] checkpointed at step {step} after {signal_name}; requeued", flush=True)

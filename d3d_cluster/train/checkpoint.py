@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from d3d_cluster.collectives import barrier, from_rank0
 from d3d_cluster.data.pipeline import LoaderState
 from d3d_cluster.files import replace_atomically, write_json_atomically
 
@@ -96,10 +97,10 @@ def save(engine, directory: Path, step: int, epoch: float, loader: LoaderState, 
     path = Path(directory) / tag(step)
     if rank == 0 and path.exists():  # the remains of a save interrupted at this very step
         shutil.rmtree(path)
-    dist.barrier()
+    barrier()
     engine.save_checkpoint(str(directory), tag=path.name, save_latest=False)
     replace_atomically(path / f"rng-rank{rank:05d}.pt", lambda tmp: torch.save(_rng_state(), tmp))
-    dist.barrier()
+    barrier()
     checkpoint = Checkpoint(path, step, epoch, loader, world, engine.zero_optimization_stage(), {})
     if rank == 0:
         files = {str(f.relative_to(path)): _sha256(f) for f in sorted(path.rglob("*")) if f.is_file()}
@@ -107,7 +108,7 @@ def save(engine, directory: Path, step: int, epoch: float, loader: LoaderState, 
                   "zero_stage": checkpoint.zero_stage, "time": time.time(), "files": files}
         write_json_atomically(path / MARKER, record)
         _prune(Path(directory), keep)
-    dist.barrier()
+    barrier()
     return checkpoint
 
 
@@ -124,9 +125,7 @@ def _prune(directory: Path, keep: int) -> None:
 
 def choose(directory: Path) -> Checkpoint | None:
     """The checkpoint every rank resumes from: rank 0 verifies, the others take its choice."""
-    choice = [latest_valid(directory) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    return choice[0]
+    return from_rank0(latest_valid(directory) if dist.get_rank() == 0 else None)
 
 
 def needs_universal(checkpoint: Checkpoint, world: int) -> bool:
@@ -160,7 +159,7 @@ def universal_copy(checkpoint: Checkpoint) -> Path:
             shutil.rmtree(target)
         to_universal(_universal_arguments(checkpoint.path, target))
         write_json_atomically(target / MARKER, {"from": str(checkpoint.path), "time": time.time()})
-    dist.barrier()
+    barrier()
     return target
 
 

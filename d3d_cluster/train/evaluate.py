@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from d3d_cluster.collectives import gather_to_rank0
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.files import replace_atomically
@@ -90,14 +90,9 @@ def gather_predictions(samples: torch.Tensor, views: torch.Tensor, logits: torch
     its log so that `logits` stays a valid logit array. Every view of every video must arrive exactly once,
     except videos some rank skipped as corrupt, which are left out and counted in the error if views are missing.
     """
-    local = (samples.numpy(), views.numpy(), logits.numpy(), labels.numpy(), list(skipped))
-    if dist.is_available() and dist.is_initialized():
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, local)
-        if dist.get_rank() != 0:
-            return None
-    else:
-        parts = [local]
+    parts = gather_to_rank0((samples.numpy(), views.numpy(), logits.numpy(), labels.numpy(), list(skipped)))
+    if parts is None:
+        return None
     all_samples, all_views, all_logits, all_labels = (np.concatenate([p[i] for p in parts]) for i in range(4))
     skipped_videos = {int(s) for p in parts for s in p[4]}
     pairs = all_samples * views_per_video + all_views

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 
+from d3d_cluster.collectives import any_rank
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.metrics import TrainMetrics
 from d3d_cluster.train import checkpoint as checkpoints
@@ -147,10 +147,7 @@ def _window_closed(engine) -> bool:
 
 def _agree(loss: torch.Tensor, stop: bool) -> tuple[bool, bool]:
     """Whether any rank's loss is NaN or infinite, and whether any rank was told to stop."""
-    flags = torch.tensor([float(not torch.isfinite(loss.detach()).all()), float(stop)])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+    return any_rank(~torch.isfinite(loss.detach()).all(), stop)
 
 
 @torch.no_grad()

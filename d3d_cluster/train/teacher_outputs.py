@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from d3d_cluster.collectives import barrier
 from d3d_cluster.data.index import SampleTable
 from d3d_cluster.data.pipeline import ClipLoader, shard_list_hash
 from d3d_cluster.data.schema import Manifest, sha256_of
@@ -155,7 +156,7 @@ def precompute_teacher_outputs(spec: Spec, teacher: S3DG, teacher_weights: Path,
     expected = fingerprint(spec, teacher_weights, keys, shard_list_hash(manifest, "train"), device)
     if rank == 0:
         _start(directory, expected)
-    torch.distributed.barrier()
+    barrier()
     stored = _read_manifest(directory)
     done = set(stored["epochs"])
     todo = [epoch for epoch in range(epochs) if epoch not in done]
@@ -178,10 +179,10 @@ def precompute_teacher_outputs(spec: Spec, teacher: S3DG, teacher_weights: Path,
             part = {"samples": np.concatenate(samples), "outputs": np.concatenate(outputs),
                     "skipped": np.array(json.dumps(loader.skipped))}
             replace_atomically(_part_path(directory, epoch, rank), lambda tmp: _save(tmp, np.savez, **part))
-            torch.distributed.barrier()
+            barrier()
             if rank == 0:
                 _merge(directory, epoch, world, len(keys), time.perf_counter() - started)
-            torch.distributed.barrier()
+            barrier()
         loader.close()
     return TeacherOutputs(directory, expected, epochs)
 
