@@ -215,10 +215,18 @@ class ClusterSpec(_Section):
     qos: str | None = None
     constraint: str | None = Field(None, description="node features, as sbatch --constraint takes them")
     gpus_per_node: int | None = Field(None, ge=1, description="equal to tasks_per_node: one rank per GPU")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="cuda: every rank needs a GPU, a node without one fails the job at once; cpu: no GPU is "
+                            "used; auto: a GPU where one is visible, and required when gpus_per_node is set")
     mem: str | None = Field(None, pattern=r"^[0-9]+[KMGT]?$", description="memory per node, as sbatch --mem (32G)")
     exclusive: bool = Field(False, description="whole nodes, shared with no other job")
     signal_delay_s: int = Field(90, ge=1, description="USR2 this long before the time limit, to checkpoint in")
     max_requeues: int = Field(3, ge=0, description="time-limit requeues allowed (submitit's max_num_timeout)")
+
+    @property
+    def wants_gpu(self) -> bool:
+        """Whether a rank without a GPU is an error rather than a CPU rank."""
+        return self.device == "cuda" or (self.device == "auto" and self.gpus_per_node is not None)
 
 
 PROBE_LAYERS = ("conv_1a", "conv_2b", "conv_2c", "mixed_3b", "mixed_3c", "mixed_4b", "mixed_4c", "mixed_4d",
@@ -282,6 +290,9 @@ class Spec(_Section):
         cluster = self.cluster
         if cluster.executor == "local" and cluster.nodes != 1:
             raise ValueError(f"cluster.nodes is {cluster.nodes}: the local executor runs on one node")
+        if cluster.gpus_per_node is not None and cluster.device == "cpu":
+            raise ValueError(f"cluster.gpus_per_node ({cluster.gpus_per_node}) asks Slurm for GPUs that "
+                             "cluster.device cpu would leave idle: drop one of them")
         if cluster.gpus_per_node is not None and cluster.gpus_per_node != cluster.tasks_per_node:
             raise ValueError(f"cluster.gpus_per_node ({cluster.gpus_per_node}) must equal cluster.tasks_per_node "
                              f"({cluster.tasks_per_node}): one rank per GPU")

@@ -38,6 +38,10 @@ RGB_STD = (58.1, 56.5, 55.3)
 MODALITIES = ("rgb", "flow")
 
 
+class CorruptStep(RuntimeError):
+    """No sample of a step could be decoded: the data is bad, and reading it again will not change that."""
+
+
 class Batch(NamedTuple):
     rgb: torch.Tensor | None  # (N, 3, T, S, S) float32
     flow: torch.Tensor | None  # (N, 2, T, S, S) float32, 1.0 = the flow bound (more where a box was enlarged)
@@ -241,7 +245,7 @@ class ClipLoader:
                 samples = [int(item) // views for item in items]
                 kept = [(s, int(item) % views) for s, item in zip(samples, items) if s not in self._corrupt]
                 if not kept:
-                    raise RuntimeError(f"rank {self.rank}: every sample of a step is corrupt: "
+                    raise CorruptStep(f"rank {self.rank}: every sample of a step is corrupt: "
                                        f"{[self.table.keys[s] for s in samples]}")
                 yield _Planned(e, end, [s for s, _ in kept], [v for _, v in kept])
 

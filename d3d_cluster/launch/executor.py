@@ -64,8 +64,18 @@ def make_executor(cluster: ClusterSpec, folder: Path, name: str = "d3dc", depend
         executor.update_parameters(**executor_parameters(cluster, name, dependency, on_exit))
         return executor
     executor = submitit.LocalExecutor(folder=folder)
-    executor.update_parameters(tasks_per_node=cluster.tasks_per_node, timeout_min=cluster.timeout_min)
+    executor.update_parameters(tasks_per_node=cluster.tasks_per_node, timeout_min=cluster.timeout_min,
+                               gpus_per_node=local_gpus(cluster))
     return executor
+
+
+def local_gpus(cluster: ClusterSpec) -> int:
+    """The GPUs a local job's ranks see: one each where this machine has enough and the spec allows them, else
+    none (submitit's local executor hides every GPU it is not given)."""
+    import torch
+
+    enough = cluster.device != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() >= cluster.tasks_per_node
+    return cluster.tasks_per_node if enough else 0
 
 
 def sbatch_script(cluster: ClusterSpec, folder: Path, name: str, dependency: str | None = None,

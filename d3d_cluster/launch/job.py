@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,11 +29,20 @@ from typing import Callable
 import torch
 
 from d3d_cluster.collectives import barrier
+from d3d_cluster.data.pipeline import CorruptStep
+from d3d_cluster.spec import ClusterSpec
 from d3d_cluster.train.loop import NonFiniteLoss
 
 
-# Failures a requeue would only repeat: bad input found on the node, or a diverged run.
-NOT_RETRYABLE = (ValueError, FileNotFoundError, KeyError, NonFiniteLoss)
+class DeviceUnavailable(RuntimeError):
+    """The spec asks for GPUs and this node has none that CUDA can see."""
+
+
+# Failures a requeue would only repeat: bad input found on the node, a diverged run, a step that does not fit in
+# the GPU's memory, a node without the GPUs the spec asks for. Anything else (a lost peer, an NCCL timeout, an I/O
+# error) may go differently next time.
+NOT_RETRYABLE = (ValueError, FileNotFoundError, KeyError, NonFiniteLoss, CorruptStep, torch.cuda.OutOfMemoryError,
+                 DeviceUnavailable)
 
 
 @dataclass(frozen=True)
@@ -47,22 +58,40 @@ class Rank:
     cluster: str  # "slurm" or "local": how the job requeues
 
 
+def compute_device(cluster: ClusterSpec, local_rank: int) -> torch.device:
+    """This rank's GPU where the spec allows GPUs and every rank of the node has one (the whole world must agree on
+    NCCL or gloo), else the CPU. A job that asks for GPUs (`cluster.device: cuda`, or `gpus_per_node`) and finds
+    too few stops here, naming the node and what it saw, instead of training every rank on CPUs."""
+    visible = torch.cuda.device_count() if cluster.device != "cpu" and torch.cuda.is_available() else 0
+    if visible >= cluster.tasks_per_node:
+        return torch.device("cuda", local_rank)
+    if not cluster.wants_gpu:
+        return torch.device("cpu")
+    asked = "cluster.device is cuda" if cluster.device == "cuda" else f"cluster.gpus_per_node is {cluster.gpus_per_node}"
+    smi = shutil.which("nvidia-smi")
+    raise DeviceUnavailable(
+        f"{socket.gethostname()}: {asked}, but the node's {cluster.tasks_per_node} ranks find {visible} CUDA "
+        f"device(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}, "
+        f"nvidia-smi {smi or 'not found'}, torch {torch.__version__} "
+        f"{'built for CUDA ' + torch.version.cuda if torch.version.cuda else 'built without CUDA'}); "
+        "submit to a GPU partition, or set cluster.device: cpu")
+
+
 @contextlib.contextmanager
-def distributed():
+def distributed(cluster: ClusterSpec):
     """The process group of a job's ranks, from Slurm's (or the local executor's) environment: NCCL on GPUs,
     gloo on CPUs."""
     import submitit
 
     env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    gpu = torch.cuda.is_available()
-    if not gpu:
+    device = compute_device(cluster, env.local_rank)
+    if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    else:
+        torch.cuda.set_device(device)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", verbose=False)
-    device = torch.device("cuda", env.local_rank) if gpu else torch.device("cpu")
-    if gpu:
-        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     job = submitit.JobEnvironment()
     try:
         yield Rank(env.rank, env.world_size, env.local_rank, device, job.job_id, f"{env.master_addr}:{env.master_port}",
@@ -71,19 +100,43 @@ def distributed():
         torch.distributed.destroy_process_group()
 
 
+@contextlib.contextmanager
+def failures_recorded(run_path: Path, job_name: str):
+    """Whatever ends a rank with an error is recorded in the events log, by that rank, with its rank and host
+    and whether a requeue can help (the exit hook reads that). A rank that exits to be requeued or cancelled has
+    recorded why itself."""
+    try:
+        yield
+    except SystemExit:
+        raise
+    except BaseException as error:
+        import submitit
+
+        from d3d_cluster.launch.rundir import RunDir
+
+        job = submitit.JobEnvironment()
+        RunDir(run_path).event("failed", stage=job_name, job_id=job.job_id, rank=job.global_rank,
+                               host=socket.gethostname(), error=f"{type(error).__name__}: {error}",
+                               retryable=not isinstance(error, NOT_RETRYABLE))
+        raise
+
+
 @dataclass(frozen=True)
 class StageJob:
     run_dir: str
     stage: str
 
     def __call__(self) -> dict:
+        from d3d_cluster.launch.rundir import RunDir
+
         stop = StopSignals()
-        with distributed() as rank:
-            summary = _train_stage(Path(self.run_dir), self.stage, rank, stop)
+        run_path = Path(self.run_dir)
+        with failures_recorded(run_path, self.stage), distributed(RunDir(run_path).spec().cluster) as rank:
+            summary = _train_stage(run_path, self.stage, rank, stop)
             if summary.stopped:
                 from d3d_cluster.launch.requeue import requeue_stopped
 
-                requeue_stopped(Path(self.run_dir), self.stage, rank, stop.received, summary.steps)
+                requeue_stopped(run_path, self.stage, rank, stop.received, summary.steps)
             return asdict(summary)
 
 
@@ -116,8 +169,11 @@ class EvalJob:
     stages: tuple[str, ...]
 
     def __call__(self) -> dict | None:
-        with distributed() as rank:
-            return _evaluate_run(Path(self.run_dir), self.stages, rank)
+        from d3d_cluster.launch.rundir import RunDir
+
+        run_path = Path(self.run_dir)
+        with failures_recorded(run_path, "eval"), distributed(RunDir(run_path).spec().cluster) as rank:
+            return _evaluate_run(run_path, self.stages, rank)
 
 
 def _check_world(spec, run_path: Path, rank: Rank) -> None:
@@ -200,11 +256,6 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
             print(f"[{stage_name}] done: {json.dumps(result)}", flush=True)
         barrier()
         return summary
-    except BaseException as error:
-        if rank.rank == 0:
-            run.event("failed", stage=stage_name, job_id=rank.job_id, error=f"{type(error).__name__}: {error}",
-                      retryable=not isinstance(error, NOT_RETRYABLE))
-        raise
     finally:
         retire_target(target)
         metrics.close()
@@ -276,19 +327,14 @@ def _evaluate_run(run_path: Path, stages: tuple[str, ...], rank: Rank) -> dict |
     _check_world(spec, run_path, rank)
     if rank.rank == 0:
         run.event("started", stage="eval", job_id=rank.job_id, world_size=rank.world, stages=list(stages))
-    try:
-        for stage in stages:
-            predictions = evaluate_stage(spec, run.path, stage, rank.rank, rank.world, rank.device)
-            if rank.rank == 0:
-                predictions.save(run.stage(stage))
-                print(f"[eval] {stage}: top-1 {predictions.top1():.1%} on {len(predictions.keys)} videos", flush=True)
-        results = results_table(run.path, stages) if rank.rank == 0 else None
+    for stage in stages:
+        predictions = evaluate_stage(spec, run.path, stage, rank.rank, rank.world, rank.device)
         if rank.rank == 0:
-            write_json_atomically(run.path / RESULTS_NAME, results)
-            run.event("finished", stage="eval", job_id=rank.job_id)
-        barrier()
-        return results
-    except BaseException as error:
-        if rank.rank == 0:
-            run.event("failed", stage="eval", job_id=rank.job_id, error=f"{type(error).__name__}: {error}")
-        raise
+            predictions.save(run.stage(stage))
+            print(f"[eval] {stage}: top-1 {predictions.top1():.1%} on {len(predictions.keys)} videos", flush=True)
+    results = results_table(run.path, stages) if rank.rank == 0 else None
+    if rank.rank == 0:
+        write_json_atomically(run.path / RESULTS_NAME, results)
+        run.event("finished", stage="eval", job_id=rank.job_id)
+    barrier()
+    return results

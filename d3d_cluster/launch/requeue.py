@@ -83,8 +83,10 @@ def requeue_lost(run_path: Path, job: str, job_id: str, exit_code: int) -> str:
         return "not requeued: the job was cancelled"
     if last in ("requeued", "finished"):
         return f"not requeued: the job was {last}"
-    if last == "failed" and not events[-1].get("retryable", True):
-        return f"not requeued: {events[-1].get('error', 'failed')}"
+    final = next((e for e in last_run_failures(events) if not e.get("retryable", True)), None)
+    if final is not None:
+        where = f" (rank {final['rank']} on {final['host']})" if "rank" in final else ""
+        return f"not requeued: {final.get('error', 'failed')}{where}"
     state = _slurm_state(job_id)
     if state in FINAL_STATES:
         return f"not requeued: the job is {state}"
@@ -98,6 +100,13 @@ def requeue_lost(run_path: Path, job: str, job_id: str, exit_code: int) -> str:
     run.event("requeued", stage=job, job_id=job_id, requeues=requeues + 1,
               reason=f"ended with exit code {exit_code} without warning")
     return "requeued"
+
+
+def last_run_failures(events: list[dict]) -> list[dict]:
+    """The failures of the job's latest run (since it last started or was requeued), in the order the ranks
+    recorded them: the first is the cause; its peers, losing their connection to it, fail after it."""
+    runs = [i for i, event in enumerate(events) if event["event"] in ("started", "requeued")]
+    return [event for event in events[runs[-1] if runs else 0:] if event["event"] == "failed"]
 
 
 def job_events(run: RunDir, job: str, job_id: str) -> list[dict]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from d3d_cluster.launch.requeue import last_run_failures
 from d3d_cluster.launch.rundir import SPEC_NAME, TRAIN_LOG_NAME, RunDir
 
 # Slurm job states in which a job still holds, or waits for, resources.
@@ -136,14 +137,22 @@ def _stage_status(run: RunDir, stage: str, events: list[dict], slurm: dict[str, 
     step, epoch = _progress(run.path / stage / TRAIN_LOG_NAME, events)
     checkpoints = [e for e in events if e["event"] == "checkpointed"]
     requeued = [e for e in events if e["event"] == "requeued"]
-    failed = [e for e in events if e["event"] == "failed"]
+    # The latest run's first failure is its cause; without one, the last failure of an earlier run says why the
+    # job was requeued.
+    failed = last_run_failures(events)[:1] or [e for e in events if e["event"] == "failed"][-1:]
     return StageStatus(
         stage=stage, job_id=job_id, executor=executor, dependency=submitted.get("dependency"),
         last_event=last["event"], last_time=last["time"],
         slurm=slurm.get(job_id) if executor == "slurm" else None, step=step, epoch=epoch,
         checkpoint=checkpoints[-1] if checkpoints else None,
         requeues=requeued[-1].get("requeues", len(requeued)) if requeued else 0,
-        error=failed[-1].get("error") if failed else None)
+        error=_failure(failed[0]) if failed else None)
+
+
+def _failure(event: dict) -> str:
+    """A failure's error, and the rank and host that recorded it."""
+    where = f" (rank {event['rank']} on {event['host']})" if "rank" in event else ""
+    return f"{event.get('error', 'failed')}{where}"
 
 
 def _progress(train_log: Path, events: list[dict]) -> tuple[int | None, float | None]:

@@ -70,3 +70,20 @@ def test_a_request_no_node_can_satisfy_is_refused_before_anything_is_queued(tmp_
     assert "Requested node configuration is not available" in result.output
     assert _queued(slurm_cluster) == queued
     assert not (tmp_path / "work" / "runs").exists()
+
+
+@pytest.mark.parametrize("visible, cluster, given", [
+    (0, {}, 0),                                   # a CPU machine: no GPU to give
+    (2, {}, 2),                                   # auto, and a GPU for each of the 2 ranks
+    (1, {}, 0),                                   # auto, but not one each: every rank on the CPU, none mixed
+    (2, {"device": "cpu"}, 0),                    # never a GPU
+    (1, {"device": "cuda"}, 0),                   # too few: the ranks stop and say so (launch.job.compute_device)
+])
+def test_a_local_job_is_given_one_gpu_per_rank_where_the_machine_has_them_and_the_spec_allows(visible, cluster, given,
+                                                                                           tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    executor = make_executor(ClusterSpec(tasks_per_node=2, **cluster), tmp_path)
+    assert executor.parameters["gpus_per_node"] == given  # submitit's local executor shows the ranks only these

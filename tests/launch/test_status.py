@@ -71,6 +71,21 @@ def test_a_resubmitted_stage_shows_its_new_job_only_and_slurm_forgotten_jobs_hav
     assert teacher.ended and teacher.state == "submitted"
 
 
+def test_a_job_shows_the_first_failure_of_its_latest_run_with_the_rank_and_host_that_recorded_it(tmp_path):
+    lost = {"event": "failed", "stage": "teacher", "job_id": "11", "retryable": True, "host": "gpu7"}
+    events = PIPELINE[:1] + [
+        {"event": "started", "stage": "teacher", "job_id": "11", "world_size": 16, "master": "gpu1:29500"},
+        {**lost, "rank": 9, "error": "DistBackendError: NCCL watchdog timeout"},
+        {"event": "requeued", "stage": "teacher", "job_id": "11", "requeues": 1},
+        {"event": "started", "stage": "teacher", "job_id": "11", "world_size": 16, "master": "gpu1:29500"},
+        {**lost, "rank": 3, "retryable": False, "error": "OutOfMemoryError: CUDA out of memory"},
+        {**lost, "rank": 2, "error": "DistBackendError: connection reset by peer"}]
+    teacher, = run_status(_run(tmp_path, events=events), {})
+    assert teacher.error == "OutOfMemoryError: CUDA out of memory (rank 3 on gpu7)"
+    running = run_status(_run(tmp_path, name="again", events=events[:5]), {})[0]
+    assert running.error == "DistBackendError: NCCL watchdog timeout (rank 9 on gpu7)"  # why it was requeued
+
+
 def test_a_cancelled_job_is_cancelled_even_when_slurm_has_forgotten_it(tmp_path):
     events = PIPELINE[:1] + [{"event": "cancelled", "stage": "teacher", "job_id": "11", "state": "RUNNING"}]
     teacher, = run_status(_run(tmp_path, events=events), {})

@@ -1,0 +1,118 @@
+"""What a job's ranks do before and after training: choose their device (never a silent CPU run where GPUs were
+asked for) and record any rank's failure with its rank, host and whether a requeue can help."""
+
+import errno
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import TINY, tiny_spec
+
+from d3d_cluster.data.pipeline import CorruptStep
+from d3d_cluster.launch.job import DeviceUnavailable, compute_device, failures_recorded
+from d3d_cluster.launch.pipeline import run_stage
+from d3d_cluster.launch.requeue import requeue_lost
+from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.spec import ClusterSpec
+from d3d_cluster.train.loop import NonFiniteLoss
+
+
+@pytest.fixture
+def node_without_gpus(monkeypatch):
+    """What CUDA reports on a CPU node (the real answer on CI; pinned so that the test means the same on a GPU
+    machine)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
+@pytest.mark.parametrize("cluster", [{"gpus_per_node": 2}, {"device": "cuda"}])
+def test_a_rank_asked_to_use_a_gpu_on_a_node_without_one_stops_naming_the_node_and_what_it_saw(cluster,
+                                                                                               node_without_gpus):
+    with pytest.raises(DeviceUnavailable) as error:
+        compute_device(ClusterSpec(**cluster), local_rank=0)
+    message = str(error.value)
+    assert message.startswith(f"{socket.gethostname()}: ")
+    assert "ranks find 0 CUDA device(s) (CUDA_VISIBLE_DEVICES=, nvidia-smi " in message
+    assert f"torch {torch.__version__}" in message and message.endswith("or set cluster.device: cpu")
+
+
+def test_gpus_for_only_some_ranks_of_a_node_are_refused_or_left_unused_never_mixed_with_cpu_ranks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert compute_device(ClusterSpec(gpus_per_node=2, tasks_per_node=2), local_rank=1) == torch.device("cuda", 1)
+    with pytest.raises(DeviceUnavailable, match="the node's 4 ranks find 2 CUDA device"):
+        compute_device(ClusterSpec(gpus_per_node=4, tasks_per_node=4), local_rank=0)
+    assert {compute_device(ClusterSpec(tasks_per_node=4), rank) for rank in range(4)} == {torch.device("cpu")}
+
+
+def test_without_a_request_for_gpus_a_cpu_node_trains_on_its_cpus_and_device_cpu_never_uses_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_device(ClusterSpec(), local_rank=0) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert compute_device(ClusterSpec(), local_rank=3) == torch.device("cuda", 3)
+    assert compute_device(ClusterSpec(device="cpu"), local_rank=3) == torch.device("cpu")
+
+
+@pytest.fixture
+def local_rank_one(monkeypatch):
+    """The environment submitit's local executor gives its second task."""
+    for name, value in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_GLOBALID": "1",
+                        "SUBMITIT_LOCAL_LOCALID": "1", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_NODEID": "0",
+                        "SUBMITIT_LOCAL_JOB_NUM_NODES": "1"}.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("error, retryable", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+    (NonFiniteLoss("3 consecutive steps had a NaN or infinite loss"), False),
+    (CorruptStep("rank 1: every sample of a step is corrupt"), False),
+    (ValueError("data.shards: no manifest.json"), False),
+    (DeviceUnavailable("node7: cluster.device is cuda, but ..."), False),
+    (dist.DistBackendError("NCCL communicator was aborted: watchdog timeout"), True),
+    (OSError(errno.EIO, "Input/output error"), True),
+], ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value))
+def test_a_failing_rank_records_its_error_rank_host_and_whether_a_requeue_can_help(error, retryable, tmp_path,
+                                                                                  local_rank_one):
+    run = RunDir.create(tiny_spec(tmp_path))
+    with pytest.raises(type(error)), failures_recorded(run.path, "teacher"):
+        raise error
+    (failed,) = run.events()
+    assert failed["event"] == "failed" and failed["stage"] == "teacher" and failed["job_id"] == "4242"
+    assert (failed["rank"], failed["host"], failed["retryable"]) == (1, socket.gethostname(), retryable)
+    assert failed["error"] == f"{type(error).__name__}: {error}"
+
+
+def test_a_rank_exiting_to_be_requeued_or_cancelled_records_no_failure(tmp_path, local_rank_one):
+    run = RunDir.create(tiny_spec(tmp_path))
+    with pytest.raises(SystemExit), failures_recorded(run.path, "teacher"):
+        raise SystemExit(144)
+    assert run.events() == []
+
+
+@pytest.mark.integration
+def test_a_stage_asking_for_gpus_on_a_machine_without_them_fails_at_once_and_is_not_requeued(tmp_path, tiny_shards):
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has a GPU for each rank: the stage would train on them")
+    run = RunDir.create(tiny_spec(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)},
+                                  cluster={"device": "cuda"}))
+    with pytest.raises(Exception, match="DeviceUnavailable"):
+        run_stage(run, "teacher", echo=lambda line: None, poll_seconds=0.2)
+    failed = [e for e in run.events() if e["event"] == "failed"]
+    assert sorted(e["rank"] for e in failed) == [0, 1] and not any(e["retryable"] for e in failed)
+    assert not any(e["event"] in ("started", "checkpointed") for e in run.events())  # no rank trained on its CPU
+    decision = requeue_lost(run.path, "teacher", failed[0]["job_id"], exit_code=1)
+    assert decision.startswith("not requeued: DeviceUnavailable: ") and "(rank " in decision
+
+
+def test_the_exit_hook_does_not_requeue_a_job_one_of_whose_ranks_failed_for_good_whatever_its_peers_recorded(
+        tmp_path):
+    run = RunDir.create(tiny_spec(tmp_path))
+    run.event("started", stage="teacher", job_id="77", world_size=4)
+    run.event("failed", stage="teacher", job_id="77", rank=3, host="gpu7", retryable=False,
+              error="OutOfMemoryError: CUDA out of memory")
+    run.event("failed", stage="teacher", job_id="77", rank=0, host="gpu1", retryable=True,
+              error="DistBackendError: connection reset by peer")
+    assert requeue_lost(run.path, "teacher", "77", exit_code=1) == \
+        "not requeued: OutOfMemoryError: CUDA out of memory (rank 3 on gpu7)"
