@@ -6,7 +6,10 @@ Both read the same samples in the same order, cut the same views (random start, 
 float tensors of the same shape: DALI with `data.reader_threads` = cores threads in one process, the baseline
 with `num_workers` = cores processes, each decoding with PyAV from the keyframe before the clip's start (as
 DALI's indexed decoder does). Rounds alternate between the two; medians and their ratio are reported.
-`--device-id 0` on a GPU machine measures the mixed (NVDEC) decoder instead of DALI's CPU one.
+`--device-id 0` on a GPU machine measures the mixed (NVDEC) decoder instead of DALI's CPU one; `--shards DIR` reads
+prepared shards instead of making them, and `--no-baseline` times DALI alone (the GPU machine has no PyAV):
+
+    python -m benchmarks.loader --device-id 0 --shards .kit/bench --frames 80 --clip-frames 64 --crop 224 --no-baseline
 `--smoke`: 12 videos of 12 frames at 32 px, 8-frame clips cropped to 24 px, batches of 2, 2 per round, 1 round.
 """
 
@@ -21,7 +24,6 @@ import statistics
 import time
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -69,6 +71,8 @@ class PyAVClips(Dataset):
     def _frames(self, blob: np.ndarray, start: int) -> np.ndarray:
         geometry = self.geometry
         wanted = range(start, start + (geometry.clip_frames - 1) * geometry.stride + 1, geometry.stride)
+        import av  # here only: the GPU machine, which runs --no-baseline, has no PyAV
+
         with av.open(io.BytesIO(blob.tobytes())) as container:
             stream = container.streams.video[0]
             container.seek(int(start / self.fps / stream.time_base), stream=stream, backward=True, any_frame=False)
@@ -150,9 +154,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--device-id", type=int, default=None, help="GPU for DALI's mixed decoder")
+    parser.add_argument("--shards", type=Path, help="prepared shards to read (default: make them under --workdir)")
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the PyAV DataLoader")
     args = parse_args(parser, SMOKE)
 
-    shards = make_shards(Path(args.workdir), args.frames, args.size, args.videos)
+    shards = args.shards or make_shards(Path(args.workdir), args.frames, args.size, args.videos)
     data = DataSpec(clip_frames=args.clip_frames, crop_size=args.crop, batch_size=args.batch,
                     reader_threads=args.cores)
     torch.set_num_threads(1)
@@ -161,14 +168,21 @@ def main() -> None:
         dali, pyav = [], []
         for _ in range(args.rounds):
             dali.append(time_dali(shards, data, modalities, args.batches, args.device_id))
-            pyav.append(time_pyav(shards, data, modalities, args.batches, args.cores))
+            if args.baseline:
+                pyav.append(time_pyav(shards, data, modalities, args.batches, args.cores))
         name = "+".join(modalities)
-        results[name] = {"dali_clips_per_second": dali, "pyav_clips_per_second": pyav,
-                         "dali_median": statistics.median(dali), "pyav_median": statistics.median(pyav),
-                         "ratio": statistics.median(dali) / statistics.median(pyav)}
-        print(f"{name}: DALI {results[name]['dali_median']:.1f} clips/s, PyAV DataLoader "
-              f"{results[name]['pyav_median']:.1f} clips/s, ratio {results[name]['ratio']:.2f}", flush=True)
-    report = {"args": vars(args), "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        # Decoded frames: every modality's clip is its own stream of clip_frames frames.
+        frames_per_clip = args.clip_frames * len(modalities)
+        results[name] = {"dali_clips_per_second": dali, "dali_median": statistics.median(dali),
+                         "dali_frames_per_second": statistics.median(dali) * frames_per_clip}
+        line = (f"{name}: DALI {results[name]['dali_median']:.1f} clips/s "
+                f"({results[name]['dali_frames_per_second']:.0f} decoded frames/s)")
+        if pyav:
+            results[name].update(pyav_clips_per_second=pyav, pyav_median=statistics.median(pyav),
+                                 ratio=statistics.median(dali) / statistics.median(pyav))
+            line += f", PyAV DataLoader {results[name]['pyav_median']:.1f} clips/s, ratio {results[name]['ratio']:.2f}"
+        print(line, flush=True)
+    report = {"args": {**vars(args), "shards": str(shards)}, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
               "decoder": "mixed" if args.device_id is not None else "cpu", "date": time.strftime("%Y-%m-%d"),
               "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -13,13 +13,15 @@ divided by time and by the peak (default: H100 SXM dense bf16, 989 TFLOP/s).
     python -m benchmarks.model_step --shapes 1.0:64:224:8 --precisions bf16 fp32 \\
         --out benchmarks/results/model_step_h100.json                                            # GPU
 
-A shape is WIDTH:FRAMES:SIZE:BATCH (clips per step). `--smoke`: shape 0.25:8:32:2, 1 warm-up and 1 timed step, on
+A shape is WIDTH:FRAMES:SIZE:BATCH (clips per step). `--profile` (GPU) adds, per step kind and precision, the
+kernels that took most of the device's time over 3 profiled steps (torch profiler), to say where the time goes. `--smoke`: shape 0.25:8:32:2, 1 warm-up and 1 timed step, on
 one thread (beside other work, spinning OpenMP threads made a tiny step some 70 times slower).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,7 +36,7 @@ from d3d_cluster.data.pipeline import Batch
 from d3d_cluster.models import S3DG
 from d3d_cluster.models.info import model_info
 from d3d_cluster.spec import DistillSpec, Spec
-from d3d_cluster.train.engine import autocast
+from d3d_cluster.train.engine import autocast, build_optimizer, prepare_device
 from d3d_cluster.train.stages import Stage
 
 CLASSES = 400
@@ -47,14 +49,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step_seconds(stage: Stage, network: torch.nn.Module, batch: Batch, device: torch.device, warmup: int,
-                  steps: int) -> list[float]:
-    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-4)
+def _step_seconds(stage: Stage, network: torch.nn.Module, batch: Batch, device: torch.device, precision: str,
+                  warmup: int, steps: int) -> list[float]:
+    optimizer = build_optimizer(Spec().teacher.optimizer, network)
     times = []
     for i in range(warmup + steps):
         _synchronize(device)
         started = time.perf_counter()
-        with autocast(device):
+        with autocast(device) if precision == "bf16" else contextlib.nullcontext():
             loss = stage.loss(network(stage.inputs(batch)), batch)
         loss.total.backward()
         optimizer.step()
@@ -65,8 +67,22 @@ def _step_seconds(stage: Stage, network: torch.nn.Module, batch: Batch, device: 
     return times
 
 
+def _top_kernels(stage: Stage, network: torch.nn.Module, batch: Batch, device: torch.device, precision: str,
+                 steps: int = 3, top: int = 12) -> list[dict]:
+    """The kernels with the most device time over `steps` steps: name, milliseconds a step, share of the total."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as profile:
+        _step_seconds(stage, network, batch, device, precision, 0, steps)
+    kernels = [event for event in profile.key_averages() if event.self_device_time_total > 0]
+    total = sum(event.self_device_time_total for event in kernels)
+    kernels.sort(key=lambda event: event.self_device_time_total, reverse=True)
+    return [{"kernel": event.key[:120], "ms_per_step": event.self_device_time_total / 1e3 / steps,
+             "share": event.self_device_time_total / total, "calls_per_step": event.count / steps}
+            for event in kernels[:top]]
+
+
 def measure(width: float, frames: int, size: int, batch_size: int, precision: str, device: torch.device,
-            warmup: int, steps: int, peak_flops: float, compile: bool) -> dict:
+            warmup: int, steps: int, peak_flops: float, compile: bool, profile: bool = False) -> dict:
     if precision == "bf16" and device.type != "cuda":
         raise SystemExit("bf16 is the GPU path (autocast on CUDA); the CPU trains in fp32")
     torch.manual_seed(0)
@@ -82,8 +98,7 @@ def measure(width: float, frames: int, size: int, batch_size: int, precision: st
     settings = Spec().student
     teacher_stage = Stage("teacher", "flow", settings)
     student_stage = Stage("student", "rgb", settings, DistillSpec(), frozen)
-    autocast_on = precision == "bf16"
-    if not autocast_on and device.type == "cuda":
+    if precision == "fp32" and device.type == "cuda":  # true fp32: no TF32 in matmuls or convolutions
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
 
     macs_teacher = model_info(CLASSES, 2, frames, size, width).multiply_adds
@@ -93,12 +108,17 @@ def measure(width: float, frames: int, size: int, batch_size: int, precision: st
     result = {"width": width, "frames": frames, "size": size, "batch": batch_size, "precision": precision,
               "compile": compile, "gmacs_per_clip": {"teacher": macs_teacher / 1e9, "student": macs_student / 1e9}}
     for name, stage, network in (("teacher", teacher_stage, teacher_net), ("student", student_stage, student_net)):
-        times = _step_seconds(stage, network, batch, device, warmup, steps)
+        times = _step_seconds(stage, network, batch, device, precision, warmup, steps)
         median = statistics.median(times)
         entry = {"median_step_s": median, "min_step_s": min(times), "clips_per_s": batch_size / median,
                  "step_tflop": flops[name] / 1e12}
         if device.type == "cuda":
             entry["mfu"] = flops[name] / median / peak_flops
+            if profile:
+                entry["top_kernels"] = _top_kernels(stage, network, batch, device, precision)
+                for kernel in entry["top_kernels"]:
+                    print(f"  {name} {precision}: {kernel['share']:6.1%} {kernel['ms_per_step']:8.2f} ms/step "
+                          f"x{kernel['calls_per_step']:.0f} {kernel['kernel']}", flush=True)
         result[name] = entry
     result["student_over_teacher_time"] = result["student"]["median_step_s"] / result["teacher"]["median_step_s"]
     return result
@@ -115,12 +135,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM dense bf16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    parser.add_argument("--profile", action="store_true", help="GPU: the top kernels of each step kind")
     parser.add_argument("--out", default="benchmarks/results/model_step.json")
     args = parse_args(parser, SMOKE)
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     torch.set_num_threads(args.threads)
+    prepare_device(device)  # as a stage does: cuDNN's algorithm timing on
     shapes = args.shapes or (CPU_SHAPES + ["1.0:64:224:8"] if gpu else CPU_SHAPES)
     precisions = args.precisions or (["bf16", "fp32"] if gpu else ["fp32"])
     results = []
@@ -128,7 +150,7 @@ def main() -> None:
         width, frames, size, batch_size = shape.split(":")
         for precision in precisions:
             row = measure(float(width), int(frames), int(size), int(batch_size), precision, device, args.warmup,
-                          args.steps, args.peak_tflops * 1e12, args.compile)
+                          args.steps, args.peak_tflops * 1e12, args.compile, args.profile)
             print(json.dumps(row), flush=True)
             results.append(row)
     if gpu and "bf16" in precisions and "fp32" in precisions:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from d3d_cluster.spec import PrepSpec, Spec
-from dataprep.video import write_h264
 
 TINY = {
     "prep": {
@@ -296,6 +295,8 @@ def deepspeed_single_rank(_single_rank_group, monkeypatch):
 
 def write_tiny_video(path: Path, frames: int = 8, size: tuple[int, int] = (32, 32), seed: int = 0) -> Path:
     """A texture drifting right by 1 px per frame: an H.264 video of `frames` frames at 25 fps."""
+    from dataprep.video import write_h264  # PyAV: not on the GPU machine, which runs tests/gpu with this file
+
     rng = np.random.default_rng(seed)
     height, width = size
     texture = cv2.resize(rng.random((8, 8, 3)), (width + frames, height), interpolation=cv2.INTER_CUBIC)

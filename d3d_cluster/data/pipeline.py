@@ -11,6 +11,9 @@ to continue after the last batch it handed out, on any number of ranks (DALI's o
 hold a video decoder: NOTES). A sample DALI cannot decode is skipped, named and counted in `skipped`:
 DALI has no skip option and a failed pipeline is dead, so the loader finds the culprit by decoding the
 suspects one by one and rebuilds the pipeline after it.
+
+DALI is imported where a pipeline is built: this module's types (`Batch`, `LoaderState`, `CorruptStep`) also serve
+processes that read no data, such as the launcher on a login node and the model benchmark on a bare GPU machine.
 """
 
 from __future__ import annotations
@@ -23,9 +26,6 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
-from nvidia.dali import fn, types
-from nvidia.dali.pipeline import Pipeline
-from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from d3d_cluster.data.index import SampleTable
 from d3d_cluster.data.order import Geometry, View, epoch_order, eval_views, global_steps, rank_steps, train_view
@@ -112,6 +112,9 @@ class _BatchSource:
 def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, threads: int, device_id: int | None,
                     seed: int, resize: bool) -> Pipeline:
     """`resize`: boxes may differ from the crop size (random resized crops); otherwise they are cropped as they are."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
     decoder = "cpu" if device_id is None else "mixed"
     pipe = Pipeline(batch_size=max_batch, num_threads=threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=2)
@@ -153,6 +156,8 @@ def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, thre
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
     dense = tensor_list.as_tensor()
     if device.type == "cpu":
         return torch.from_numpy(np.array(dense))

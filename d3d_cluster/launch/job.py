@@ -31,6 +31,7 @@ import torch
 from d3d_cluster.collectives import barrier
 from d3d_cluster.data.pipeline import CorruptStep
 from d3d_cluster.spec import ClusterSpec
+from d3d_cluster.train.engine import prepare_device
 from d3d_cluster.train.loop import NonFiniteLoss
 
 
@@ -87,8 +88,7 @@ def distributed(cluster: ClusterSpec):
     device = compute_device(cluster, env.local_rank)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    else:
-        torch.cuda.set_device(device)
+    prepare_device(device)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)

@@ -30,6 +30,14 @@ from torch import nn
 from d3d_cluster.spec import DeepSpeedSpec, OptimizerSpec
 
 
+def prepare_device(device: torch.device) -> None:
+    """Make `device` this process's GPU, and let cuDNN time its 3D convolution algorithms once per input shape and
+    keep the fastest: a stage's clips all have one shape, so the timing pays from the second step. Nothing on CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 on a CUDA device; None (fp32) elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else None
@@ -63,9 +71,12 @@ def deepspeed_config(ds: DeepSpeedSpec, micro_batch: int, accumulation: int,
 
 
 def build_optimizer(settings: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
+    """On a GPU, AdamW runs fused (one kernel over all parameters): unfused, it took 8-15 ms of a 99-146 ms S3D-G step
+    at 64x224x224 on an H100 (BENCHMARKS.md)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if settings.name == "adamw":
-        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                 fused=all(p.is_cuda for p in params))
     return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay,
                            nesterov=True)
 

@@ -1,0 +1,71 @@
+"""The GPU kit works on the day a GPU is lent: `scripts/gpu-kit` packs parts that `scripts/gpu-check` joins back,
+and `scripts/gpu-check --dry-run` runs its whole sequence here, with the GPU parts skipped."""
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _load(name: str):
+    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(SCRIPTS / name))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_the_kit_packs_parts_that_each_fit_a_command_and_the_check_joins_them_back(tmp_path, monkeypatch):
+    kit, check = _load("gpu-kit"), _load("gpu-check")
+    base = tmp_path / "base"
+    (base / "wheels").mkdir(parents=True)
+    (base / "wheels" / "small-1.0-py3-none-any.whl").write_bytes(os.urandom(300_000))
+    wheel = tmp_path / "nvidia_dali_cuda130-9.9-py3-none-manylinux_2_28_x86_64.whl"
+    wheel.write_bytes(os.urandom(2_500_000))
+    part_bytes = 1 << 20
+
+    parts = kit.pack(base, wheel, tmp_path / "kit", part_bytes)
+
+    assert len(parts) == 3  # 2.8 MB in parts of 1 MiB, the first shared by the base and the wheel's first chunk
+    for part in parts:
+        assert sum(f.stat().st_size for f in part.iterdir() if f.name != "kit.json") <= part_bytes
+    repo, store = tmp_path / "repo", tmp_path / "store"
+    monkeypatch.setattr(check, "ROOT", repo)
+    monkeypatch.setattr(check, "STORE", store)
+    for part in parts:  # one device command each: what it carried lands in .kit, and is moved to the store
+        shutil.rmtree(repo / ".kit", ignore_errors=True)
+        shutil.copytree(part, repo / ".kit" / part.name)
+        stored = check.receive()
+    description = json.loads((store / "parts" / "kit.json").read_text())
+    assert set(description["dali"]["chunks"]) | {"base.tar", "kit.json"} == set(stored)
+    joined = check.join_dali(store / "parts", description)
+    assert joined is not None and joined.read_bytes() == wheel.read_bytes()
+
+    (store / "parts" / description["dali"]["chunks"][1]).write_bytes(b"damaged in transit")
+    assert check.join_dali(store / "parts", description) is None
+
+
+@pytest.mark.integration
+def test_gpu_check_dry_run_runs_every_tier_on_the_cpu_and_skips_only_the_gpu_parts(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "gpu-check"), "--dry-run"], env={**os.environ, "OUT": str(tmp_path)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    statuses = {name: step["status"] for name, step in report["steps"].items()}
+    assert statuses == {"preflight": "ok", "install": "skipped", "model_step": "ok", "gpu_tests": "ok",
+                        "loader": "ok", "data_wait": "ok"}
+    for name in ("model_step.json", "loader.json", "gpu-tests.xml"):
+        assert (tmp_path / name).is_file(), name
+    stages = json.loads((tmp_path / "data_wait.json").read_text())["results"]  # the one benchmark only this runs
+    assert set(stages) == {"teacher", "student"}
+    assert all(0 <= stage["data_wait_share"] < 1 and stage["median_clips_per_s"] > 0 for stage in stages.values())
+    if not report["preflight"]["torch"]["available"]:  # the GPU tests skip themselves without CUDA
+        assert 'skipped="4"' in (tmp_path / "gpu-tests.xml").read_text()
