@@ -171,6 +171,9 @@ class InitSpec(_Section):
     format: Literal["s3dg", "inception_v1_2d"] = Field(
         "s3dg", description="s3dg: this project's state dict, loaded strictly; inception_v1_2d: an ImageNet GoogLeNet "
                             "state dict inflated to 3D (needs model.width 1.0), see d3d_cluster/models/weights.py")
+    head: Literal["load", "reinit"] = Field(
+        "load", description="s3dg: load the file's classifier too (same classes), or reinit: load everything but "
+                            "the classifier, which starts fresh (fine-tuning on another label set)")
 
 
 class StageSpec(_Section):

@@ -221,7 +221,12 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
                             epochs=stage.settings.epochs, rank=rank.rank, world=rank.world, seed=spec.seed,
                             device_id=device_id, resume=resume.loader if resume else None,
                             skip=stage.unusable_samples)
-        network = build_network(spec, stage.settings, stage.modality, num_classes)
+        def initialised(report) -> None:
+            if rank.rank == 0 and resume is None:  # a resumed stage takes its weights from the checkpoint
+                print(f"[{stage_name}] init: {report.summary()}", flush=True)
+                run.event("initialised", stage=stage_name, job_id=rank.job_id, **asdict(report))
+
+        network = build_network(spec, stage.settings, stage.modality, num_classes, initialised)
         micro_steps = len(loader) * stage.settings.epochs
         universal = resume is not None and checkpoints.needs_universal(resume, rank.world)
         engine = initialize(stage.trainable(network).to(rank.device), stage.settings.optimizer, spec.deepspeed,

@@ -4,7 +4,10 @@ Two formats:
 
 ``s3dg``
     A plain PyTorch state dict of this project's `S3DG` (what every stage exports as ``model.pt``), loaded
-    strictly: a missing or unexpected key or a shape mismatch is refused with all of them listed.
+    strictly: a missing or unexpected key or a shape mismatch is refused with all of them listed. With the head
+    policy ``reinit`` (fine-tuning on another label set, as D3D's UCF-101 and HMDB-51 results start from
+    Kinetics-400 networks) the file's classifier is left out and the network's keeps its fresh initialisation;
+    everything else is still loaded strictly.
 
 ``inception_v1_2d``
     An ImageNet Inception-v1 (GoogLeNet) 2D state dict in the common PyTorch naming: ``conv1``, ``conv2``,
@@ -50,6 +53,7 @@ Two formats:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -58,6 +62,8 @@ import torch
 from d3d_cluster.models.s3dg import INCEPTION_WIDTHS, S3DG
 
 WeightsFormat = Literal["s3dg", "inception_v1_2d"]
+HeadPolicy = Literal["load", "reinit"]
+CLASSIFIER = "classifier."
 _BN_PARTS = ("weight", "bias", "running_mean", "running_var")
 _IGNORED_2D = ("fc.", "aux1.", "aux2.")
 _INCEPTION_2D = ("inception3a", "inception3b", "inception4a", "inception4b", "inception4c", "inception4d",
@@ -66,6 +72,24 @@ _INCEPTION_2D = ("inception3a", "inception3b", "inception4a", "inception4b", "in
 
 class WeightsError(ValueError):
     """A weights file that does not fit the network; the message names the file."""
+
+
+@dataclass
+class InitReport:
+    """What initialising a network from a file did, for the log and the run's events."""
+
+    path: str
+    loaded: int  # tensors of the network set from the file
+    reinitialised: list[str] = field(default_factory=list)  # the network's tensors left at their fresh initialisation
+    skipped: list[str] = field(default_factory=list)  # the file's tensors not used, with their shapes
+
+    def summary(self) -> str:
+        parts = [f"{self.loaded} tensors loaded from {self.path}"]
+        if self.reinitialised:
+            parts.append(_listed("freshly initialised", self.reinitialised))
+        if self.skipped:
+            parts.append(_listed("skipped from the file", self.skipped))
+        return "; ".join(parts)
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -101,11 +125,25 @@ def _check_fit(path: Path, state: dict[str, torch.Tensor], expected: dict[str, t
         raise WeightsError(f"{path}: does not fit {what}: " + "; ".join(problems))
 
 
-def load_s3dg(model: S3DG, path: str | os.PathLike) -> None:
+def load_s3dg(model: S3DG, path: str | os.PathLike, head: HeadPolicy = "load") -> InitReport:
     path = Path(path)
     state = read_state_dict(path)
-    _check_fit(path, state, {k: v.shape for k, v in model.state_dict().items()}, "this S3D-G")
-    model.load_state_dict(state)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if head == "load":
+        try:
+            _check_fit(path, state, expected, "this S3D-G")
+        except WeightsError as error:
+            if any(k in state and state[k].shape != shape for k, shape in expected.items() if k.startswith(CLASSIFIER)):
+                raise WeightsError(f"{error}. The classifiers differ: init.head reinit loads the rest and starts "
+                                   "the classifier fresh (fine-tuning on another set of classes)") from None
+            raise
+        model.load_state_dict(state)
+        return InitReport(str(path), len(state))
+    body = {k: shape for k, shape in expected.items() if not k.startswith(CLASSIFIER)}
+    _check_fit(path, state, body, "this S3D-G's layers below the classifier", ignored=(CLASSIFIER,))
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith(CLASSIFIER)}, strict=False)
+    return InitReport(str(path), len(body), reinitialised=sorted(set(expected) - set(body)),
+                      skipped=[f"{k} {tuple(v.shape)}" for k, v in sorted(state.items()) if k.startswith(CLASSIFIER)])
 
 
 def _inception_pairs() -> list[tuple[str, str, str | None]]:
@@ -134,7 +172,7 @@ def _identity_temporal(conv: torch.Tensor, bn_eps: float) -> dict[str, torch.Ten
             "1.running_mean": torch.zeros(channels), "1.running_var": torch.full((channels,), 1.0 - bn_eps)}
 
 
-def inflate_inception_v1(model: S3DG, path: str | os.PathLike) -> None:
+def inflate_inception_v1(model: S3DG, path: str | os.PathLike) -> InitReport:
     """Initialise `model` from a 2D GoogLeNet state dict (see the module docstring for the mapping)."""
     path = Path(path)
     state = read_state_dict(path)
@@ -163,13 +201,16 @@ def inflate_inception_v1(model: S3DG, path: str | os.PathLike) -> None:
             for key, value in _identity_temporal(target[f"{temporal}.0.weight"], bn_eps).items():
                 inflated[f"{temporal}.{key}"] = value
     model.load_state_dict(inflated, strict=False)
+    return InitReport(str(path), len(inflated), reinitialised=sorted(set(target) - set(inflated)),
+                      skipped=[f"{k} {tuple(v.shape)}" for k, v in sorted(state.items()) if k.startswith(_IGNORED_2D)])
 
 
-def load_weights(model: S3DG, path: str | os.PathLike, weights_format: WeightsFormat) -> None:
-    """Initialise `model` in place from `path` in the given format."""
+def load_weights(model: S3DG, path: str | os.PathLike, weights_format: WeightsFormat,
+                 head: HeadPolicy = "load") -> InitReport:
+    """Initialise `model` in place from `path` in the given format. The inflated 2D network never has the
+    classifier (ImageNet's classes are not a video dataset's), whatever `head` says."""
     if weights_format == "s3dg":
-        load_s3dg(model, path)
-    elif weights_format == "inception_v1_2d":
-        inflate_inception_v1(model, path)
-    else:
-        raise ValueError(f"unknown weights format {weights_format!r} (expected s3dg or inception_v1_2d)")
+        return load_s3dg(model, path, head)
+    if weights_format == "inception_v1_2d":
+        return inflate_inception_v1(model, path)
+    raise ValueError(f"unknown weights format {weights_format!r} (expected s3dg or inception_v1_2d)")

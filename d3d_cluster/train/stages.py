@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from d3d_cluster.data.pipeline import Batch
 from d3d_cluster.models import S3DG, D3DLoss, FeatureDistillation, d3d_loss
-from d3d_cluster.models.weights import load_s3dg, load_weights
+from d3d_cluster.models.weights import InitReport, load_s3dg, load_weights
 from d3d_cluster.spec import DistillSpec, ModelSpec, Spec, StageSpec
 from d3d_cluster.train.teacher_outputs import DIRECTORY_NAME, TeacherOutputs, precompute_teacher_outputs
 
@@ -39,11 +40,13 @@ def build_model(model: ModelSpec, modality: str, num_classes: int) -> S3DG:
     return S3DG(**model_arguments(model, modality, num_classes))
 
 
-def build_network(spec: Spec, settings: StageSpec, modality: str, num_classes: int) -> S3DG:
-    """The network a stage trains, initialised from the stage's `init` file when the spec names one."""
+def build_network(spec: Spec, settings: StageSpec, modality: str, num_classes: int,
+                  initialised: Callable[[InitReport], None] = lambda report: None) -> S3DG:
+    """The network a stage trains, initialised from the stage's `init` file when the spec names one; what that
+    loaded and left fresh goes to `initialised`."""
     network = build_model(spec.model, modality, num_classes)
     if settings.init.path:
-        load_weights(network, spec.path(settings.init.path), settings.init.format)
+        initialised(load_weights(network, spec.path(settings.init.path), settings.init.format, settings.init.head))
     return network
 
 

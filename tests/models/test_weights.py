@@ -189,3 +189,37 @@ def test_missing_file_and_non_state_dict_are_refused_naming_the_file(tmp_path):
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(WeightsError, match=f"{garbage}: not a PyTorch state dict"):
         load_weights(S3DG(3, width=0.25), garbage, "inception_v1_2d")
+
+
+def test_head_reinit_loads_all_but_the_classifier_of_a_network_with_other_classes(tmp_path):
+    path = tmp_path / "kinetics.pt"
+    source = S3DG(400, in_channels=3, width=0.25).state_dict()
+    torch.save(source, path)
+    target = S3DG(101, in_channels=3, width=0.25)
+    fresh = {k: v.clone() for k, v in target.state_dict().items() if k.startswith("classifier.")}
+
+    report = load_weights(target, path, "s3dg", head="reinit")
+
+    loaded = target.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in source.items() if not k.startswith("classifier."))
+    assert all(torch.equal(loaded[k], v) for k, v in fresh.items())
+    assert report.loaded == len(source) - 2 and report.reinitialised == ["classifier.bias", "classifier.weight"]
+    assert report.skipped == ["classifier.bias (400,)", "classifier.weight (400, 256, 1, 1, 1)"]
+    assert "freshly initialised (2): classifier.bias, classifier.weight" in report.summary()
+
+
+def test_another_class_count_without_head_reinit_is_refused_saying_how_to_fine_tune(tmp_path):
+    path = tmp_path / "kinetics.pt"
+    torch.save(S3DG(400, in_channels=3, width=0.25).state_dict(), path)
+    with pytest.raises(WeightsError, match="classifier.weight .400, 256, 1, 1, 1. vs .101, 256, 1, 1, 1..*"
+                                           "init.head reinit loads the rest"):
+        load_weights(S3DG(101, in_channels=3, width=0.25), path, "s3dg")
+
+
+def test_head_reinit_still_refuses_a_mismatch_below_the_classifier(tmp_path):
+    path = tmp_path / "rgb.pt"
+    torch.save(S3DG(400, in_channels=3, width=0.25).state_dict(), path)
+    with pytest.raises(WeightsError, match=r"does not fit this S3D-G's layers below the classifier: shape mismatches "
+                                           r"\(file vs network\) \(1\): base.conv_1a.0.0.weight \(16, 3, 1, 7, 7\) vs "
+                                           r"\(16, 2, 1, 7, 7\)$"):
+        load_weights(S3DG(101, in_channels=2, width=0.25), path, "s3dg", head="reinit")
