@@ -168,9 +168,11 @@ class InitSpec(_Section):
     """Initial weights of the trained network, from a file (never downloaded); none: random initialisation."""
 
     path: str | None = Field(None, description="relative to workdir; checked (and loaded once) before a stage is queued")
-    format: Literal["s3dg", "inception_v1_2d"] = Field(
-        "s3dg", description="s3dg: this project's state dict, loaded strictly; inception_v1_2d: an ImageNet GoogLeNet "
-                            "state dict inflated to 3D (needs model.width 1.0), see d3d_cluster/models/weights.py")
+    format: Literal["s3dg", "torchvision_s3d", "inception_v1_2d"] = Field(
+        "s3dg", description="s3dg: this project's state dict, loaded strictly; torchvision_s3d: torchvision's S3D "
+                            "(Kinetics-400; needs model.width 1.0, exact with model.gating false); inception_v1_2d: "
+                            "an ImageNet GoogLeNet state dict inflated to 3D (needs model.width 1.0); see "
+                            "d3d_cluster/models/weights.py")
     head: Literal["load", "reinit"] = Field(
         "load", description="s3dg: load the file's classifier too (same classes), or reinit: load everything but "
                             "the classifier, which starts fresh (fine-tuning on another label set)")
@@ -319,10 +321,10 @@ class Spec(_Section):
                 f"prep.synthetic.frames is {self.prep.synthetic.frames}"
             )
         for stage in ("teacher", "student"):
-            if getattr(self, stage).init.format == "inception_v1_2d" and getattr(self, stage).init.path \
-                    and self.model.width != 1.0:
-                raise ValueError(f"{stage}.init.format inception_v1_2d needs model.width 1.0 (got {self.model.width}): "
-                                 f"the 2D checkpoint has Inception-v1's channel counts")
+            init = getattr(self, stage).init
+            if init.format != "s3dg" and init.path and self.model.width != 1.0:
+                raise ValueError(f"{stage}.init.format {init.format} needs model.width 1.0 (got {self.model.width}): "
+                                 f"the checkpoint has Inception-v1's channel counts")
         return self
 
     @property

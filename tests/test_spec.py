@@ -49,7 +49,9 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"student": {"distill": {"temperature": 0}}}, "student.distill.temperature: Input should be greater than 0"),
         ({"teacher": {"init": {"path": "in1k.pt", "format": "inception_v1_2d"}}},
          "teacher.init.format inception_v1_2d needs model.width 1.0 (got 0.25)"),
-        ({"teacher": {"init": {"format": "caffe"}}}, "teacher.init.format: Input should be 's3dg' or 'inception_v1_2d'"),
+        ({"student": {"init": {"path": "s3d.pt", "format": "torchvision_s3d"}}},
+         "student.init.format torchvision_s3d needs model.width 1.0 (got 0.25)"),
+        ({"teacher": {"init": {"format": "caffe"}}}, "teacher.init.format: Input should be 's3dg', 'torchvision_s3d' or 'inception_v1_2d'"),
         ({"probe": {"layers": ["mixed_6a"]}}, "probe.layers.0: Input should be 'conv_1a'"),
     ],
 )

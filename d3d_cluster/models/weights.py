@@ -1,6 +1,6 @@
 """Initial weights for an S3D-G from a file the user names (nothing is ever downloaded).
 
-Two formats:
+Three formats:
 
 ``s3dg``
     A plain PyTorch state dict of this project's `S3DG` (what every stage exports as ``model.pt``), loaded
@@ -8,6 +8,31 @@ Two formats:
     policy ``reinit`` (fine-tuning on another label set, as D3D's UCF-101 and HMDB-51 results start from
     Kinetics-400 networks) the file's classifier is left out and the network's keeps its fresh initialisation;
     everything else is still loaded strictly.
+
+``torchvision_s3d``
+    The state dict of torchvision's S3D (``torchvision.models.video.s3d``: S3D without gating, 8,320,048
+    parameters with 400 classes), which many PyTorch users already hold for Kinetics-400. Its layers are
+    this network's at ``width=1.0`` under other names; each of its conv + BatchNorm units
+    (``features.N...0.weight``, ``features.N...1.{weight,bias,running_mean,running_var}``) maps to one of this
+    network's ``ConvBNReLU`` units, and ``classifier.1`` to ``classifier``:
+
+    ==========================================  =========================================
+    torchvision S3D                             this S3DG (``base.`` prefix)
+    ==========================================  =========================================
+    features.0.0, features.0.1                  conv_1a.0 (1x7x7), conv_1a.1 (7x1x1)
+    features.2                                  conv_2b
+    features.3.0, features.3.1                  conv_2c.0.0, conv_2c.0.1
+    features.5, 6 / 8 .. 12 / 14, 15            mixed_3b, 3c / mixed_4b .. 4f / mixed_5b, 5c
+    (block).branch0                             (block).branch0.0
+    (block).branch1.0, .1.0, .1.1 (and branch2) (block).branch1.0, .1.0, .1.1
+    (block).branch3.1 (after the pool)          (block).branch3.1
+    ==========================================  =========================================
+
+    With gating on, the gates have no counterpart and keep their fresh initialisation (listed as such);
+    ``model.gating: false`` is torchvision's network exactly. A network that does not see RGB (the flow
+    teacher) takes the first conv's RGB kernel averaged over its 3 input channels, as for ``inception_v1_2d``.
+    torchvision's head averages 2x7x7 windows before its classifier, this network pools globally: the same
+    at 16x224x224, close elsewhere. BatchNorm eps is 0.001 in both. ``init.head`` applies as for ``s3dg``.
 
 ``inception_v1_2d``
     An ImageNet Inception-v1 (GoogLeNet) 2D state dict in the common PyTorch naming: ``conv1``, ``conv2``,
@@ -61,7 +86,7 @@ import torch
 
 from d3d_cluster.models.s3dg import INCEPTION_WIDTHS, S3DG
 
-WeightsFormat = Literal["s3dg", "inception_v1_2d"]
+WeightsFormat = Literal["s3dg", "torchvision_s3d", "inception_v1_2d"]
 HeadPolicy = Literal["load", "reinit"]
 CLASSIFIER = "classifier."
 _BN_PARTS = ("weight", "bias", "running_mean", "running_var")
@@ -146,6 +171,47 @@ def load_s3dg(model: S3DG, path: str | os.PathLike, head: HeadPolicy = "load") -
                       skipped=[f"{k} {tuple(v.shape)}" for k, v in sorted(state.items()) if k.startswith(CLASSIFIER)])
 
 
+_TORCHVISION_BLOCKS = {5: "mixed_3b", 6: "mixed_3c", 8: "mixed_4b", 9: "mixed_4c", 10: "mixed_4d", 11: "mixed_4e",
+                       12: "mixed_4f", 14: "mixed_5b", 15: "mixed_5c"}
+_CONV_BN_PARTS = ("0.weight", "1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked")
+
+
+def _torchvision_units() -> list[tuple[str, str]]:
+    """(torchvision S3D conv + BatchNorm prefix, this S3DG's ConvBNReLU prefix), in network order."""
+    units = [("features.0.0", "base.conv_1a.0"), ("features.0.1", "base.conv_1a.1"), ("features.2", "base.conv_2b"),
+             ("features.3.0", "base.conv_2c.0.0"), ("features.3.1", "base.conv_2c.0.1")]
+    for index, name in _TORCHVISION_BLOCKS.items():
+        block, ours = f"features.{index}", f"base.{name}"
+        units.append((f"{block}.branch0", f"{ours}.branch0.0"))
+        for branch in ("branch1", "branch2"):
+            units += [(f"{block}.{branch}.{part}", f"{ours}.{branch}.{part}") for part in ("0", "1.0", "1.1")]
+        units.append((f"{block}.branch3.1", f"{ours}.branch3.1"))
+    return units
+
+
+def load_torchvision_s3d(model: S3DG, path: str | os.PathLike, head: HeadPolicy = "load") -> InitReport:
+    """Initialise `model` from torchvision's S3D state dict (see the module docstring for the mapping)."""
+    path = Path(path)
+    state = read_state_dict(path)
+    target = model.state_dict()
+    names = {f"{theirs}.{part}": f"{ours}.{part}" for theirs, ours in _torchvision_units() for part in _CONV_BN_PARTS}
+    if head == "load":
+        names.update({"classifier.1.weight": "classifier.weight", "classifier.1.bias": "classifier.bias"})
+    in_channels = target["base.conv_1a.0.0.weight"].shape[1]
+    expected = {theirs: target[ours].shape for theirs, ours in names.items()}
+    first = "features.0.0.0.weight"
+    expected[first] = torch.Size((expected[first][0], 3, *expected[first][2:]))
+    ignored = ("classifier.",) if head == "reinit" else ()
+    _check_fit(path, state, expected, "torchvision's S3D as this S3D-G (it needs model.width 1.0)", ignored)
+    loaded = {ours: state[theirs] for theirs, ours in names.items()}
+    if in_channels != 3:
+        kernel = state[first].float()
+        loaded[names[first]] = kernel.mean(dim=1, keepdim=True).repeat(1, in_channels, 1, 1, 1)
+    model.load_state_dict(loaded, strict=False)
+    return InitReport(str(path), len(loaded), reinitialised=sorted(set(target) - set(loaded)),
+                      skipped=[f"{k} {tuple(v.shape)}" for k, v in sorted(state.items()) if k not in names])
+
+
 def _inception_pairs() -> list[tuple[str, str, str | None]]:
     """(2D conv+bn prefix, 3D spatial ConvBNReLU prefix, 3D temporal ConvBNReLU prefix or None)."""
     pairs = [("conv1", "base.conv_1a.0", "base.conv_1a.1"), ("conv2", "base.conv_2b", None),
@@ -211,6 +277,8 @@ def load_weights(model: S3DG, path: str | os.PathLike, weights_format: WeightsFo
     classifier (ImageNet's classes are not a video dataset's), whatever `head` says."""
     if weights_format == "s3dg":
         return load_s3dg(model, path, head)
+    if weights_format == "torchvision_s3d":
+        return load_torchvision_s3d(model, path, head)
     if weights_format == "inception_v1_2d":
         return inflate_inception_v1(model, path)
-    raise ValueError(f"unknown weights format {weights_format!r} (expected s3dg or inception_v1_2d)")
+    raise ValueError(f"unknown weights format {weights_format!r} (expected s3dg, torchvision_s3d or inception_v1_2d)")

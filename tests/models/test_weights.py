@@ -223,3 +223,102 @@ def test_head_reinit_still_refuses_a_mismatch_below_the_classifier(tmp_path):
                                            r"\(file vs network\) \(1\): base.conv_1a.0.0.weight \(16, 3, 1, 7, 7\) vs "
                                            r"\(16, 2, 1, 7, 7\)$"):
         load_weights(S3DG(101, in_channels=2, width=0.25), path, "s3dg", head="reinit")
+
+
+# torchvision's S3D, as its documentation and source describe it: a `features` Sequential of separable convs
+# (a 1xkxk then a kx1x1 conv + BatchNorm unit), max-pools and Inception blocks given as (in, b0, b1 reduce, b1,
+# b2 reduce, b2, b3), then `classifier` = Dropout + a 1x1x1 conv; 8,320,048 parameters with 400 classes.
+TORCHVISION_S3D_FEATURES = [
+    ("separable", 3, 64, 7), ("pool",), ("unit", 64, 64, 1), ("separable", 64, 192, 3), ("pool",),
+    ("block", 192, 64, 96, 128, 16, 32, 32), ("block", 256, 128, 128, 192, 32, 96, 64), ("pool",),
+    ("block", 480, 192, 96, 208, 16, 48, 64), ("block", 512, 160, 112, 224, 24, 64, 64),
+    ("block", 512, 128, 128, 256, 24, 64, 64), ("block", 512, 112, 144, 288, 32, 64, 64),
+    ("block", 528, 256, 160, 320, 32, 128, 128), ("pool",),
+    ("block", 832, 256, 160, 320, 32, 128, 128), ("block", 832, 384, 192, 384, 48, 128, 128),
+]
+
+
+def torchvision_s3d_state(num_classes: int = 400) -> dict[str, torch.Tensor]:
+    """A state dict in torchvision's S3D layout, random values, built from the layout above."""
+    shapes: dict[str, tuple] = {}
+
+    def unit(prefix: str, cin: int, cout: int, kernel: tuple) -> None:
+        shapes[f"{prefix}.0.weight"] = (cout, cin, *kernel)
+        shapes.update({f"{prefix}.1.{part}": (cout,) for part in ("weight", "bias", "running_mean", "running_var")})
+        shapes[f"{prefix}.1.num_batches_tracked"] = ()
+
+    def separable(prefix: str, cin: int, cout: int, k: int) -> None:
+        unit(f"{prefix}.0", cin, cout, (1, k, k))
+        unit(f"{prefix}.1", cout, cout, (k, 1, 1))
+
+    for index, layer in enumerate(TORCHVISION_S3D_FEATURES):
+        prefix = f"features.{index}"
+        if layer[0] == "separable":
+            separable(prefix, *layer[1:])
+        elif layer[0] == "unit":
+            unit(prefix, layer[1], layer[2], (1, 1, 1))
+        elif layer[0] == "block":
+            cin, b0, b1a, b1, b2a, b2, b3 = layer[1:]
+            unit(f"{prefix}.branch0", cin, b0, (1, 1, 1))
+            for branch, reduce, out in (("branch1", b1a, b1), ("branch2", b2a, b2)):
+                unit(f"{prefix}.{branch}.0", cin, reduce, (1, 1, 1))
+                separable(f"{prefix}.{branch}.1", reduce, out, 3)
+            unit(f"{prefix}.branch3.1", cin, b3, (1, 1, 1))
+    shapes["classifier.1.weight"] = (num_classes, 1024, 1, 1, 1)
+    shapes["classifier.1.bias"] = (num_classes,)
+    generator = torch.Generator().manual_seed(0)
+    return {k: torch.randint(0, 100, shape) if k.endswith("num_batches_tracked") else torch.randn(shape, generator=generator)
+            for k, shape in shapes.items()}
+
+
+def test_the_torchvision_s3d_layout_of_the_test_has_the_documented_parameter_count():
+    state = torchvision_s3d_state()
+    assert sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var",
+                                                                           "num_batches_tracked"))) == 8_320_048
+
+
+def test_torchvision_s3d_weights_load_into_the_gating_free_network_tensor_for_tensor(tmp_path):
+    path = tmp_path / "s3d.pt"
+    state = torchvision_s3d_state()
+    torch.save(state, path)
+    model = S3DG(400, in_channels=3, width=1.0, gating=False)
+
+    report = load_weights(model, path, "torchvision_s3d")
+
+    loaded = model.state_dict()
+    assert report.loaded == len(state) == len(loaded) and not report.reinitialised and not report.skipped
+    pairs = {"features.0.0.0.weight": "base.conv_1a.0.0.weight", "features.0.1.1.running_var": "base.conv_1a.1.1.running_var",
+             "features.2.0.weight": "base.conv_2b.0.weight", "features.3.1.0.weight": "base.conv_2c.0.1.0.weight",
+             "features.5.branch0.0.weight": "base.mixed_3b.branch0.0.0.weight",
+             "features.9.branch1.1.0.0.weight": "base.mixed_4c.branch1.1.0.0.weight",
+             "features.12.branch2.1.1.1.bias": "base.mixed_4f.branch2.1.1.1.bias",
+             "features.15.branch3.1.1.running_mean": "base.mixed_5c.branch3.1.1.running_mean",
+             "classifier.1.weight": "classifier.weight", "classifier.1.bias": "classifier.bias"}
+    for theirs, ours in pairs.items():
+        assert torch.equal(loaded[ours], state[theirs]), ours
+
+
+def test_torchvision_s3d_starts_a_gated_flow_teacher_on_other_classes(tmp_path):
+    path = tmp_path / "s3d.pt"
+    state = torchvision_s3d_state()
+    torch.save(state, path)
+    model = S3DG(101, in_channels=2, width=1.0, gating=True)
+
+    report = load_weights(model, path, "torchvision_s3d", head="reinit")
+
+    loaded = model.state_dict()
+    expected_first = state["features.0.0.0.weight"].mean(dim=1, keepdim=True).repeat(1, 2, 1, 1, 1)
+    assert torch.allclose(loaded["base.conv_1a.0.0.weight"], expected_first)
+    assert torch.equal(loaded["base.mixed_5c.branch0.0.0.weight"], state["features.15.branch0.0.weight"])
+    gates = [k for k in loaded if ".fc." in k]
+    assert sorted(report.reinitialised) == sorted(gates + ["classifier.bias", "classifier.weight"])
+    assert report.skipped == ["classifier.1.bias (400,)", "classifier.1.weight (400, 1024, 1, 1, 1)"]
+
+
+def test_a_torchvision_s3d_file_for_another_width_is_refused_listing_the_mismatches(tmp_path):
+    path = tmp_path / "s3d.pt"
+    torch.save(torchvision_s3d_state(), path)
+    with pytest.raises(WeightsError, match=r"does not fit torchvision's S3D as this S3D-G \(it needs model.width "
+                                           r"1.0\): shape mismatches \(file vs network\) \(386\): classifier.1.weight "
+                                           r"\(400, 1024, 1, 1, 1\) vs \(400, 512, 1, 1, 1\), features.0.0.0.weight"):
+        load_weights(S3DG(400, width=0.5, gating=False), path, "torchvision_s3d")
