@@ -453,6 +453,10 @@ def _print_results(results: dict, per_class: bool) -> None:
                       f"{row['clips_per_second']:.1f}" if "clips_per_second" in row else "",
                       f"{row['wall_seconds']:.0f}" if "wall_seconds" in row else "")
     console.print(table)
+    for name, row in models.items():
+        if row.get("skipped_videos"):
+            console.print(f"{name}: {row['skipped_videos']} videos could not be decoded and were not scored; top-1 "
+                          f"counting them as wrong: {row['top1_all_videos']:.1%}")
     if "prep_seconds" in results:
         console.print(f"prep {results['prep_seconds']:.0f} s, total wall time {results['wall_seconds']:.0f} s")
     if per_class:

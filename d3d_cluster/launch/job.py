@@ -336,7 +336,9 @@ def _evaluate_run(run_path: Path, stages: tuple[str, ...], rank: Rank) -> dict |
         predictions = evaluate_stage(spec, run.path, stage, rank.rank, rank.world, rank.device)
         if rank.rank == 0:
             predictions.save(run.stage(stage))
-            print(f"[eval] {stage}: top-1 {predictions.top1():.1%} on {len(predictions.keys)} videos", flush=True)
+            print(f"[eval] {stage}: top-1 {predictions.top1():.1%} on {len(predictions.keys)} videos"
+                  + (f" ({len(predictions.skipped)} not decodable, left out)" if len(predictions.skipped) else ""),
+                  flush=True)
     results = results_table(run.path, stages) if rank.rank == 0 else None
     if rank.rank == 0:
         write_json_atomically(run.path / RESULTS_NAME, results)

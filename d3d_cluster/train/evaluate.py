@@ -8,7 +8,7 @@ results.json (top-1, top-5, per-class accuracy, confusion) is computed from a `P
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +33,13 @@ class Predictions:
     logits: np.ndarray  # (N, classes) float32: log of the mean softmax over the video's views
     labels: np.ndarray  # (N,) int64
     views: int  # views averaged into each video's score (eval_clips x eval_crops)
+    skipped: np.ndarray = field(default_factory=lambda: np.array([], dtype=str))  # keys of videos not decoded
 
     def save(self, directory: Path) -> Path:
         def write(tmp: Path) -> None:
             with tmp.open("wb") as handle:  # a handle: given a name, savez would append ".npz"
-                np.savez(handle, keys=self.keys, logits=self.logits, labels=self.labels, views=self.views)
+                np.savez(handle, keys=self.keys, logits=self.logits, labels=self.labels, views=self.views,
+                         skipped=self.skipped)
 
         return replace_atomically(directory / PREDICTIONS_NAME, write)
 
@@ -50,7 +52,8 @@ class Predictions:
             missing = sorted({"keys", "logits", "labels", "views"} - set(data.files))
             if missing:
                 raise ValueError(f"{path}: no {', '.join(missing)} array (written by an older version: evaluate again)")
-            return cls(data["keys"], data["logits"], data["labels"], int(data["views"]))
+            skipped = data["skipped"] if "skipped" in data.files else np.array([], dtype=str)
+            return cls(data["keys"], data["logits"], data["labels"], int(data["views"]), skipped)
 
     @property
     def num_classes(self) -> int:
@@ -72,13 +75,18 @@ class Predictions:
         return matrix
 
     def report(self, classes: list[str]) -> dict:
-        """The scores results.json holds for one model; a class without validation videos has accuracy None."""
+        """The scores results.json holds for one model; a class without validation videos has accuracy None.
+        Videos that could not be decoded are not scored: `top1` is over the scored ones, `top1_all_videos`
+        counts the skipped ones as wrong, so that a damaged split cannot raise a score by losing videos."""
         if len(classes) != self.num_classes:
             raise ValueError(f"predictions have {self.num_classes} classes, the class list {len(classes)}")
         confusion = self.confusion()
         videos = confusion.sum(axis=1)
         per_class = {name: float(confusion[c, c] / videos[c]) if videos[c] else None for c, name in enumerate(classes)}
-        return {"videos": len(self.keys), "views_per_video": self.views, "top1": self.top1(), "top5": self.top_k(5),
+        correct = int(np.trace(confusion))
+        return {"videos": len(self.keys), "skipped_videos": len(self.skipped), "skipped": self.skipped.tolist(),
+                "views_per_video": self.views, "top1": self.top1(), "top5": self.top_k(5),
+                "top1_all_videos": correct / (len(self.keys) + len(self.skipped)),
                 "per_class": per_class, "confusion": confusion.tolist()}
 
 
@@ -113,6 +121,7 @@ def gather_predictions(samples: torch.Tensor, views: torch.Tensor, logits: torch
         logits=np.log(probabilities[by_key] / views_per_video).astype(np.float32),
         labels=label_of[by_key],
         views=views_per_video,
+        skipped=np.array(sorted(keys[s] for s in skipped_videos), dtype=str),
     )
 
 
@@ -123,17 +132,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def ensemble(members: dict[str, Predictions]) -> Predictions:
     """The average softmax score of models evaluated on the same videos with the same views, stored as one
-    model's predictions (the log of that average)."""
+    model's predictions (the log of that average). A video one member could not decode (the teacher reads flow,
+    the student RGB) is left out of the ensemble and counted as skipped."""
     (first_name, first), *others = members.items()
+    split = set(first.keys) | set(first.skipped)
     for name, other in others:
-        if not np.array_equal(other.keys, first.keys):
+        if set(other.keys) | set(other.skipped) != split:
             raise ValueError(f"{name} and {first_name} were evaluated on different samples: "
                              f"an ensemble needs the same validation split")
         if other.views != first.views:
             raise ValueError(f"{name} and {first_name} were evaluated with {other.views} and {first.views} views "
                              f"per video: an ensemble compares like with like")
-    probabilities = np.mean([softmax(member.logits) for member in members.values()], axis=0)
-    return Predictions(first.keys, np.log(probabilities).astype(np.float32), first.labels, first.views)
+    scored = set.intersection(*(set(member.keys) for member in members.values()))
+    kept = {name: np.isin(member.keys, list(scored)) for name, member in members.items()}
+    probabilities = np.mean([softmax(member.logits[kept[name]]) for name, member in members.items()], axis=0)
+    return Predictions(first.keys[kept[first_name]], np.log(probabilities).astype(np.float32),
+                       first.labels[kept[first_name]], first.views, np.array(sorted(split - scored), dtype=str))
 
 
 def ensemble_report(stage_dirs: list[Path]) -> dict:

@@ -55,3 +55,35 @@ def test_results_json_scores_each_model_and_the_two_stream_ensemble(evaluated_ru
     assert results["models"]["student"]["clips_per_second"] == 11.0 and "clips_per_second" not in results["models"]["student+teacher"]
     for stage in EVALUATED_STAGES:
         assert results["models"][stage]["top1"] == pytest.approx(Predictions.load(run.path / stage).top1())
+
+
+@pytest.mark.integration
+def test_a_validation_video_the_student_cannot_decode_is_counted_as_skipped_not_dropped(tmp_path, tiny_shards):
+    import shutil
+
+    from conftest import TINY, finish_stage, tiny_spec
+
+    from d3d_cluster.data.schema import RGB_EXT
+    from d3d_cluster.launch.pipeline import run_evaluation
+    from d3d_cluster.launch.rundir import RunDir
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    table = SampleTable(*Manifest.load(shards).shard_paths(shards, "val"))
+    victim, member = table.keys[0], table.members[0][RGB_EXT]
+    with open(table.tars[member.tar], "r+b") as handle:  # same length: the index still holds
+        handle.seek(member.offset)
+        handle.write(b"\x00garbage" * (member.size // 8))
+    table.close()
+    run = RunDir.create(tiny_spec(tmp_path, name="damaged", data={**TINY["data"], "shards": str(shards)}))
+    for seed, stage in enumerate(EVALUATED_STAGES):
+        finish_stage(run, stage, seed)
+
+    results = run_evaluation(run, EVALUATED_STAGES, echo=lambda line: None, poll_seconds=0.2)
+
+    videos = len(table.keys)
+    teacher, student, both = (results["models"][name] for name in ("teacher", "student", "student+teacher"))
+    assert (teacher["videos"], teacher["skipped_videos"]) == (videos, 0)  # it reads flow, which is intact
+    for model in (student, both):
+        assert (model["videos"], model["skipped_videos"], model["skipped"]) == (videos - 1, 1, [victim])
+        assert model["top1_all_videos"] == pytest.approx(model["top1"] * (videos - 1) / videos)

@@ -31,7 +31,18 @@ def test_missing_or_repeated_views_are_errors_but_skipped_corrupt_videos_are_lef
         gather_predictions(samples, torch.tensor([0, 0, 0, 1]), logits, labels, KEYS, views_per_video=2)
     kept = gather_predictions(samples, torch.tensor([0, 1, 0, 1]), logits, labels, KEYS, views_per_video=2,
                               skipped=[2])
-    assert kept.keys.tolist() == ["a", "c"]
+    assert kept.keys.tolist() == ["a", "c"] and kept.skipped.tolist() == [KEYS[2]]
+
+
+def test_videos_that_could_not_be_decoded_are_counted_and_scored_as_wrong_in_the_second_top1(tmp_path):
+    logits = np.eye(3, dtype=np.float32)[[0, 1, 2]]  # three videos, each right
+    predictions = Predictions(np.array(["a", "b", "c"]), logits, np.array([0, 1, 2]), views=1,
+                              skipped=np.array(["d"]))
+    report = predictions.report(["x", "y", "z"])
+    assert (report["videos"], report["skipped_videos"], report["skipped"]) == (3, 1, ["d"])
+    assert (report["top1"], report["top1_all_videos"]) == (1.0, 0.75)
+    predictions.save(tmp_path)
+    assert Predictions.load(tmp_path).skipped.tolist() == ["d"]
 
 
 def test_top_k_counts_a_label_among_the_k_best_scores_capped_at_the_class_count():
@@ -61,7 +72,8 @@ def test_report_has_confusion_rows_true_columns_predicted_and_per_class_accuracy
     assert report["confusion"] == [[2, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
     assert report["per_class"] == {"a": pytest.approx(2 / 3), "b": 0.0, "c": 1.0, "d": None}
     assert (report["top1"], report["top5"]) == (pytest.approx(3 / 5), 1.0)
-    assert (report["videos"], report["views_per_video"]) == (5, 6)
+    assert (report["videos"], report["views_per_video"], report["skipped_videos"]) == (5, 6, 0)
+    assert report["top1_all_videos"] == pytest.approx(3 / 5)
     with pytest.raises(ValueError, match="predictions have 4 classes, the class list 3"):
         predictions.report(["a", "b", "c"])
 
