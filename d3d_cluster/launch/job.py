@@ -78,6 +78,13 @@ def compute_device(cluster: ClusterSpec, local_rank: int) -> torch.device:
         "submit to a GPU partition, or set cluster.device: cpu")
 
 
+def seed_model_randomness(seed: int, rank: int) -> None:
+    """After the network is built from `seed` on every rank (the same weights everywhere): each rank its own
+    stream for what the model draws while training (dropout), so that ranks do not drop the same units. The
+    data views do not use it: they are functions of (seed, epoch, sample)."""
+    torch.manual_seed(seed + 1_000_003 * (rank + 1))
+
+
 @contextlib.contextmanager
 def distributed(cluster: ClusterSpec):
     """The process group of a job's ranks, from Slurm's (or the local executor's) environment: NCCL on GPUs,
@@ -207,7 +214,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
         run.event("started", stage=stage_name, job_id=rank.job_id, world_size=rank.world, master=rank.master,
                   **({"resumed_from": resume.tag, "step": resume.step, "steps_lost": steps_lost,
                      "saved_by_ranks": resume.world_size} if resume else {}))
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed)  # the network's initial weights: the same on every rank
     shards = spec.path(spec.data.shards)
     num_classes = len(Manifest.load(shards).classes)
     stage = build_stage(spec, stage_name, run.path, num_classes, rank.device)
@@ -227,6 +234,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
                 run.event("initialised", stage=stage_name, job_id=rank.job_id, **asdict(report))
 
         network = build_network(spec, stage.settings, stage.modality, num_classes, initialised)
+        seed_model_randomness(spec.seed, rank.rank)
         micro_steps = len(loader) * stage.settings.epochs
         universal = resume is not None and checkpoints.needs_universal(resume, rank.world)
         engine = initialize(stage.trainable(network).to(rank.device), stage.settings.optimizer, spec.deepspeed,

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from conftest import TINY, tiny_spec
 
 from d3d_cluster.data.pipeline import CorruptStep
-from d3d_cluster.launch.job import DeviceUnavailable, compute_device, failures_recorded
+from d3d_cluster.launch.job import DeviceUnavailable, compute_device, failures_recorded, seed_model_randomness
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.requeue import requeue_lost
 from d3d_cluster.launch.rundir import RunDir
@@ -116,3 +116,17 @@ def test_the_exit_hook_does_not_requeue_a_job_one_of_whose_ranks_failed_for_good
               error="DistBackendError: connection reset by peer")
     assert requeue_lost(run.path, "teacher", "77", exit_code=1) == \
         "not requeued: OutOfMemoryError: CUDA out of memory (rank 3 on gpu7)"
+
+
+def test_ranks_start_from_one_network_and_then_draw_their_own_dropout_masks():
+    from d3d_cluster.models import S3DG
+
+    def rank(number: int):
+        torch.manual_seed(0)  # as a stage job seeds before building its network
+        weights = S3DG(3, width=0.25, dropout=0.5).state_dict()
+        seed_model_randomness(0, number)
+        return weights, torch.nn.functional.dropout(torch.ones(10_000), 0.5)
+
+    (weights0, mask0), (weights1, mask1), (_, mask0_again) = rank(0), rank(1), rank(0)
+    assert all(torch.equal(weights0[key], weights1[key]) for key in weights0)
+    assert not torch.equal(mask0, mask1) and torch.equal(mask0, mask0_again)
