@@ -353,6 +353,48 @@ def _spec_classes(spec: Spec) -> int:
 
 
 @main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--clips", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Clips spread evenly over each video; their softmax scores are averaged.")
+@click.option("--top", "top_k", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def predict(export_dir: str, videos: tuple[str, ...], clips: int, top_k: int, as_json: bool) -> None:
+    """The classes an exported student (d3dc export) sees in video files, from RGB alone. A video that cannot
+    be read is reported and the others are still scored; the exit status is then 1."""
+    import json
+
+    from d3d_cluster.predict import ExportedModel
+    from dataprep.video import VideoError
+
+    try:
+        model = ExportedModel.load(export_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    results, failed = [], False
+    for video in videos:
+        try:
+            results.append({"video": video, "clips": clips, "top": model.top(model.probabilities(video, clips), top_k)})
+        except VideoError as error:
+            results.append({"video": video, "error": str(error)})
+            failed = True
+    if as_json:
+        click.echo(json.dumps(results, indent=1))
+    for result in [] if as_json else results:
+        if "error" in result:
+            console.print(Text(result["error"], style="red"), soft_wrap=True)
+            continue
+        table = Table(title=f"{result['video']} ({clips} clips, {model.device.type})")
+        table.add_column("class")
+        table.add_column("probability", justify="right")
+        for row in result["top"]:
+            table.add_row(row["class"], f"{row['probability']:.1%}")
+        console.print(table)
+    if failed:
+        raise SystemExit(1)
+
+
+@main.command()
 @click.argument("stage_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 def ensemble(stage_dirs: tuple[str, ...]) -> None:
     """Top-1 of the average softmax of finished stages: RUN/student RUN/teacher (two-stream), or the students
