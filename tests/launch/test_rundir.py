@@ -1,0 +1,51 @@
+"""The events log survives what a cluster does to it: writers appending at once, and a line torn by a crash."""
+
+import json
+import multiprocessing
+
+from conftest import tiny_spec
+
+from d3d_cluster.launch.requeue import last_run_failures
+from d3d_cluster.launch.rundir import EVENTS_NAME, RunDir
+from d3d_cluster.launch.status import run_status
+
+WRITERS, EVENTS_EACH = 4, 150
+
+
+def _append(path: str, writer: int) -> None:
+    run = RunDir(path)
+    for number in range(EVENTS_EACH):
+        # Some events far larger than a stdio buffer (8 KiB), which Python would write in pieces.
+        run.event("progress", stage="teacher", job_id=str(writer), number=number, note="x" * (20_000 * (number % 7 == 0)))
+
+
+def test_events_appended_by_several_processes_at_once_are_all_whole_while_a_reader_reads(tmp_path):
+    run = RunDir.create(tiny_spec(tmp_path))
+    writers = [multiprocessing.get_context("fork").Process(target=_append, args=(str(run.path), w))
+               for w in range(WRITERS)]
+    for writer in writers:
+        writer.start()
+    while any(writer.is_alive() for writer in writers):
+        run.events()  # a reader at any moment sees whole events only (it may miss the line being written)
+    assert all(writer.exitcode == 0 for writer in writers)
+    events = run.events()
+    assert len(events) == WRITERS * EVENTS_EACH
+    for writer in range(WRITERS):
+        assert [e["number"] for e in events if e["job_id"] == str(writer)] == list(range(EVENTS_EACH))
+
+
+def test_a_line_torn_by_a_crash_is_skipped_and_reported_and_the_next_event_is_whole(tmp_path, capsys):
+    run = RunDir.create(tiny_spec(tmp_path))
+    run.event("submitted", stage="teacher", job_id="1", executor="local")
+    run.event("started", stage="teacher", job_id="1", world_size=2)
+    with open(run.path / EVENTS_NAME, "a") as log:  # a writer killed half-way through its line
+        log.write(json.dumps({"time": "t", "event": "failed", "stage": "teacher", "job_id": "1"})[:30])
+    run.event("failed", stage="teacher", job_id="1", rank=1, host="node7", error="OSError: disk", retryable=True)
+
+    events = run.events()
+
+    assert [e["event"] for e in events] == ["submitted", "started", "failed"]
+    assert f"{run.path / EVENTS_NAME}:3: skipping a damaged events line" in capsys.readouterr().err
+    assert [f["host"] for f in last_run_failures(events)] == ["node7"]  # what the requeue hook decides on
+    statuses = run_status(run, slurm={})  # and `d3dc status`
+    assert [(s.stage, s.last_event) for s in statuses] == [("teacher", "failed")]
