@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 import shutil
 import time
@@ -146,7 +147,13 @@ def load(engine, checkpoint: Checkpoint) -> None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoint.path}")
     rng = checkpoint.path / f"rng-rank{dist.get_rank():05d}.pt"
     if rng.is_file():  # a rank the checkpointed world did not have starts from its seeded state
-        _set_rng_state(torch.load(rng, weights_only=False))
+        try:
+            state = torch.load(rng, weights_only=True)
+        except pickle.UnpicklingError:
+            warnings.warn(f"{rng}: random state pickled by an older version, not loaded (that would run code "
+                          f"from the file): this rank goes on from its seeded state")
+        else:
+            _set_rng_state(state)
 
 
 def universal_copy(checkpoint: Checkpoint) -> Path:
@@ -171,7 +178,15 @@ def _universal_arguments(source: Path, target: Path):
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's random states as tensors and plain numbers only, so that reading them back unpickles no
+    code (`torch.load(weights_only=True)`)."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -179,8 +194,11 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
+                         numpy["cached_gaussian"]))
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"].tolist()), python["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 

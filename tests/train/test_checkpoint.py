@@ -1,7 +1,9 @@
 """Checkpoints in one process (a one-rank DeepSpeed world): completion marker, checksums, retention, RNG."""
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -25,8 +27,11 @@ def _engine(zero_stage: int = 1):
 def test_a_saved_checkpoint_is_complete_with_checksums_and_restores_weights_step_and_rng(tmp_path, deepspeed_single_rank):
     engine = _engine()
     torch.manual_seed(7)
+    np.random.seed(7)
+    random.seed(7)
+    random.gauss(0, 1)  # leaves a cached second value in Python's state
     saved = checkpoints.save(engine, tmp_path, step=3, epoch=1.5, loader=STATE, keep=2)
-    expected_draw = torch.rand(3)
+    expected_draws = (torch.rand(3), np.random.rand(3), random.gauss(0, 1), random.random())
     weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
 
     assert saved.tag == "step-00000003" and not (tmp_path / "latest").exists()
@@ -40,10 +45,15 @@ def test_a_saved_checkpoint_is_complete_with_checksums_and_restores_weights_step
     fresh.backward(fresh(torch.ones(2, 4)).sum())
     fresh.step()
     torch.manual_seed(99)
+    np.random.seed(99)
+    random.seed(99)
     checkpoints.load(fresh, checkpoints.latest_valid(tmp_path))
     assert all(torch.equal(v, weights[k]) for k, v in fresh.module.state_dict().items())
     assert fresh.global_steps == engine.global_steps
-    assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where the checkpoint left it
+    draws = (torch.rand(3), np.random.rand(3), random.gauss(0, 1), random.random())
+    assert torch.equal(draws[0], expected_draws[0]) and np.array_equal(draws[1], expected_draws[1])
+    assert draws[2:] == expected_draws[2:]  # every generator continues where the checkpoint left it
+    torch.load(saved.path / "rng-rank00000.pt", weights_only=True)  # plain data: reading it runs no pickled code
 
 
 def test_a_damaged_checkpoint_is_passed_over_with_a_warning_for_the_previous_one(tmp_path, deepspeed_single_rank):
