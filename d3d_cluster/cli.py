@@ -91,7 +91,7 @@ def prep(spec_path: str | None, workdir: str | None, workers: int | None, cluste
 
 
 @main.command()
-@click.argument("target", type=click.Choice(["prep", "teacher", "student", "baseline", "eval", "pipeline"]))
+@click.argument("target", type=click.Choice(["prep", "teacher", "student", "baseline", "eval", "pipeline", "doctor"]))
 @spec_option
 @workdir_option
 @click.option("--nodes", type=click.IntRange(min=1), help="cluster.nodes")
@@ -115,7 +115,8 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
            dry_run: bool, **flags) -> None:
     """Queue a stage, the evaluation, the whole pipeline or dataprep on Slurm (teacher and baseline, the student
     after the teacher, the evaluation after both), or run it in the foreground with the local executor. Flags
-    override the spec; everything is checked before the first job is queued."""
+    override the spec; everything is checked before the first job is queued. `doctor` runs `d3dc doctor` on
+    each node the spec asks for, as a job, waits for it and prints every node's report."""
     from d3d_cluster.launch import submit as submission
     from d3d_cluster.launch.pipeline import JobCancelled
 
@@ -132,10 +133,45 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
         result = submission.submit(spec, target, echo=echo, prep_tasks=prep_tasks, prep_workers=prep_workers)
     except (FileNotFoundError, ValueError, JobCancelled) as error:
         raise click.ClickException(str(error)) from None
-    if spec.cluster.executor == "slurm" and target != "prep":
+    if target == "doctor":
+        _show_doctor(result["reports"])
+    elif spec.cluster.executor == "slurm" and target != "prep":
         console.print(f"follow it with `d3dc status {spec.name}` and `d3dc logs {spec.name} --follow`", markup=False)
     elif "models" in result:  # the evaluation ran in the foreground
         _show_results(spec.run_dir, result)
+
+
+@main.command()
+@spec_option
+@workdir_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of lines.")
+def doctor(spec_path: str | None, workdir: str | None, as_json: bool) -> None:
+    """What this node has for a stage of the spec (Python, torch and CUDA, GPUs, NCCL, the device, process group
+    and precision a stage would use, DALI's CPU and NVDEC video decoders, DeepSpeed, Slurm's partitions, the
+    metrics ports): a line per check, ok or what is wrong and what to do. Exit status 1 when something a stage
+    on this node needs is broken. `d3dc submit doctor` runs it on the compute nodes."""
+    import json
+
+    from d3d_cluster.launch.doctor import node_report
+
+    report = node_report(_spec(spec_path, workdir))
+    if not as_json:
+        _show_doctor([report])
+        return
+    click.echo(json.dumps(report, indent=2))
+    if not report["ok"]:
+        raise SystemExit(1)
+
+
+def _show_doctor(reports: list[dict]) -> None:
+    """Each node's report; exit status 1 when one of them found something broken."""
+    from d3d_cluster.launch.doctor import format_report
+
+    for report in reports:
+        for line in format_report(report):
+            echo(line)
+    if not all(report["ok"] for report in reports):
+        raise SystemExit(1)
 
 
 def _run(run: str | None, spec_path: str | None, workdir: str | None):

@@ -11,6 +11,7 @@ import math
 import re
 from typing import Callable
 
+from d3d_cluster.launch.doctor import doctor_script, submit_doctor
 from d3d_cluster.launch.executor import sbatch_script
 from d3d_cluster.launch.requeue import exit_hook
 from d3d_cluster.launch.pipeline import PlannedJob, check_ready, plan_jobs, queue_jobs, run_jobs
@@ -20,6 +21,7 @@ from d3d_cluster.spec import Spec
 from d3d_cluster.train.stages import STAGES
 
 PREP = "prep"
+DOCTOR = "doctor"
 
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _TIME = re.compile(r"(?:(?P<days>\d+)-(?P<day_hours>\d+)(?::(?P<day_minutes>\d+)(?::(?P<day_seconds>\d+))?)?"
@@ -77,10 +79,14 @@ def dry_run(spec: Spec, target: str, prep_tasks: int = 1, prep_workers: int | No
     """What `submit` would queue, as the sbatch scripts submitit would write for it; the job ids a script depends
     on are placeholders (`<teacher>`). Nothing is created or queued; Slurm is not needed."""
     if spec.cluster.executor != "slurm":
+        if target == DOCTOR:
+            return "# local executor: no sbatch; `d3dc submit` runs doctor in the foreground, one task\n"
         names = [PREP] if target == PREP else [planned.name for planned in plan_jobs(spec, target)]
         return (f"# local executor: no sbatch; `d3dc submit` runs {', '.join(names)} in the foreground, one after "
                 f"another, {spec.world_size} ranks each\n")
-    if target == PREP:
+    if target == DOCTOR:
+        scripts = [(DOCTOR, doctor_script(spec))]
+    elif target == PREP:
         array, final = prep_clusters(spec, prep_workers or spec.prep.workers)
         name = f"{spec.name}-{PREP}"
         scripts = [("prep array", sbatch_script(array, spec.path(LOGS), name, array_tasks=prep_tasks)),
@@ -100,9 +106,12 @@ def _job_script(spec: Spec, planned: PlannedJob) -> str:
 def submit(spec: Spec, target: str, echo: Callable[[str], None] = print, prep_tasks: int = 1,
            prep_workers: int | None = None) -> dict:
     """Check everything, then queue `target`'s jobs (Slurm: their job ids by name) or run them in the foreground
-    (local: the last job's result). `prep` writes the spec's shards, outside any run."""
+    (local: the last job's result). `prep` writes the spec's shards, outside any run; `doctor` checks the nodes,
+    also outside any run, and waits on Slurm too: its result is every node's report."""
     if target == PREP:
         return _submit_prep(spec, echo, prep_tasks, prep_workers)
+    if target == DOCTOR:  # a check of the nodes, outside any run, as prep is
+        return {"reports": submit_doctor(spec, echo)}
     jobs = plan_jobs(spec, target)
     check_ready(spec, *(planned.name for planned in jobs if planned.name in STAGES))
     slurm = spec.cluster.executor == "slurm"
