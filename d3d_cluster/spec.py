@@ -215,10 +215,13 @@ class ClusterSpec(_Section):
     tasks_per_node: int = Field(2, ge=1, description="ranks per node: one per GPU, or CPU processes")
     cpus_per_task: int = Field(1, ge=1)
     timeout_min: int = Field(60, ge=1)
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = Field(None, description="node features, as sbatch --constraint takes them")
+    # Names as Slurm spells them (a partition may be a comma-separated list): nothing that a batch script's
+    # #SBATCH line or shell would read as more than a value.
+    partition: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+(,[A-Za-z0-9_.+-]+)*$")
+    account: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$")
+    qos: str | None = Field(None, pattern=r"^[A-Za-z0-9_.+-]+$")
+    constraint: str | None = Field(None, pattern=r"^[A-Za-z0-9_.,&|:*!\[\]()+-]+$",
+                                   description="node features, as sbatch --constraint takes them")
     gpus_per_node: int | None = Field(None, ge=1, description="equal to tasks_per_node: one rank per GPU")
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="cuda: every rank needs a GPU, a node without one fails the job at once; cpu: no GPU is "
@@ -289,6 +292,25 @@ class Spec(_Section):
     cluster: ClusterSpec = ClusterSpec()
     metrics: MetricsSpec = MetricsSpec()
     probe: ProbeSpec = ProbeSpec()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_control_characters(cls, tree):
+        """Strings reach batch scripts and shell lines (names, paths, Slurm settings): a newline there would start
+        a line of its own, so no string of a spec may hold a control character."""
+        def walk(value, key: str) -> None:
+            if isinstance(value, str) and any(ord(c) < 32 or ord(c) == 127 for c in value):
+                raise ValueError(f"{key}: {value!r} holds a control character (a newline, a tab...), which a batch "
+                                 f"script or shell line would read as more than a value")
+            if isinstance(value, dict):
+                for name, item in value.items():
+                    walk(item, f"{key}.{name}" if key else str(name))
+            if isinstance(value, (list, tuple)):
+                for index, item in enumerate(value):
+                    walk(item, f"{key}.{index}")
+
+        walk(tree, "")
+        return tree
 
     @model_validator(mode="after")
     def _consistent(self) -> "Spec":

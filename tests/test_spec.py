@@ -51,6 +51,8 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
          "teacher.init.format inception_v1_2d needs model.width 1.0 (got 0.25)"),
         ({"student": {"init": {"path": "s3d.pt", "format": "torchvision_s3d"}}},
          "student.init.format torchvision_s3d needs model.width 1.0 (got 0.25)"),
+        ({"workdir": "/data\n#SBATCH --wrap=id"}, "workdir: '/data\\n#SBATCH --wrap=id' holds a control character"),
+        ({"cluster": {"qos": "high qos"}}, "cluster.qos: String should match pattern"),
         ({"teacher": {"init": {"format": "caffe"}}}, "teacher.init.format: Input should be 's3dg', 'torchvision_s3d' or 'inception_v1_2d'"),
         ({"probe": {"layers": ["mixed_6a"]}}, "probe.layers.0: Input should be 'conv_1a'"),
     ],

@@ -62,6 +62,11 @@ def test_flags_are_checked_by_the_spec_with_its_usual_messages(tmp_path):
         (["--mem", "lots"], "cluster.mem: String should match pattern"),
         (["--name", "../elsewhere"], "name: String should match pattern"),
         (["--time", "2 hours"], "--time '2 hours': expected minutes"),
+        # Injection attempts, which the dry run's script showed as lines of their own before they were refused:
+        (["--cluster", "slurm", "--partition", "gpu\nrm -rf ~"], "cluster.partition: 'gpu\\nrm -rf ~' holds a "
+                                                                     "control character"),
+        (["--cluster", "slurm", "--account", "$(id)"], "cluster.account: String should match pattern"),
+        (["--cluster", "slurm", "--constraint", "a100;id"], "cluster.constraint: String should match pattern"),
     ]:
         result = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec), "--dry-run", *flags])
         assert result.exit_code != 0 and message in result.output, (flags, result.output)
