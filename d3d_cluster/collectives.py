@@ -29,10 +29,11 @@ def group_device() -> torch.device:
 
 
 def any_rank(*flags: bool | torch.Tensor) -> tuple[bool, ...]:
-    """For each flag, whether any rank raised it (one all-reduce for all of them). Flags may be tensors on the
-    compute device: they are gathered there and read once."""
+    """For each flag, whether any rank raised it (one all-reduce for all of them), read by the host once. Flags may
+    be tensors on the compute device: they are gathered there; a Python flag is made there (no host copy)."""
     device = group_device()
-    values = torch.stack([torch.as_tensor(flag).to(device=device, dtype=torch.float32).reshape(()) for flag in flags])
+    values = torch.stack([flag.to(device=device, dtype=torch.float32).reshape(()) if torch.is_tensor(flag)
+                          else torch.full((), float(flag), device=device) for flag in flags])
     if initialized():
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return tuple(bool(value) for value in values.tolist())

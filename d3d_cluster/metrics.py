@@ -14,6 +14,7 @@ import socket
 import time
 import warnings
 from pathlib import Path
+from typing import NamedTuple, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push_to_gateway, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -26,6 +27,20 @@ LABELS = ("run", "stage", "job_id", "node", "rank")
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CHECKPOINT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 ETA_SMOOTHING = 0.1  # weight of the newest step in the moving average of step time behind the ETA
+
+
+class StepObservation(NamedTuple):
+    """One finished micro-step, as `TrainMetrics.observe_steps` takes it."""
+
+    clips: int
+    step_seconds: float
+    data_wait_seconds: float
+    loss: float
+    distillation: float
+    learning_rate: float
+    epoch: float  # epochs done
+    grad_norm: float | None = None  # only when the step updated the weights
+    samples: int | None = None  # shard samples delivered, when not one per clip
 
 
 class TrainMetrics:
@@ -88,23 +103,35 @@ class TrainMetrics:
                      distillation: float, learning_rate: float, epoch: float, grad_norm: float | None = None,
                      samples: int | None = None) -> None:
         """One finished micro-step; `grad_norm` only when it updated the weights, `epoch` is epochs done."""
-        self._clips.inc(clips)
-        self._samples.inc(clips if samples is None else samples)
-        self._steps.inc()
-        self._clips_per_second.set(clips / step_seconds if step_seconds > 0 else 0.0)
-        self._loss.set(loss)
-        self._distill.set(distillation)
-        self._lr.set(learning_rate)
-        if grad_norm is not None:
-            self._grad_norm.set(grad_norm)
-        self._epoch.set(epoch)
-        self._step_time.observe(step_seconds)
-        self._data_wait.observe(data_wait_seconds)
-        self._last_step.set_to_current_time()
+        self.observe_steps([StepObservation(clips, step_seconds, data_wait_seconds, loss, distillation, learning_rate,
+                                            epoch, grad_norm, samples)])
+
+    def observe_steps(self, steps: Sequence[StepObservation]) -> None:
+        """Finished micro-steps, in order, recorded together (the loop reads its figures back every few steps): the
+        counters and histograms take every step, the gauges the last one's values."""
+        if not steps:
+            return
+        self._clips.inc(sum(step.clips for step in steps))
+        self._samples.inc(sum(step.clips if step.samples is None else step.samples for step in steps))
+        self._steps.inc(len(steps))
         mean = self._mean_step_seconds
-        self._mean_step_seconds = step_seconds if math.isnan(mean) else mean + ETA_SMOOTHING * (step_seconds - mean)
+        for step in steps:
+            self._step_time.observe(step.step_seconds)
+            self._data_wait.observe(step.data_wait_seconds)
+            mean = step.step_seconds if math.isnan(mean) else mean + ETA_SMOOTHING * (step.step_seconds - mean)
+        self._mean_step_seconds = mean
+        last = steps[-1]
+        self._clips_per_second.set(last.clips / last.step_seconds if last.step_seconds > 0 else 0.0)
+        self._loss.set(last.loss)
+        self._distill.set(last.distillation)
+        self._lr.set(last.learning_rate)
+        grad_norms = [step.grad_norm for step in steps if step.grad_norm is not None]
+        if grad_norms:
+            self._grad_norm.set(grad_norms[-1])
+        self._epoch.set(last.epoch)
+        self._last_step.set_to_current_time()
         if self._steps_per_epoch:
-            remaining_steps = max(0.0, self._planned_epochs - epoch) * self._steps_per_epoch
+            remaining_steps = max(0.0, self._planned_epochs - last.epoch) * self._steps_per_epoch
             self._eta.set(remaining_steps * self._mean_step_seconds)
 
     def step_skipped(self) -> None:

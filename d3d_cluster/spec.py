@@ -257,6 +257,12 @@ class MetricsSpec(_Section):
                                                      "or a free port when that one is taken")
     targets_dir: str | None = Field(None, description="file_sd directory shared by runs; null: RUN/metrics/targets")
     pushgateway: str | None = Field(None, description="Pushgateway URL for short dataprep tasks; null: no push")
+    report_every_steps: int = Field(
+        10, ge=1, description="steps whose loss, accuracy and gradient norm stay on the device before the host reads "
+                              "them back, all in one transfer: the metrics, rank 0's train log (one record per step) "
+                              "and the printed progress are updated then (and at least every 30 s), and before every "
+                              "checkpoint; 1 reads every step, which on a GPU makes the host wait for each step to "
+                              "finish")
 
     @field_validator("bind")
     @classmethod

@@ -22,6 +22,8 @@ TINY = {
     },
     "data": {"clip_frames": 8, "crop_size": 24, "batch_size": 2},
     "deepspeed": {"global_batch_size": 4},
+    # Tests that interrupt a stage at a step watch rank 0's train log for it: it must be written at every step.
+    "metrics": {"report_every_steps": 1},
 }
 
 

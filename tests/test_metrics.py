@@ -8,8 +8,8 @@ import pynvml
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from d3d_cluster.metrics import (GpuCollector, GpuUnavailable, PrepProgress, TrainMetrics, bind_address,
-                                 retire_target, target_path, write_target)
+from d3d_cluster.metrics import (GpuCollector, GpuUnavailable, PrepProgress, StepObservation, TrainMetrics,
+                                 bind_address, retire_target, target_path, write_target)
 from d3d_cluster.monitor import free_port
 from d3d_cluster.spec import MetricsSpec
 
@@ -102,6 +102,27 @@ def test_eta_is_remaining_steps_times_the_smoothed_step_time():
     assert _value(metrics, "d3d_train_eta_seconds") == pytest.approx(38 * 1.1)  # 1.0 + 0.1 x (2.0 - 1.0)
     metrics.observe_step(2, 2.0, 0.0, loss=1.0, distillation=0.0, learning_rate=0.1, epoch=4.0)
     assert _value(metrics, "d3d_train_eta_seconds") == 0
+
+
+def test_steps_observed_together_leave_every_series_as_observing_them_one_by_one():
+    steps = [StepObservation(2, 0.1, 0.01, 2.0, 0.5, 0.1, 0.25, 3.0, 3),
+             StepObservation(2, 0.4, 0.0, 1.5, 0.4, 0.2, 0.5),
+             StepObservation(1, 0.2, 0.3, 1.0, 0.3, 0.3, 0.75, None, 1)]
+    one_by_one, together = _metrics(), _metrics()
+    for metrics in (one_by_one, together):
+        metrics.plan(epochs=2, steps_per_epoch=4)
+    for step in steps:
+        one_by_one.observe_step(*step)
+    together.observe_steps(steps)
+
+    def samples(metrics):
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in metrics.registry.collect() for sample in family.samples
+                if not sample.name.endswith(("_created", "_timestamp_seconds"))}
+
+    assert samples(together) == samples(one_by_one)
+    assert _value(together, "d3d_train_grad_norm") == 3.0 and _value(together, "d3d_train_samples_total") == 6
+    assert _value(together, "d3d_train_step_seconds_count") == 3
 
 
 def test_a_fixed_port_that_is_taken_falls_back_to_a_free_one():

@@ -7,6 +7,7 @@ the offsets the `.idx` files record, instead of letting a DALI reader stream the
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class SampleTable:
         for tar_number, index in enumerate(indexes):
             self._read_index(tar_number, index)
         self._handles: dict[int, int] = {}
+        self._opening = threading.Lock()  # the loader reads on a reader thread; tests and probes on their own
 
     def _read_index(self, tar_number: int, index: Path) -> None:
         lines = index.read_text().splitlines()
@@ -60,8 +62,11 @@ class SampleTable:
             raise KeyError(f"sample {self.keys[sample]!r} has no {ext!r} member")
         handle = self._handles.get(member.tar)
         if handle is None:
-            handle = self._handles[member.tar] = os.open(self.tars[member.tar], os.O_RDONLY)
-        data = os.pread(handle, member.size, member.offset)
+            with self._opening:
+                handle = self._handles.get(member.tar)
+                if handle is None:
+                    handle = self._handles[member.tar] = os.open(self.tars[member.tar], os.O_RDONLY)
+        data = os.pread(handle, member.size, member.offset)  # no file position: safe from several threads
         if len(data) != member.size:
             raise OSError(f"{self.tars[member.tar]}: sample {self.keys[sample]!r} {ext} is truncated")
         return np.frombuffer(data, dtype=np.uint8)
@@ -70,6 +75,7 @@ class SampleTable:
         return int(self.read(sample, "cls").tobytes())
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            os.close(handle)
-        self._handles.clear()
+        with self._opening:
+            for handle in self._handles.values():
+                os.close(handle)
+            self._handles.clear()

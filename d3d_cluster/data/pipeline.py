@@ -12,6 +12,10 @@ hold a video decoder: NOTES). A sample DALI cannot decode is skipped, named and 
 DALI has no skip option and a failed pipeline is dead, so the loader finds the culprit by decoding the
 suspects one by one and rebuilds the pipeline after it.
 
+Reading: DALI calls `external_source`'s callback on the thread that calls `pipe.run()`, the training thread. So
+the callback only hands over bytes a reader thread has already read from the shards (`_BatchSource`), a few
+batches ahead of what DALI has asked for; the training thread does not wait on the disk while the device idles.
+
 DALI is imported where a pipeline is built: this module's types (`Batch`, `LoaderState`, `CorruptStep`) also serve
 processes that read no data, such as the launcher on a login node and the model benchmark on a bare GPU machine.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, NamedTuple
 
@@ -36,6 +41,9 @@ from d3d_cluster.spec import DataSpec
 RGB_MEAN = (110.2, 100.6, 96.0)
 RGB_STD = (58.1, 56.5, 55.3)
 MODALITIES = ("rgb", "flow")
+# Batches whose members the reader thread reads beyond those DALI has taken (DALI itself asks for its
+# prefetch_queue_depth batches ahead of the one `run()` returns): slack for a slow read, a few MB of memory.
+READ_AHEAD = 2
 
 
 class CorruptStep(RuntimeError):
@@ -96,17 +104,50 @@ class _Planned(NamedTuple):
 class _BatchSource:
     """DALI's external source: the encoded members and view parameters of the planned batches, in order.
 
-    What it hands to DALI is remembered in `inflight` until the loader takes the batch out, so a failure can
-    be traced back to the samples DALI was working on.
+    DALI calls it from `pipe.run()` on the training thread; the members are read on a reader thread of their own,
+    `read_ahead` batches ahead of DALI's calls, so a call only waits when reading falls behind. The plan is
+    followed in order on the calling thread, and what it raises (the end of the stream, a step whose samples are
+    all corrupt) is raised at that batch's turn, never earlier. What was handed to DALI, or failed to be read for
+    it, is remembered in `inflight` until the loader takes the batch out, so a failure can be traced back to the
+    samples DALI was working on. `close()` before the loader's shards are closed.
     """
 
-    def __init__(self, loader: "ClipLoader", plan: Iterator[_Planned]):
+    def __init__(self, loader: "ClipLoader", plan: Iterator[_Planned], read_ahead: int = READ_AHEAD):
         self.loader, self.plan, self.inflight = loader, plan, deque()
+        self.read_ahead = read_ahead
+        self._reads: deque[tuple[_Planned | None, Future | None, BaseException | None]] = deque()
+        self._planning = True  # until the plan ended or raised
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard-reader-rank{loader.rank}")
+
+    def _read_ahead(self) -> None:
+        while self._planning and len(self._reads) <= self.read_ahead:
+            try:
+                planned = next(self.plan)
+            except StopIteration as end:
+                self._planning = False
+                self._reads.append((None, None, end))
+            except Exception as error:  # CorruptStep: raised when DALI asks for that batch
+                self._planning = False
+                self._reads.append((None, None, error))
+            else:
+                self._reads.append((planned, self._reader.submit(self.loader.columns, planned), None))
 
     def __call__(self):
-        planned = next(self.plan)  # StopIteration ends the stream
+        self._read_ahead()
+        if not self._reads:
+            raise StopIteration  # asked again after the end
+        planned, read, error = self._reads.popleft()
+        if planned is None:
+            raise error
         self.inflight.append(planned)
-        return self.loader.columns(planned)
+        columns = read.result()  # what reading a damaged shard raised is raised here
+        self._read_ahead()  # the next batch's read starts now, not at DALI's next call
+        return columns
+
+    def close(self) -> None:
+        """Stop reading; a read under way finishes first (the shards stay open until then)."""
+        self._reader.shutdown(wait=True, cancel_futures=True)
+        self._reads.clear()
 
 
 def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, threads: int, device_id: int | None,
@@ -153,6 +194,26 @@ def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, thre
         pipe.set_outputs(labels, samples, views, *outputs)
     pipe.build()
     return pipe
+
+
+def pins(device: torch.device) -> bool:
+    """Whether host tensors bound for `device` are put in pinned (page-locked) memory first: only for a GPU, where
+    that lets the copy run asynchronously; on a CPU-only machine pinning is pointless (and fails without CUDA)."""
+    return device.type == "cuda"
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` without making the host wait for the device: a host tensor goes to a GPU from pinned
+    memory, asynchronously (one the loader pinned is not copied again); on the CPU it is returned as it is."""
+    if not pins(device) or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
+def _to_host(tensor_list, pin: bool = False) -> torch.Tensor:
+    """A CPU output of DALI (labels, sample and view ids) as a torch tensor, pinned with `pin`."""
+    tensor = torch.from_numpy(np.array(tensor_list.as_tensor()))
+    return tensor.pin_memory() if pin else tensor
 
 
 def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
@@ -301,13 +362,15 @@ class ClipLoader:
             self._consumed = (planned.epoch, planned.end)
             labels, samples, views, *videos = outputs
             tensors = dict(zip(self.modalities, (_to_torch(v, self.device) for v in videos)))
-            yield Batch(tensors.get("rgb"), tensors.get("flow"), *(torch.from_numpy(np.array(t.as_tensor()))
-                                                                   for t in (labels, samples, views)), planned.epoch)
+            # Labels go on to the device (the loss, the accuracy); sample and view ids are used on the host.
+            yield Batch(tensors.get("rgb"), tensors.get("flow"), _to_host(labels, pins(self.device)), _to_host(samples),
+                        _to_host(views), planned.epoch)
 
     def _run(self):
         try:
             return self.pipe.run()
         except Exception:  # DALI's own errors, and whatever reading a damaged shard raised in the source
+            self._source.close()  # nothing reads while the suspects are decoded, and the plan is made again
             suspects = sorted({s for planned in self._source.inflight for s in planned.samples} - self._corrupt)
             corrupt = {s: reason for s in suspects if (reason := self._decode_error(s)) is not None}
             if not corrupt:
@@ -337,5 +400,6 @@ class ClipLoader:
         return None
 
     def close(self) -> None:
+        self._source.close()
         del self.pipe
         self.table.close()

@@ -255,7 +255,8 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
                                                     saved),
                         stop_requested=stop, max_nonfinite_steps=spec.deepspeed.max_nonfinite_steps,
                         log_path=log_path if rank.rank == 0 else None,
-                        print_every=max(1, len(loader) // 2) if rank.rank == 0 else 0)
+                        print_every=max(1, len(loader) // 2) if rank.rank == 0 else 0,
+                        report_every=spec.metrics.report_every_steps)
         loader.close()
         if summary.stopped:
             return summary

@@ -119,8 +119,9 @@ def initialize(model: nn.Module, settings: OptimizerSpec, ds: DeepSpeedSpec, mic
     return engine
 
 
-def step_with_grad_norm(engine) -> float | None:
-    """`engine.step()`, returning the global gradient norm (before clipping) when the step updated the weights.
+def step_with_grad_norm(engine) -> torch.Tensor | None:
+    """`engine.step()`, returning the global gradient norm (before clipping) when the step updated the weights, as a
+    tensor on the device: reading it is left to the caller (`train.loop` reads it with the step's other figures).
 
     DeepSpeed keeps that norm for ZeRO-1/2 and bf16; plain fp32 ZeRO-0 reports None, so it is taken from the
     gradients, which are already averaged over ranks at the accumulation boundary.
@@ -131,7 +132,9 @@ def step_with_grad_norm(engine) -> float | None:
     own = None
     if not engine.zero_optimization() and not engine.bfloat16_enabled():
         grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
-        own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        own = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     engine.step()
-    norm = engine.get_global_grad_norm()
-    return own if norm is None else float(norm)
+    norm = engine.get_global_grad_norm()  # a tensor, or a float (inf when DeepSpeed found an overflow)
+    if norm is None:
+        return own
+    return torch.as_tensor(norm, dtype=torch.float32, device=engine.device).detach().reshape(())

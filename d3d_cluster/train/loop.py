@@ -1,27 +1,45 @@
 """The one training loop, for every stage: read a batch, forward, loss, backward, step, report, checkpoint.
 
-Each step ends with one all-reduce that makes every rank agree on two things: whether any rank's loss was NaN or
-infinite (then no rank applies the step, and the step is counted as skipped), and whether any rank was told to
-stop (a time limit or preemption signal). Checkpoints are taken only where a gradient accumulation window has just
-closed, so that no partly accumulated gradient is lost and a resumed run takes exactly the steps it would have.
+Each step makes one all-reduce, after its forward pass, that makes every rank agree on two things: whether any
+rank's loss was NaN or infinite (then no rank applies the step, and the step is counted as skipped), and whether
+any rank was told to stop (a time limit or preemption signal). Checkpoints are taken only where a gradient
+accumulation window has just closed, so that no partly accumulated gradient is lost and a resumed run takes exactly
+the steps it would have.
+
+The host reads one value from the device per step: that all-reduced pair of flags, because it decides what the
+step does (skip it, or stop and checkpoint) and must be the same on every rank. It is read after the forward pass
+and before the backward: a skipped step must not touch the gradients, which accumulate in DeepSpeed's buffers over
+a window and cannot be taken back, and DeepSpeed cannot apply a step conditionally on a device value. So on a GPU
+the host waits for the forward pass once per step, then queues backward and optimizer step and goes on to the next
+batch while the device computes them. Everything else a step reports (losses, accuracy, gradient norm) stays on
+the device and is read back every `report_every` steps in one transfer (and at least every 30 s), and before every
+checkpoint; the metrics, the train log (one record per step, written in batches) and the printed progress are
+brought up to date then. Reading them every step, as `float(loss)` does, made the host wait for the backward pass
+and the optimizer step before it could ask for the next batch, and the device wait while it got it. (DeepSpeed's
+ZeRO-1/2 step itself still reads the gradient norm on the host at each optimizer step, to detect an overflow.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple, TextIO
 
 import torch
 
 from d3d_cluster.collectives import any_rank
-from d3d_cluster.data.pipeline import ClipLoader
-from d3d_cluster.metrics import TrainMetrics
+from d3d_cluster.data.pipeline import ClipLoader, to_device
+from d3d_cluster.metrics import StepObservation, TrainMetrics
 from d3d_cluster.train import checkpoint as checkpoints
 from d3d_cluster.train.engine import autocast, step_with_grad_norm
 from d3d_cluster.train.stages import Stage
+
+# Steps slower than this are reported as they end, whatever `report_every` says: a read per half minute costs nothing,
+# and the dashboard and the stall alert (no step for 5 minutes) never wait for several slow steps.
+REPORT_AT_LEAST_EVERY_SECONDS = 30.0
 
 
 @dataclass
@@ -47,20 +65,98 @@ class Checkpointing:
     on_saved: Callable[[checkpoints.Checkpoint, float, str], None] = lambda checkpoint, seconds, reason: None
 
 
+class _Step(NamedTuple):
+    """A finished step: what the host knows of it, and its figures still on the device (0-d float32 tensors)."""
+
+    step: int
+    epoch: float  # epochs done after it
+    learning_rate: float
+    skipped: bool
+    step_seconds: float
+    data_wait_seconds: float
+    clips: int  # this rank's
+    samples: int
+    world_clips: int
+    loss: torch.Tensor
+    cross_entropy: torch.Tensor
+    distillation: torch.Tensor
+    hits: torch.Tensor | None  # clips whose top-1 class is their label; counted where the train log is kept
+    grad_norm: torch.Tensor | None  # when the step updated the weights
+
+    @property
+    def on_device(self) -> tuple[torch.Tensor | None, ...]:
+        return self.loss, self.cross_entropy, self.distillation, self.hits, self.grad_norm
+
+
+class StepReports:
+    """Finished steps, kept until `flush` reads their device figures back in one transfer; then the metrics take
+    them, and rank 0's train log gets one record per step (fields as `curves` and `d3dc results` read them) and
+    the printed progress its lines, in step order."""
+
+    def __init__(self, metrics: TrainMetrics, log: TextIO | None, stage: str, print_every: int):
+        self.metrics, self.log, self.stage, self.print_every = metrics, log, stage, print_every
+        self.pending: list[_Step] = []
+        self.last_loss = float("nan")
+        self.flushed_at = time.perf_counter()
+
+    def add(self, step: _Step) -> None:
+        self.pending.append(step)
+
+    @property
+    def overdue(self) -> bool:
+        return time.perf_counter() - self.flushed_at >= REPORT_AT_LEAST_EVERY_SECONDS
+
+    def flush(self) -> None:
+        self.flushed_at = time.perf_counter()
+        if not self.pending:
+            return
+        on_device = [value for step in self.pending for value in step.on_device if value is not None]
+        values = iter(torch.stack(on_device).tolist())  # the one transfer
+        observed, lines = [], []
+        for step in self.pending:
+            loss, cross_entropy, distillation, hits, grad_norm = (None if value is None else next(values)
+                                                                  for value in step.on_device)
+            observed.append(StepObservation(step.clips, step.step_seconds, step.data_wait_seconds, loss, distillation,
+                                            step.learning_rate, step.epoch, grad_norm, step.samples))
+            if self.log:
+                lines.append(json.dumps({
+                    "step": step.step, "epoch": round(step.epoch, 4), "loss": loss, "cross_entropy": cross_entropy,
+                    "distillation": distillation, "accuracy": hits / step.clips, "lr": step.learning_rate,
+                    "grad_norm": grad_norm, "skipped": step.skipped, "step_seconds": step.step_seconds,
+                    "data_wait_seconds": step.data_wait_seconds,
+                    "clips_per_second": step.world_clips / step.step_seconds}) + "\n")
+            if self.print_every and step.step % self.print_every == 0:
+                print(f"[{self.stage}] epoch {step.epoch:.2f} step {step.step} loss {loss:.4f} "
+                      f"lr {step.learning_rate:.2e}", flush=True)
+            self.last_loss = loss
+        self.pending = []
+        self.metrics.observe_steps(observed)
+        if self.log:
+            self.log.write("".join(lines))
+            self.log.flush()
+
+
 def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world: int, *, step: int = 0,
           checkpointing: Checkpointing | None = None, stop_requested: Callable[[], bool] = lambda: False,
-          max_nonfinite_steps: int = 3, log_path: Path | None = None, print_every: int = 0) -> TrainSummary:
+          max_nonfinite_steps: int = 3, log_path: Path | None = None, print_every: int = 0,
+          report_every: int = 1) -> TrainSummary:
     """Train from the loader's position to its last epoch; `step` is the global step the loader's position
-    corresponds to (0 for a fresh start). Rank 0 passes `log_path` to keep a JSON-lines record of every step."""
+    corresponds to (0 for a fresh start). Rank 0 passes `log_path` to keep a JSON-lines record of every step.
+    Metrics, log and printed progress are brought up to date every `report_every` steps, before every checkpoint
+    and at the end (see the module docstring)."""
+    if report_every < 1:
+        raise ValueError(f"report_every must be >= 1, got {report_every}")
     engine.train()
     log = log_path.open("a") if log_path else None
-    clips, skipped, in_a_row, loss_value, corrupt_reported = 0, 0, 0, float("nan"), 0
+    reports = StepReports(metrics, log, stage.name, print_every)
+    clips, skipped, in_a_row, corrupt_reported = 0, 0, 0, 0
     saved_at, stopping = step, False
     started = time.perf_counter()
     metrics.plan(loader.end_epoch, len(loader))
 
     def save(reason: str) -> None:
         nonlocal saved_at
+        reports.flush()  # the log holds every step up to a checkpoint: a resumed run appends to it from there
         began = time.perf_counter()
         state = loader.state()
         written = checkpoints.save(engine, checkpointing.directory, step, state.epoch + state.position / loader.items,
@@ -71,8 +167,9 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
         saved_at = step
 
     def summary() -> TrainSummary:
+        reports.flush()
         seconds = time.perf_counter() - started
-        return TrainSummary(step, clips, skipped, seconds, clips / seconds if seconds > 0 else 0.0, loss_value,
+        return TrainSummary(step, clips, skipped, seconds, clips / seconds if seconds > 0 else 0.0, reports.last_loss,
                             stopping)
 
     try:
@@ -80,11 +177,12 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
             waited_from = time.perf_counter()
             for batch in loader.epoch(epoch):
                 ready = time.perf_counter()
+                batch = batch._replace(labels=to_device(batch.labels, engine.device))
                 inputs = stage.inputs(batch).to(engine.device, non_blocking=True)
                 with autocast(engine.device):
                     outputs = engine(inputs)
                     loss = stage.loss(outputs, batch)
-                nonfinite, stop = _agree(loss.total, stop_requested())
+                nonfinite, stop = _agree(loss.total, stop_requested())  # the step's one read from the device
                 stopping = stopping or stop
                 grad_norm = None
                 if nonfinite:
@@ -100,30 +198,21 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
                     grad_norm = step_with_grad_norm(engine)
                 done = time.perf_counter()
                 step += 1
-                clips += len(batch.labels) * world
-                loss_value = loss.total.item()
+                size = len(batch.labels)
+                clips += size * world
                 position = loader.state()
-                progress = position.epoch + position.position / loader.items
-                learning_rate = engine.get_lr()[0]
-                metrics.observe_step(len(batch.labels), done - waited_from, ready - waited_from, loss_value,
-                                     loss.distillation.item(), learning_rate, progress, grad_norm,
-                                     samples=len(batch.samples))
+                hits = None
+                if log:
+                    hits = (stage.logits(outputs).detach().argmax(1) == batch.labels).sum(dtype=torch.float32)
+                reports.add(_Step(step, position.epoch + position.position / loader.items, engine.get_lr()[0],
+                                  nonfinite, done - waited_from, ready - waited_from, size, len(batch.samples),
+                                  size * world, loss.total.detach(), loss.cross_entropy.detach(),
+                                  loss.distillation.detach(), hits, grad_norm))
+                if step % report_every == 0 or reports.overdue:
+                    reports.flush()
                 if len(loader.skipped) > corrupt_reported:
                     metrics.corrupt_samples(len(loader.skipped) - corrupt_reported)
                     corrupt_reported = len(loader.skipped)
-                if log:
-                    accuracy = (stage.logits(outputs).argmax(1).cpu() == batch.labels).float().mean().item()
-                    record = {"step": step, "epoch": round(progress, 4), "loss": loss_value,
-                              "cross_entropy": loss.cross_entropy.item(), "distillation": loss.distillation.item(),
-                              "accuracy": accuracy, "lr": learning_rate, "grad_norm": grad_norm,
-                              "skipped": nonfinite, "step_seconds": done - waited_from,
-                              "data_wait_seconds": ready - waited_from,
-                              "clips_per_second": len(batch.labels) * world / (done - waited_from)}
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                if print_every and step % print_every == 0:
-                    print(f"[{stage.name}] epoch {progress:.2f} step {step} loss {loss_value:.4f} "
-                          f"lr {learning_rate:.2e}", flush=True)
                 if _window_closed(engine):
                     due = checkpointing is not None and \
                         step // checkpointing.every_steps > saved_at // checkpointing.every_steps
@@ -134,10 +223,14 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
                 waited_from = time.perf_counter()
         if checkpointing and saved_at != step:
             save("end")
+        return summary()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the steps before a failure, as far as they can still be read
+            reports.flush()
+        raise
     finally:
         if log:
             log.close()
-    return summary()
 
 
 def _window_closed(engine) -> bool:

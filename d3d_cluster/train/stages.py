@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from d3d_cluster.data.pipeline import Batch
+from d3d_cluster.data.pipeline import Batch, to_device
 from d3d_cluster.models import S3DG, D3DLoss, FeatureDistillation, d3d_loss
 from d3d_cluster.models.weights import InitReport, load_s3dg, load_weights
 from d3d_cluster.spec import DistillSpec, ModelSpec, Spec, StageSpec
@@ -89,10 +89,11 @@ class Stage:
         """The class scores among the trainable module's `outputs`."""
         return outputs[0] if isinstance(outputs, tuple) else outputs
 
-    def teacher_output(self, batch: Batch) -> torch.Tensor:
-        """The frozen teacher's logits or Mixed_5c map for the batch's clips: stored, or computed on their flow."""
+    def teacher_output(self, batch: Batch, device: torch.device | None = None) -> torch.Tensor:
+        """The frozen teacher's logits or Mixed_5c map for the batch's clips: stored (read onto `device`, by default
+        left on the host), or computed on their flow (on the flow's device)."""
         if self.precomputed is not None:
-            return self.precomputed.targets(batch.epoch, batch.samples)
+            return self.precomputed.targets(batch.epoch, batch.samples, device or torch.device("cpu"))
         with torch.no_grad():
             if self.distill.target == "mixed_5c":
                 return self.teacher.feature_map(batch.flow)
@@ -101,10 +102,10 @@ class Stage:
     def loss(self, outputs, batch: Batch) -> D3DLoss:
         """`outputs` of the trainable module: logits, or (logits, projected Mixed_5c map)."""
         logits, matched = self.logits(outputs), outputs[1] if isinstance(outputs, tuple) else None
-        labels = batch.labels.to(logits.device)
+        labels = to_device(batch.labels, logits.device)  # the loop moved them already; a caller may not have
         if not self.distilled:
             return d3d_loss(logits.float(), labels)
-        teacher_output = self.teacher_output(batch).to(logits.device)
+        teacher_output = to_device(self.teacher_output(batch, logits.device), logits.device)
         return d3d_loss(logits.float(), labels, teacher_output.float(), self.distill.weight,
                         student_output=None if matched is None else matched.float(), kind=self.distill.loss,
                         temperature=self.distill.temperature)

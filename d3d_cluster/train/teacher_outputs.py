@@ -32,7 +32,7 @@ import torch
 
 from d3d_cluster.collectives import barrier
 from d3d_cluster.data.index import SampleTable
-from d3d_cluster.data.pipeline import ClipLoader, shard_list_hash
+from d3d_cluster.data.pipeline import ClipLoader, pins, shard_list_hash, to_device
 from d3d_cluster.data.schema import Manifest, sha256_of
 from d3d_cluster.files import replace_atomically, write_json_atomically
 from d3d_cluster.models import S3DG
@@ -132,16 +132,20 @@ class TeacherOutputs:
     def channels(self) -> int:
         return self.shape[0]
 
-    def targets(self, epoch: int, samples: torch.Tensor) -> torch.Tensor:
-        """The teacher's outputs for these samples' clips of `epoch`, in the stored dtype, on the CPU."""
+    def targets(self, epoch: int, samples: torch.Tensor, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        """The teacher's outputs for these samples' clips of `epoch`, in the stored dtype, on `device`: read into
+        pinned memory and copied without making the host wait when that is a GPU."""
         if epoch not in self._epochs:
             self._epochs[epoch] = np.load(epoch_path(self.directory, epoch), mmap_mode="r")
-        rows = np.asarray(self._epochs[epoch][samples.numpy()])
-        empty = np.isnan(rows.reshape(len(rows), -1)).any(axis=1)
+        stored = self._epochs[epoch]
+        rows = torch.empty((len(samples), *stored.shape[1:]), dtype=torch.from_numpy(np.empty(0, stored.dtype)).dtype,
+                           pin_memory=pins(device))
+        np.take(stored, samples.numpy(), axis=0, out=rows.numpy())
+        empty = np.isnan(rows.numpy().reshape(len(rows), -1)).any(axis=1)
         if empty.any():
             names = [self.keys[s] for s in samples[torch.from_numpy(empty)].tolist()]
             raise ValueError(f"{epoch_path(self.directory, epoch)}: no teacher output for samples {names}")
-        return torch.from_numpy(rows)
+        return to_device(rows, device)
 
 
 def precompute_teacher_outputs(spec: Spec, teacher: S3DG, teacher_weights: Path, directory: Path, rank: int,

@@ -47,6 +47,16 @@ def test_the_metrics_overhead_benchmark_runs_at_smoke_size_and_relates_observing
     assert report["observe_over_step"] == pytest.approx(report["observe_step_seconds"] / report["train_step_seconds"])
 
 
+def test_the_loop_overhead_benchmark_runs_at_smoke_size_and_relates_the_loop_to_the_bare_step(tmp_path):
+    report = run_benchmark("loop_overhead", tmp_path)
+    assert report["setup"]["rounds"] == 2 and report["setup"]["loop_configurable"]
+    assert [r["report_every"] for r in report["results"]] == [1, 2] and report["bare_step_median_us"] > 0
+    for result in report["results"]:
+        assert len(result["loop_step_us"]) == len(result["overhead_per_step_us"]) == 2
+        assert result["overhead_per_step_us"] == pytest.approx(
+            [loop - bare for loop, bare in zip(result["loop_step_us"], report["bare_step_us"])])
+
+
 def test_the_model_step_benchmark_runs_at_smoke_size_and_times_teacher_and_student_steps(tmp_path):
     report = run_benchmark("model_step", tmp_path)
     [row] = report["results"]

@@ -1,5 +1,6 @@
 import io
 import shutil
+import threading
 
 import av
 import numpy as np
@@ -149,6 +150,51 @@ def test_a_corrupt_sample_is_skipped_named_and_counted_and_nothing_else_is_lost(
                                "modality": "rgb", "error": loader.skipped[0]["error"]}]
     loader.close()
     assert f"skipping corrupt sample {victim_key} (rgb)" in capfd.readouterr().err
+
+
+def test_shards_are_read_ahead_on_a_reader_thread_not_on_the_thread_that_runs_the_pipeline(tiny_shards):
+    loader = _loader(tiny_shards, epochs=2)
+    read, threads = loader.table.read, set()
+
+    def recording(sample, ext):
+        threads.add(threading.current_thread())
+        return read(sample, ext)
+
+    loader.table.read = recording
+    batches = [b for epoch in range(2) for b in loader.epoch(epoch)]
+    loader.close()
+    assert len(batches) == 2 * len(loader) and threads
+    assert threading.current_thread() not in threads and all(t.name.startswith("shard-reader") for t in threads)
+    assert not any(t.is_alive() for t in threads)  # closing the loader ends its reader
+
+
+def test_a_sample_that_cannot_be_read_is_skipped_named_and_counted_and_nothing_else_is_lost(tiny_shards, capfd):
+    loader = _loader(tiny_shards, modalities=("rgb",), epochs=2)
+    victim, read = 3, loader.table.read
+
+    def failing(sample, ext):  # on the reader thread, a batch or two ahead of the one DALI decodes
+        if sample == victim and ext == RGB_EXT:
+            raise OSError("truncated member")
+        return read(sample, ext)
+
+    loader.table.read = failing
+    victim_key = loader.table.keys[victim]
+    for epoch in range(2):
+        keys = _keys(loader, list(loader.epoch(epoch)))
+        assert sorted(keys) == sorted(k for k in loader.table.keys if k != victim_key)
+    assert [(r["key"], r["modality"], r["error"]) for r in loader.skipped] == [(victim_key, "rgb", "truncated member")]
+    loader.close()
+    assert f"skipping corrupt sample {victim_key} (rgb)" in capfd.readouterr().err
+
+
+def test_batch_labels_are_pinned_only_for_a_gpu_and_reach_the_cpu_unchanged(tiny_shards):
+    from d3d_cluster.data.pipeline import pins, to_device
+
+    loader = _loader(tiny_shards, modalities=("flow",))
+    batch = next(loader.epoch(0))
+    loader.close()
+    assert not pins(torch.device("cpu")) and pins(torch.device("cuda", 0))
+    assert not batch.labels.is_pinned() and to_device(batch.labels, torch.device("cpu")) is batch.labels
 
 
 def test_a_missing_shard_is_an_error_naming_it_before_anything_is_read(tiny_shards, tmp_path):

@@ -155,3 +155,71 @@ def test_a_stop_request_without_checkpointing_ends_the_loop_at_the_next_step(tmp
     loader.close()
     assert summary.stopped and summary.steps == 3 < 2 * len(loader)
     assert len(log.read_text().splitlines()) == 3
+
+
+TIMINGS = ("step_seconds", "data_wait_seconds", "clips_per_second")
+
+
+def _logged(log) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS} for line in log.read_text().splitlines()]
+
+
+def test_figures_read_back_every_few_steps_give_the_log_and_metrics_of_reading_every_step(tmp_path, tiny_shards,
+                                                                                         deepspeed_single_rank):
+    runs = {}
+    for every in (1, 4):
+        (tmp_path / str(every)).mkdir()
+        spec, network, loader, engine, metrics, log, stage = _teacher_run(tmp_path / str(every), tiny_shards,
+                                                                          poisoned={3})
+        lines_at_poll = []
+
+        def stop_requested() -> bool:  # asked once a step, before the step is reported
+            lines_at_poll.append(len(log.read_text().splitlines()) if log.exists() else 0)
+            return False
+
+        summary = train(engine, stage, loader, metrics, world=1, log_path=log, stop_requested=stop_requested,
+                        report_every=every)
+        loader.close()
+        runs[every] = summary, _logged(log), metrics, lines_at_poll
+    (summary_1, records_1, metrics_1, _), (summary_4, records_4, metrics_4, polls_4) = runs[1], runs[4]
+    assert records_4 == records_1 and len(records_4) == summary_4.steps == 2 * len(loader)
+    assert records_4[2]["skipped"] and records_4[2]["loss"] != records_4[2]["loss"]  # NaN, as logged every step
+    assert [r["grad_norm"] is None for r in records_4] == [r["skipped"] for r in records_4]
+    assert summary_4.final_loss == summary_1.final_loss == records_4[-1]["loss"]
+    # Written four steps at a time: during step k the log holds the steps of the last full group of four.
+    assert polls_4 == [(k - 1) // 4 * 4 for k in range(1, summary_4.steps + 1)]
+    for name in ("d3d_train_steps_total", "d3d_train_clips_total", "d3d_train_loss", "d3d_train_grad_norm",
+                 "d3d_train_epoch", "d3d_train_step_seconds_count", "d3d_train_skipped_steps_total"):
+        assert metrics_4.registry.get_sample_value(name, metrics_4.labels) == \
+            metrics_1.registry.get_sample_value(name, metrics_1.labels), name
+
+
+def test_a_checkpoint_finds_every_step_before_it_in_the_log_whatever_the_report_interval(tmp_path, tiny_shards,
+                                                                                          deepspeed_single_rank):
+    spec, network, loader, engine, metrics, log, stage = _teacher_run(tmp_path, tiny_shards, poisoned=set())
+    at_save = []
+
+    def saved(checkpoint, seconds, reason):
+        at_save.append((checkpoint.step, reason, len(log.read_text().splitlines())))
+
+    polls = []
+
+    def stop_requested() -> bool:
+        polls.append(True)
+        return len(polls) == 7
+
+    summary = train(engine, stage, loader, metrics, world=1, log_path=log, stop_requested=stop_requested,
+                    checkpointing=Checkpointing(tmp_path / "checkpoints", 3, 5, saved), report_every=100)
+    loader.close()
+    assert summary.stopped and summary.steps == 7
+    assert at_save == [(3, "periodic", 3), (6, "periodic", 6), (7, "signal", 7)]
+    assert [r["step"] for r in _logged(log)] == list(range(1, 8))
+
+
+def test_nan_losses_in_a_row_leave_the_steps_before_the_last_in_the_log(tmp_path, tiny_shards, deepspeed_single_rank):
+    spec, network, loader, engine, metrics, log, stage = _teacher_run(tmp_path, tiny_shards, poisoned={4, 5})
+    with pytest.raises(NonFiniteLoss, match="the last at step 5"):
+        train(engine, stage, loader, metrics, world=1, log_path=log, report_every=10,
+              max_nonfinite_steps=spec.deepspeed.max_nonfinite_steps)
+    loader.close()
+    assert [r["skipped"] for r in _logged(log)] == [False, False, False, True]  # read back before the error rose
