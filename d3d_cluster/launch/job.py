@@ -148,24 +148,27 @@ class StageJob:
 
 
 class StopSignals:
-    """Remembers the first warning signal; the loop polls it at every step."""
+    """Remembers the first warning signal; the loop polls it at every step and reports it there. The handler only
+    sets the flag: printing from a signal handler can interrupt the rank's own print of a step line and raise
+    "reentrant call" inside it."""
 
     SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
     def __init__(self):
         self.received: str | None = None
+        self._reported = False
         for number in self.SIGNALS:  # replaces submitit's handlers, which act on rank 0 only
             signal.signal(number, self._handle)
 
     def _handle(self, number, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(number).name
-            print(f"received {self.received}: checkpointing at the next step boundary", flush=True)
 
     def __call__(self) -> bool:
+        if self.received is not None and not self._reported:
+            self._reported = True
+            print(f"received {self.received}: checkpointing at the next step boundary", flush=True)
         return self.received is not None
-
-
 
 
 @dataclass(frozen=True)

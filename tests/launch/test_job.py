@@ -2,6 +2,7 @@
 asked for) and record any rank's failure with its rank, host and whether a requeue can help."""
 
 import errno
+import signal
 import socket
 
 import pytest
@@ -10,7 +11,8 @@ import torch.distributed as dist
 from conftest import TINY, tiny_spec
 
 from d3d_cluster.data.pipeline import CorruptStep
-from d3d_cluster.launch.job import DeviceUnavailable, compute_device, failures_recorded, seed_model_randomness
+from d3d_cluster.launch.job import (DeviceUnavailable, StopSignals, compute_device, failures_recorded,
+                                    seed_model_randomness)
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.requeue import requeue_lost
 from d3d_cluster.launch.rundir import RunDir
@@ -130,3 +132,17 @@ def test_ranks_start_from_one_network_and_then_draw_their_own_dropout_masks():
     (weights0, mask0), (weights1, mask1), (_, mask0_again) = rank(0), rank(1), rank(0)
     assert all(torch.equal(weights0[key], weights1[key]) for key in weights0)
     assert not torch.equal(mask0, mask1) and torch.equal(mask0, mask0_again)
+
+
+def test_a_stop_signal_only_sets_a_flag_and_the_polling_loop_reports_it_once(capsys):
+    previous = {number: signal.getsignal(number) for number in StopSignals.SIGNALS}
+    try:
+        stop = StopSignals()
+        signal.raise_signal(signal.SIGUSR2)
+        signal.raise_signal(signal.SIGTERM)  # a second warning changes nothing
+        assert capsys.readouterr().out == ""  # the handler wrote nothing
+        assert stop() and stop() and stop.received == "SIGUSR2"
+        assert capsys.readouterr().out == "received SIGUSR2: checkpointing at the next step boundary\n"
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
