@@ -27,12 +27,13 @@ from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.rundir import TRAIN_LOG_NAME, RunDir
 from d3d_cluster.spec import Spec
+from d3d_cluster.train.curves import read_train_log
 
 SMOKE = {"clip_frames": 8, "crop": 24, "batch": 2, "width": 0.25, "steps": 4, "settle": 1}
 
 
 def stage_figures(run: RunDir, stage: str, settle: int) -> dict:
-    records = [json.loads(line) for line in (run.path / stage / TRAIN_LOG_NAME).read_text().splitlines()]
+    records = read_train_log(run.path / stage / TRAIN_LOG_NAME)
     timed = records[settle:] or records
     step = [r["step_seconds"] for r in timed]
     wait = [r["data_wait_seconds"] for r in timed]

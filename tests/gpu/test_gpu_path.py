@@ -125,7 +125,10 @@ def _stage_run(workdir: Path, shards: Path):
 
 
 def _log(run, stage: str = "teacher") -> list[dict]:
-    return [json.loads(line) for line in (run.path / stage / "train_log.jsonl").read_text().splitlines()]
+    from d3d_cluster.launch.rundir import TRAIN_LOG_NAME
+    from d3d_cluster.train.curves import read_train_log
+
+    return read_train_log(run.path / stage / TRAIN_LOG_NAME)
 
 
 @pytest.fixture(scope="module")
