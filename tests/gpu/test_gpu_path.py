@@ -5,8 +5,11 @@ here (which needs PyAV).
 
 A GPU stage is not bit-reproducible (cuDNN picks kernels by timing; max-pool gradients add with atomics): two
 uninterrupted runs of the same spec on the H100 differed at the first step. So an interrupted GPU stage is compared
-to an uninterrupted one by what is exact (the steps, the data positions, the resume point, no step lost) and by its
-mean loss after the resume; the CPU tests (tests/launch/test_resume.py) check exact equality of the same code.
+to an uninterrupted one by what is exact: the steps, the data positions, the resume point, no step lost, and the
+learning rate of every step (the scheduler's state came back). Its losses are printed, not compared: on these
+4-class synthetic clips the loss stays near ln 4 whether the weights came back or not, and the mean over the steps
+after the resume differed from an uninterrupted run's by 1.6% on one H100 run and 15% on the next. Exact equality
+of the weights and losses after a resume is the CPU tests' job (tests/launch/test_resume.py, the same code).
 """
 
 import contextlib
@@ -169,12 +172,10 @@ def test_a_one_rank_nccl_teacher_stage_stopped_by_sigterm_resumes_over_the_same_
     records = _log(run)
     assert [(r["step"], r["epoch"]) for r in records] == [(r["step"], r["epoch"]) for r in reference]
     assert all(np.isfinite(r["loss"]) for r in records)
-    after = [(r["loss"], u["loss"]) for r, u in zip(records, reference) if r["step"] > preempted["step"]]
-    resumed_mean, reference_mean = (float(np.mean(column)) for column in zip(*after))
+    assert [r["lr"] for r in records] == pytest.approx([r["lr"] for r in reference], rel=1e-6)
+    after = [(round(r["loss"], 4), round(u["loss"], 4)) for r, u in zip(records, reference)
+             if r["step"] > preempted["step"]]
     print(f"resumed at step {preempted['step']}; per-step losses after it (resumed, uninterrupted): {after}")
-    # Two uninterrupted runs on the H100 differed by 0.1% at step 1 and up to 35% per step later; their means over
-    # steps 14-24 by 1.6% (BENCHMARKS.md).
-    assert abs(resumed_mean - reference_mean) <= 0.1 * reference_mean
 
 
 def test_a_one_rank_nccl_student_stage_distills_from_the_teacher_and_both_are_evaluated(uninterrupted):
