@@ -1,10 +1,10 @@
 """The one training loop, for every stage: read a batch, forward, loss, backward, step, report, checkpoint.
 
 Each step makes one all-reduce, after its forward pass, that makes every rank agree on two things: whether any
-rank's loss was NaN or infinite (then no rank applies the step, and the step is counted as skipped), and whether
-any rank was told to stop (a time limit or preemption signal). Checkpoints are taken only where a gradient
-accumulation window has just closed, so that no partly accumulated gradient is lost and a resumed run takes exactly
-the steps it would have.
+rank's loss was NaN or infinite (then no rank applies the step, the BatchNorm statistics its forward pass updated
+are put back, and the step is counted as skipped), and whether any rank was told to stop (a time limit or
+preemption signal). Checkpoints are taken only where a gradient accumulation window has just closed, so that no
+partly accumulated gradient is lost and a resumed run takes exactly the steps it would have.
 
 The host reads one value from the device per step: that all-reduced pair of flags, because it decides what the
 step does (skip it, or stop and checkpoint) and must be the same on every rank. It is read after the forward pass
@@ -136,6 +136,28 @@ class StepReports:
             self.log.flush()
 
 
+class _Buffers:
+    """The trained module's buffers (BatchNorm's running statistics) as they were before a step's forward pass, which
+    updates them before the step's loss is known: a skipped step puts them back, so that its NaN or infinite values
+    do not reach the exported model. Kept on the buffers' device, one `_foreach_copy_` per dtype each way, no host
+    sync."""
+
+    def __init__(self, module: torch.nn.Module):
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in module.buffers():
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        self.live = list(by_dtype.values())
+        self.kept = [[buffer.clone() for buffer in group] for group in self.live]
+
+    def keep(self) -> None:
+        for live, kept in zip(self.live, self.kept):
+            torch._foreach_copy_(kept, live)
+
+    def restore(self) -> None:
+        for live, kept in zip(self.live, self.kept):
+            torch._foreach_copy_(live, kept)
+
+
 def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world: int, *, step: int = 0,
           checkpointing: Checkpointing | None = None, stop_requested: Callable[[], bool] = lambda: False,
           max_nonfinite_steps: int = 3, log_path: Path | None = None, print_every: int = 0,
@@ -149,6 +171,7 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
     engine.train()
     log = log_path.open("a") if log_path else None
     reports = StepReports(metrics, log, stage.name, print_every)
+    buffers = _Buffers(engine.module)
     clips, skipped, in_a_row, corrupt_reported = 0, 0, 0, 0
     saved_at, stopping = step, False
     started = time.perf_counter()
@@ -179,6 +202,7 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
                 ready = time.perf_counter()
                 batch = batch._replace(labels=to_device(batch.labels, engine.device))
                 inputs = stage.inputs(batch).to(engine.device, non_blocking=True)
+                buffers.keep()
                 with autocast(engine.device):
                     outputs = engine(inputs)
                     loss = stage.loss(outputs, batch)
@@ -186,6 +210,7 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
                 stopping = stopping or stop
                 grad_norm = None
                 if nonfinite:
+                    buffers.restore()
                     skipped, in_a_row = skipped + 1, in_a_row + 1
                     metrics.step_skipped()
                     if in_a_row >= max_nonfinite_steps:

@@ -129,6 +129,61 @@ def test_a_nan_loss_skips_its_step_on_every_rank_and_is_counted(tmp_path, tiny_s
     assert metrics.registry.get_sample_value("d3d_train_skipped_steps_total", metrics.labels) == 1
 
 
+class InfiniteInputStage(Stage):
+    """The teacher stage, with one infinite value in the clips of the given call (counted from 1)."""
+
+    def __init__(self, spec, at: int):
+        super().__init__("teacher", "flow", spec.teacher)
+        self.at, self.calls = at, 0
+
+    def inputs(self, batch):
+        self.calls += 1
+        clips = super().inputs(batch)
+        if self.calls == self.at:
+            clips = clips.clone()
+            clips.view(-1)[0] = float("inf")
+        return clips
+
+
+class LeavingOut:
+    """The loader without its `left_out`-th batch (counted from 1): a run in which that step never happened."""
+
+    def __init__(self, loader: ClipLoader, left_out: int):
+        self.loader, self.left_out = loader, left_out
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int):
+        for count, batch in enumerate(self.loader.epoch(epoch), 1):
+            if count != self.left_out:
+                yield batch
+
+
+def test_a_skipped_nonfinite_step_leaves_batchnorm_running_statistics_as_they_were(tmp_path, tiny_shards,
+                                                                                    deepspeed_single_rank):
+    clean = torch.randn(2, 2, 8, 24, 24, generator=torch.Generator().manual_seed(1))
+    states, logits = {}, {}
+    for run in ("infinite", "left_out"):
+        (tmp_path / run).mkdir()
+        spec, network, loader, engine, metrics, _, _ = _teacher_run(tmp_path / run, tiny_shards, set(), epochs=1)
+        if run == "infinite":
+            summary = train(engine, InfiniteInputStage(spec, at=2), loader, metrics, world=1)
+        else:
+            summary = train(engine, Stage("teacher", "flow", spec.teacher), LeavingOut(loader, 2), metrics, world=1)
+        loader.close()
+        assert summary.skipped_steps == (run == "infinite")
+        states[run] = network.state_dict()
+        with torch.no_grad():
+            logits[run] = network.eval()(clean)
+    assert torch.isfinite(logits["infinite"]).all()
+    assert torch.equal(logits["infinite"], logits["left_out"])
+    assert all(torch.equal(value, states["left_out"][key]) for key, value in states["infinite"].items())
+
+
 def test_nan_losses_in_a_row_stop_the_stage_and_keep_the_last_good_checkpoint(tmp_path, tiny_shards,
                                                                              deepspeed_single_rank):
     spec, network, loader, engine, metrics, log, stage = _teacher_run(tmp_path, tiny_shards, poisoned={4, 5})
