@@ -66,7 +66,7 @@ def main() -> None:
     manifest = Manifest.load(shards)
     epochs = -(-args.steps * args.batch // manifest.splits["train"].samples)
     run = RunDir.create(Spec.model_validate({
-        "name": "data-wait", "workdir": str(workdir), "prep": {"short_side": min(manifest.height, manifest.width), "synthetic": {"frames": manifest.frames}},
+        "name": "data-wait", "workdir": str(workdir), "prep": {"short_side": min(manifest.height, manifest.width), "synthetic": {"frames": manifest.min_frames}},
         "data": {"shards": str(shards.resolve()), "clip_frames": args.clip_frames, "crop_size": args.crop,
                  "batch_size": args.batch, "reader_threads": args.reader_threads},
         "model": {"width": args.width}, "teacher": {"epochs": epochs}, "student": {"epochs": epochs},

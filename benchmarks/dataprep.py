@@ -86,7 +86,7 @@ def measure(name: str, flow: FlowSpec, labels: Path, workers: int, work: Path, m
     result = {
         "videos": manifest.splits["train"].samples,
         "frame_size": [manifest.height, manifest.width],
-        "frames": manifest.frames,
+        "frames": manifest.min_frames,
         "seconds_per_video": seconds,
         "videos_per_second_per_core": 1 / statistics.median(seconds),
         "flow_seconds_first_video": flow_seconds,

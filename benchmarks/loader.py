@@ -58,7 +58,7 @@ class PyAVClips(Dataset):
 
     def __init__(self, shards: Path, data: DataSpec, modalities: tuple[str, ...], seed: int, clips: int):
         manifest = Manifest.load(shards)
-        self.paths = manifest.shard_paths(shards, "train")
+        self.manifest, self.shards = manifest, shards
         self.geometry = clip_geometry(manifest, shards, data)
         self.fps, self.data, self.modalities, self.seed, self.clips = manifest.fps, data, modalities, seed, clips
         self.samples = manifest.splits["train"].samples
@@ -87,11 +87,11 @@ class PyAVClips(Dataset):
 
     def __getitem__(self, item: int):
         if self.table is None:  # opened in the worker, after the fork
-            self.table = SampleTable(*self.paths)
+            self.table = SampleTable.of_split(self.manifest, self.shards, "train")
         epoch, position = divmod(item, self.samples)
         sample = int(epoch_order(self.samples, self.seed, epoch, shuffle=True)[position])
         geometry = self.geometry
-        view = train_view(geometry, self.seed, epoch, sample, None, (0.75, 4 / 3))
+        view = train_view(geometry, self.table.frames[sample], self.seed, epoch, sample, None, (0.75, 4 / 3))
         top, left, side = int(view.top), int(view.left), geometry.crop
         clips = {}
         for modality in self.modalities:

@@ -64,11 +64,10 @@ class ExportedModel:
         # Through the shards' codec and the loader's decoder: DALI's colour conversion and VP9's artifacts differ
         # from PyAV's decode of the source by a few levels a pixel, which moved a network's scores by 0.1.
         frames = dali_decode(encode_vp9(frames, prep.fps, prep.keyframe_interval, prep.crf))
-        geometry = Geometry(len(frames), frames.shape[1], frames.shape[2], data.clip_frames, data.frame_stride,
-                            data.crop_size)
+        geometry = Geometry(frames.shape[1], frames.shape[2], data.clip_frames, data.frame_stride, data.crop_size)
         mean, std = np.array(RGB_MEAN, np.float32), np.array(RGB_STD, np.float32)
         out = []
-        for view in eval_views(geometry, count, 1):
+        for view in eval_views(geometry, len(frames), count, 1):
             top, left, side = int(view.top), int(view.left), data.crop_size
             end = view.start + (data.clip_frames - 1) * data.frame_stride + 1
             clip = frames[view.start: end: data.frame_stride, top: top + side, left: left + side]

@@ -100,6 +100,28 @@ class DataSpec(_Section):
     reader_threads: int = Field(1, ge=1)
     eval_clips: int = Field(1, ge=1, description="temporal clips per validation video; softmax scores averaged")
     eval_crops: Literal[1, 3] = Field(1, description="spatial crops per validation clip: centre, or 3 along the long side")
+    mirror: bool = Field(True, description="mirror half the training clips; false where a mirror turns one class into "
+                                           "another (Something-Something's 'left to right')")
+    mirror_pairs: list[list[str]] = Field([], description="pairs of classes a mirror turns into each other: a mirrored "
+                                                          "clip of one is labelled as the other")
+
+    @field_validator("mirror_pairs")
+    @classmethod
+    def _pairs(cls, pairs: list[list[str]]) -> list[list[str]]:
+        seen = set()
+        for pair in pairs:
+            if len(pair) != 2 or pair[0] == pair[1]:
+                raise ValueError(f"each pair must name two different classes, got {pair}")
+            if seen & set(pair):
+                raise ValueError(f"class {sorted(seen & set(pair))[0]!r} is in more than one pair")
+            seen.update(pair)
+        return pairs
+
+    @model_validator(mode="after")
+    def _pairs_need_mirroring(self) -> "DataSpec":
+        if self.mirror_pairs and not self.mirror:
+            raise ValueError("mirror_pairs is set but mirror is false: the pairs would never be swapped")
+        return self
 
     @field_validator("crop_area", "crop_aspect")
     @classmethod

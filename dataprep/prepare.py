@@ -22,8 +22,8 @@ are mixed across shards without holding the dataset in memory (see `dataprep.sha
 A video that fails anywhere is not written: it is listed in `rejects.jsonl` with a reason (missing, empty,
 unreadable, too short, size mismatch, undecodable, label unknown, label mismatch, error) and a detail.
 
-Frame counts may differ: the manifest's `frames` is the minimum over written samples, which every sample
-can supply; `min_frames` (clip_frames + 1) rejects shorter videos, or loops them with `prep.loop_short`.
+Frame counts may differ: the manifest records each sample's, so clips are cut from the whole of each video. The
+`min_frames` argument (clip_frames + 1) rejects shorter videos, or loops them to that length with `prep.loop_short`.
 Frame sizes may not differ, as the loader reshapes flow with the manifest's height and width: with
 `prep.frame_size` every video is scaled and centre-cropped to it; without, the first readable video sets
 the size and a video that resizes to another size is rejected.
@@ -95,7 +95,8 @@ def plan_shards(prep: PrepSpec, dataset: Dataset, out_dir: Path, min_frames: int
         shuffled = [members[j] for j in order]
         for number, start in enumerate(range(0, len(shuffled), prep.shard_samples)):
             samples = shuffled[start : start + prep.shard_samples]
-            identity = {"settings": settings, "classes": dataset.classes, "size": size, "min_frames": min_frames,
+            identity = {"schema": schema.SCHEMA_VERSION, "settings": settings, "classes": dataset.classes, "size": size,
+                        "min_frames": min_frames,
                         "samples": [(key, source, record.label) for key, record, source in samples]}
             fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
             jobs.append(ShardJob(Path(out_dir), f"{split}-{number:06d}", samples, prep, dataset.classes, size,
@@ -188,7 +189,8 @@ def _finish(prep: PrepSpec, dataset: Dataset, jobs: list[ShardJob], sidecars: di
         info = splits.setdefault(split, schema.SplitInfo(class_counts={label: 0 for label in dataset.classes}))
         sidecar = sidecars[job.name]
         if sidecar["samples"]:
-            info.shards.append(schema.ShardInfo(f"{job.name}.tar", f"{job.name}.idx", sidecar["samples"], sidecar["sha256"]))
+            info.shards.append(schema.ShardInfo(f"{job.name}.tar", f"{job.name}.idx", sidecar["samples"],
+                                                sidecar["sha256"], sidecar["frames"]))
             info.samples += sidecar["samples"]
             for label, count in sidecar["class_counts"].items():
                 info.class_counts[label] += count
@@ -200,7 +202,7 @@ def _finish(prep: PrepSpec, dataset: Dataset, jobs: list[ShardJob], sidecars: di
         raise RuntimeError(f"no video could be prepared; the reasons are in {out_dir / REJECTS_NAME}")
     manifest = schema.Manifest(
         classes=dataset.classes,
-        frames=min(sidecar["frames"] for sidecar in written),
+        min_frames=min(min(sidecar["frames"]) for sidecar in written),
         height=jobs[0].size[0],
         width=jobs[0].size[1],
         fps=prep.fps,

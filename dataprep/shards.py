@@ -147,7 +147,7 @@ def write_shard(job: ShardJob) -> tuple[str, dict]:
     if written:
         replace_atomically(tar, lambda tmp: _write_tar(tmp, written, job.classes))
         replace_atomically(index, lambda tmp: subprocess.run([wds2idx(), tar, tmp], check=True, capture_output=True))
-        sidecar.update(sha256=schema.sha256_of(tar), frames=min(sample.frames for sample in written))
+        sidecar.update(sha256=schema.sha256_of(tar), frames=[sample.frames for sample in written])
     else:
         tar.unlink(missing_ok=True)
         index.unlink(missing_ok=True)

@@ -56,6 +56,16 @@ def test_clips_larger_than_the_stored_videos_are_refused_before_submission(tmp_p
     assert "data.clip_frames = 16 at data.frame_stride = 1 needs 17 (flow lies between frames)" in result.output
 
 
+def test_mirror_pairs_naming_a_class_the_shards_lack_are_refused_before_submission(tmp_path, tiny_shards):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"workdir": str(tmp_path / "work"), "data": {
+        "shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24, "mirror_pairs": [["left", "right"]]}}))
+    result = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec)])
+    assert result.exit_code != 0
+    assert "data.mirror_pairs: 'left' is not a class of" in result.output
+    assert not (tmp_path / "work" / "runs").exists()
+
+
 def test_model_info_prints_parameters_and_multiply_adds_per_layer():
     result = CliRunner().invoke(main, ["model-info", "--frames", "16", "--size", "224", "--no-gating"])
     assert result.exit_code == 0, result.output

@@ -31,7 +31,7 @@ def exported(tmp_path_factory, tiny_shards):
                                                     "eval_crops": 1})
     run = RunDir.create(spec)
     network = finish_stage(run, "student", seed=3)
-    table = SampleTable(*Manifest.load(tiny_shards).shard_paths(tiny_shards, "val"))
+    table = SampleTable.of_split(Manifest.load(tiny_shards), tiny_shards, "val")
     sources = {key: tiny_shards.parent / "raw" / json.loads(bytes(table.read(i, META_EXT)))["source"]
                for i, key in enumerate(table.keys)}
     table.close()

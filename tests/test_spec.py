@@ -55,6 +55,10 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"cluster": {"qos": "high qos"}}, "cluster.qos: String should match pattern"),
         ({"teacher": {"init": {"format": "caffe"}}}, "teacher.init.format: Input should be 's3dg', 'torchvision_s3d' or 'inception_v1_2d'"),
         ({"probe": {"layers": ["mixed_6a"]}}, "probe.layers.0: Input should be 'conv_1a'"),
+        ({"data": {"mirror": False, "mirror_pairs": [["left", "right"]]}},
+         "data: Value error, mirror_pairs is set but mirror is false"),
+        ({"data": {"mirror_pairs": [["left", "left"]]}}, "data.mirror_pairs: Value error, each pair must name two"),
+        ({"data": {"mirror_pairs": [["left", "right"], ["right", "up"]]}}, "class 'right' is in more than one pair"),
     ],
 )
 def test_bad_values_are_refused_naming_file_and_key(tree, message):

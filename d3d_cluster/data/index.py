@@ -10,8 +10,12 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from d3d_cluster.data.schema import Manifest
 
 
 @dataclass(frozen=True)
@@ -22,16 +26,27 @@ class Member:
 
 
 class SampleTable:
-    """Every sample of one split: its key and where each of its members lies."""
+    """Every sample of one split: its key, its RGB frame count and where each of its members lies."""
 
-    def __init__(self, tars: list[Path], indexes: list[Path]):
+    def __init__(self, tars: list[Path], indexes: list[Path], frames: list[list[int]]):
+        """`frames`: per shard, each sample's RGB frame count in the shard's order (the manifest's)."""
         self.tars = tars
         self.keys: list[str] = []
         self.members: list[dict[str, Member]] = []
-        for tar_number, index in enumerate(indexes):
+        self.frames: list[int] = []
+        for tar_number, (index, counts) in enumerate(zip(indexes, frames, strict=True)):
             self._read_index(tar_number, index)
+            if len(self.keys) - len(self.frames) != len(counts):
+                raise ValueError(f"{index}: {len(self.keys) - len(self.frames)} samples, the manifest lists "
+                                 f"{len(counts)} frame counts for its shard")
+            self.frames.extend(counts)
         self._handles: dict[int, int] = {}
         self._opening = threading.Lock()  # the loader reads on a reader thread; tests and probes on their own
+
+    @classmethod
+    def of_split(cls, manifest: Manifest, directory, split: str) -> SampleTable:
+        tars, indexes = manifest.shard_paths(directory, split)
+        return cls(tars, indexes, [shard.frames for shard in manifest.splits[split].shards])
 
     def _read_index(self, tar_number: int, index: Path) -> None:
         lines = index.read_text().splitlines()

@@ -69,31 +69,35 @@ class View:
 
 @dataclass(frozen=True)
 class Geometry:
-    """What views are drawn from: the stored videos and the clips the model takes."""
+    """What views are cut to: the stored frames' size and the clips the model takes (videos differ in length)."""
 
-    video_frames: int  # RGB frames per stored video (flow has one fewer)
     height: int
     width: int
     clip_frames: int
     stride: int  # temporal stride between the frames of a clip
     crop: int  # output side: clips are crop x crop
 
-    @property
-    def max_start(self) -> int:
-        """The last start frame whose clip, and the flow after its last frame, lie inside the video."""
-        return self.video_frames - 2 - (self.clip_frames - 1) * self.stride
+    def max_start(self, video_frames: int) -> int:
+        """The last start frame whose clip, and the flow after its last frame, lie inside a video of
+        `video_frames` RGB frames (flow has one fewer)."""
+        last = video_frames - 2 - (self.clip_frames - 1) * self.stride
+        if last < 0:
+            raise ValueError(f"a video of {video_frames} frames cannot hold a {self.clip_frames}-frame clip at "
+                             f"stride {self.stride} (flow lies between frames)")
+        return last
 
 
-def train_view(geometry: Geometry, seed: int, epoch: int, sample: int, area: tuple[float, float] | None,
-               aspect: tuple[float, float]) -> View:
-    """A random temporal crop, a random (resized) spatial crop and a coin-flip mirror.
+def train_view(geometry: Geometry, video_frames: int, seed: int, epoch: int, sample: int,
+               area: tuple[float, float] | None, aspect: tuple[float, float], mirror: bool = True) -> View:
+    """A random temporal crop anywhere in the video, a random (resized) spatial crop and, with `mirror`, a coin-flip
+    mirror (the coin is drawn either way, so the other draws do not depend on it).
 
     With `area` None the box is crop x crop pixels (the plain random crop of S3D-G); otherwise its area is a
     uniform fraction of the frame's in `area` and its aspect ratio log-uniform in `aspect` (the
     Inception-style random resized crop), tried 10 times, then the largest centred square.
     """
     rng = np.random.default_rng([seed, epoch, sample, 1])
-    start = int(rng.integers(0, geometry.max_start + 1))
+    start = int(rng.integers(0, geometry.max_start(video_frames) + 1))
     frame_h, frame_w = geometry.height, geometry.width
     height = width = float(geometry.crop)
     if area is not None:
@@ -107,12 +111,14 @@ def train_view(geometry: Geometry, seed: int, epoch: int, sample: int, area: tup
                 break
     top = float(rng.uniform(0, frame_h - height)) if area is not None else float(rng.integers(0, frame_h - height + 1))
     left = float(rng.uniform(0, frame_w - width)) if area is not None else float(rng.integers(0, frame_w - width + 1))
-    return View(start, top, left, height, width, flip=bool(rng.random() < 0.5))
+    return View(start, top, left, height, width, flip=bool(rng.random() < 0.5) and mirror)
 
 
-def eval_views(geometry: Geometry, clips: int, crops: int) -> list[View]:
-    """The papers' test-time views: `clips` evenly spaced temporal clips x `crops` crops along the long side."""
-    starts = np.linspace(0, geometry.max_start, clips).round().astype(int) if clips > 1 else [geometry.max_start // 2]
+def eval_views(geometry: Geometry, video_frames: int, clips: int, crops: int) -> list[View]:
+    """The papers' test-time views: `clips` temporal clips spread evenly over the video x `crops` crops along the
+    long side."""
+    last = geometry.max_start(video_frames)
+    starts = np.linspace(0, last, clips).round().astype(int) if clips > 1 else [last // 2]
     side = geometry.crop
     spare_h, spare_w = geometry.height - side, geometry.width - side
     if crops == 1:

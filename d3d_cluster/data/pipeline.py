@@ -4,7 +4,8 @@ The loader chooses the items and their views (`order`) and feeds the encoded byt
 `external_source`; DALI decodes (on the GPU with NVDEC when `device_id` is set, else on the CPU) from the
 chosen start frame with the chosen stride, resizes the chosen box to the crop size, mirrors and normalizes.
 RGB and flow of a sample share one view. Flow is a displacement in pixels, so it is scaled with the box
-(a box resized by k moves k times as far) and its x component is negated when mirrored.
+(a box resized by k moves k times as far) and its x component is negated when mirrored. Half the training clips
+are mirrored unless `data.mirror` is off; a mirrored clip of a class in `data.mirror_pairs` takes its pair's label.
 
 Resume: the loader's `state()` (epoch, items the world consumed, seed, shard-list hash) is all it needs
 to continue after the last batch it handed out, on any number of ranks (DALI's own checkpointing cannot
@@ -82,16 +83,29 @@ def shard_list_hash(manifest: Manifest, split: str) -> str:
 
 
 def clip_geometry(manifest: Manifest, shard_dir, data: DataSpec) -> Geometry:
-    """The clip geometry, refused with the shard directory named if the stored videos cannot supply it."""
-    if manifest.frames < data.clip_span:
-        raise ValueError(f"{shard_dir}: videos have {manifest.frames} frames; data.clip_frames = {data.clip_frames} "
-                         f"at data.frame_stride = {data.frame_stride} needs {data.clip_span} "
+    """The clip geometry, refused with the shard directory named if a stored video cannot supply it."""
+    if manifest.min_frames < data.clip_span:
+        raise ValueError(f"{shard_dir}: the shortest video has {manifest.min_frames} frames; data.clip_frames = "
+                         f"{data.clip_frames} at data.frame_stride = {data.frame_stride} needs {data.clip_span} "
                          f"(flow lies between frames)")
     if data.crop_size > min(manifest.height, manifest.width):
         raise ValueError(f"{shard_dir}: data.crop_size = {data.crop_size} exceeds the stored "
                          f"{manifest.height}x{manifest.width} frames")
-    return Geometry(manifest.frames, manifest.height, manifest.width, data.clip_frames, data.frame_stride,
-                    data.crop_size)
+    return Geometry(manifest.height, manifest.width, data.clip_frames, data.frame_stride, data.crop_size)
+
+
+def mirrored_labels(manifest: Manifest, shard_dir, data: DataSpec) -> np.ndarray:
+    """The label a mirrored clip of each class takes (`data.mirror_pairs` swapped, the rest unchanged); a pair naming
+    a class the shards lack is refused."""
+    mirrored = np.arange(len(manifest.classes))
+    for pair in data.mirror_pairs:
+        unknown = [name for name in pair if name not in manifest.classes]
+        if unknown:
+            raise ValueError(f"data.mirror_pairs: {unknown[0]!r} is not a class of {shard_dir} "
+                             f"(classes: {', '.join(manifest.classes)})")
+        first, second = (manifest.classes.index(name) for name in pair)
+        mirrored[first], mirrored[second] = second, first
+    return mirrored
 
 
 class _Planned(NamedTuple):
@@ -244,12 +258,13 @@ class ClipLoader:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
         manifest = Manifest.load(shard_dir)
         self.geometry = clip_geometry(manifest, shard_dir, data)
-        self.table = SampleTable(*manifest.shard_paths(shard_dir, split))
+        self.mirrored_labels = mirrored_labels(manifest, shard_dir, data)
+        self.table = SampleTable.of_split(manifest, shard_dir, split)
         self.shards = [shard.path for shard in manifest.splits[split].shards]
         self.shard_hash = shard_list_hash(manifest, split)
         self.modalities, self.data, self.rank, self.world = tuple(modalities), data, rank, world
         self.seed, self.train = seed, train
-        self.views = [None] if train else eval_views(self.geometry, data.eval_clips, data.eval_crops)
+        self.views_per_video = 1 if train else data.eval_clips * data.eval_crops
         self.resizes = train and data.crop_area is not None
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.device_id, self.first_epoch, self.end_epoch = device_id, first_epoch, first_epoch + epochs
@@ -278,7 +293,7 @@ class ClipLoader:
 
     @property
     def items(self) -> int:
-        return len(self.table) * len(self.views)
+        return len(self.table) * self.views_per_video
 
     def state(self) -> LoaderState:
         """The resume state after the last batch handed out; an epoch's end reads as the next epoch's start."""
@@ -304,7 +319,7 @@ class ClipLoader:
         return self.steps()
 
     def _plan(self, epoch: int, position: int) -> Iterator[_Planned]:
-        views = len(self.views)
+        views = self.views_per_video
         for e in range(epoch, self.end_epoch):
             for items, end in rank_steps(self._order(e), position if e == epoch else 0, self.rank, self.world,
                                          self.data.batch_size, self.min_per_rank):
@@ -316,17 +331,20 @@ class ClipLoader:
                 yield _Planned(e, end, [s for s, _ in kept], [v for _, v in kept])
 
     def _view(self, epoch: int, sample: int, view: int) -> View:
+        frames = self.table.frames[sample]
         if self.train:
             area = tuple(self.data.crop_area) if self.data.crop_area else None
-            return train_view(self.geometry, self.seed, epoch, sample, area, tuple(self.data.crop_aspect))
-        return self.views[view]
+            return train_view(self.geometry, frames, self.seed, epoch, sample, area, tuple(self.data.crop_aspect),
+                              self.data.mirror)
+        return eval_views(self.geometry, frames, self.data.eval_clips, self.data.eval_crops)[view]
 
     def columns(self, planned: _Planned, modalities: tuple[str, ...] | None = None) -> tuple:
         """What `_BatchSource` hands to DALI for one planned batch."""
         views = [self._view(planned.epoch, s, v) for s, v in zip(planned.samples, planned.views)]
         side = self.geometry.crop
         columns = [
-            [np.array(self.table.label(s), dtype=np.int64) for s in planned.samples],
+            [np.array(self.mirrored_labels[label] if v.flip else label, dtype=np.int64)
+             for label, v in zip(map(self.table.label, planned.samples), views)],
             [np.array(s, dtype=np.int64) for s in planned.samples],
             [np.array(v, dtype=np.int64) for v in planned.views],
             [np.array(v.start, dtype=np.int32) for v in views],

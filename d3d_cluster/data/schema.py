@@ -11,7 +11,8 @@ described by `manifest.json` at the root of the shard directory. Each sample hol
 - `json`      : metadata (`key`, `label`, `source`, `frames`).
 
 Flow i is the motion from RGB frame i to frame i+1, so a clip of RGB frames [s, s+T) pairs with flow
-frames [s, s+T) and a clip may start anywhere in [0, F-1-T].
+frames [s, s+T) and a clip may start anywhere in [0, F-1-T]. Videos keep their own length: the manifest lists
+each sample's F per shard, in the shard's (and its index's) order, so clips are cut from the whole of each video.
 
 Flow is quantized as I3D prepared it: clipped to [-bound, bound] pixels, mapped linearly onto [0, 255].
 The loader maps it back to [-1, 1] with `q / 127.5 - 1`, so negating a component (horizontal flip) is exact.
@@ -29,7 +30,7 @@ import numpy as np
 
 from d3d_cluster.files import write_json_atomically
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-sample frame counts (ShardInfo.frames)
 RGB_EXT = "rgb.webm"
 FLOW_EXT = "flow.webm"
 LABEL_EXT = "cls"
@@ -69,6 +70,7 @@ class ShardInfo:
     index: str
     samples: int
     sha256: str
+    frames: list[int]  # RGB frames of each sample, in the shard's order
 
 
 @dataclass
@@ -81,7 +83,7 @@ class SplitInfo:
 @dataclass
 class Manifest:
     classes: list[str]
-    frames: int  # RGB frames per sample; flow has frames - 1
+    min_frames: int  # RGB frames of the shortest sample (flow has one fewer): the longest clip every sample holds
     height: int
     width: int
     fps: float
@@ -106,7 +108,9 @@ class Manifest:
         try:
             raw = json.loads(path.read_text())
             if raw.get("schema_version") != SCHEMA_VERSION:
-                raise ValueError(f"schema_version {raw.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+                raise ValueError(f"schema_version {raw.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+                                 + (" (shards from before per-sample frame counts: run `d3dc prep` again)"
+                                    if raw.get("schema_version") == 1 else ""))
             raw["splits"] = {
                 name: SplitInfo(
                     shards=[ShardInfo(**shard) for shard in split["shards"]],
@@ -115,6 +119,11 @@ class Manifest:
                 )
                 for name, split in raw["splits"].items()
             }
+            for name, split in raw["splits"].items():
+                for shard in split.shards:
+                    if len(shard.frames) != shard.samples:
+                        raise ValueError(f"split {name!r} shard {shard.path}: {shard.samples} samples but "
+                                         f"{len(shard.frames)} frame counts")
             return cls(**raw)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: malformed manifest: {error}") from error

@@ -177,7 +177,7 @@ def evaluate_stage(spec: Spec, run_path: Path, stage: str, rank: int, world: int
                      seed=spec.seed, device_id=device.index if device.type == "cuda" else None)
     try:
         return gather_predictions(*predict(network, modality, val, device), keys=val.table.keys,
-                                  views_per_video=len(val.views), skipped=val.skipped_samples)
+                                  views_per_video=val.views_per_video, skipped=val.skipped_samples)
     finally:
         val.close()
 

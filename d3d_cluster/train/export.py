@@ -68,4 +68,4 @@ def _input_description(spec, manifest: Manifest, modality: str) -> dict:
         scale = {"normalization": "optical flow (x, y) in pixels of the stored frames, clipped to +-flow_bound, "
                                   "divided by flow_bound", "flow": manifest.flow}
     return {"modality": modality, "shape": shape, "layout": "N, C, T, H, W", "frame_stride": spec.data.frame_stride,
-            "stored_video": {"frames": manifest.frames, "height": manifest.height, "width": manifest.width}, **scale}
+            "stored_video": {"min_frames": manifest.min_frames, "height": manifest.height, "width": manifest.width}, **scale}

@@ -70,7 +70,7 @@ def fingerprint(spec: Spec, teacher_weights: Path, keys: list[str], shard_hash: 
         "seed": spec.seed,
         "shards": shard_hash,
         "views": {"clip_frames": data.clip_frames, "frame_stride": data.frame_stride, "crop_size": data.crop_size,
-                  "crop_area": data.crop_area, "crop_aspect": data.crop_aspect},
+                  "crop_area": data.crop_area, "crop_aspect": data.crop_aspect, "mirror": data.mirror},
         "keys": keys,
     }
 
@@ -154,7 +154,7 @@ def precompute_teacher_outputs(spec: Spec, teacher: S3DG, teacher_weights: Path,
     device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
     shards, epochs = spec.path(spec.data.shards), spec.student.epochs
     manifest = Manifest.load(shards)
-    table = SampleTable(*manifest.shard_paths(shards, "train"))
+    table = SampleTable.of_split(manifest, shards, "train")
     keys = list(table.keys)
     table.close()
     expected = fingerprint(spec, teacher_weights, keys, shard_list_hash(manifest, "train"), device)

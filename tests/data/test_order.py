@@ -3,7 +3,8 @@ import pytest
 
 from d3d_cluster.data.order import Geometry, epoch_order, eval_views, global_steps, rank_steps, train_view
 
-GEOMETRY = Geometry(video_frames=20, height=48, width=64, clip_frames=8, stride=2, crop=32)
+GEOMETRY = Geometry(height=48, width=64, clip_frames=8, stride=2, crop=32)
+FRAMES = 20  # RGB frames of the video the views are cut from
 
 
 def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
@@ -57,18 +58,29 @@ def test_fewer_items_than_ranks_is_refused():
 
 
 def test_plain_crops_are_reproducible_whole_pixel_boxes_inside_the_clip_range():
-    views = [train_view(GEOMETRY, 0, 0, s, None, (0.75, 1.33)) for s in range(200)]
-    assert views == [train_view(GEOMETRY, 0, 0, s, None, (0.75, 1.33)) for s in range(200)]
-    assert {v.start for v in views} == set(range(GEOMETRY.max_start + 1))
-    assert GEOMETRY.max_start + (GEOMETRY.clip_frames - 1) * GEOMETRY.stride == GEOMETRY.video_frames - 2
+    views = [train_view(GEOMETRY, FRAMES, 0, 0, s, None, (0.75, 1.33)) for s in range(200)]
+    assert views == [train_view(GEOMETRY, FRAMES, 0, 0, s, None, (0.75, 1.33)) for s in range(200)]
+    assert {v.start for v in views} == set(range(GEOMETRY.max_start(FRAMES) + 1))
+    assert GEOMETRY.max_start(FRAMES) + (GEOMETRY.clip_frames - 1) * GEOMETRY.stride == FRAMES - 2
     assert all(v.height == v.width == 32 and v.top == int(v.top) and v.left == int(v.left) for v in views)
     assert all(0 <= v.top <= 16 and 0 <= v.left <= 32 for v in views)
     assert 60 < sum(v.flip for v in views) < 140
-    assert train_view(GEOMETRY, 0, 1, 5, None, (1, 1)) != train_view(GEOMETRY, 0, 0, 5, None, (1, 1))
+    assert train_view(GEOMETRY, FRAMES, 0, 1, 5, None, (1, 1)) != train_view(GEOMETRY, FRAMES, 0, 0, 5, None, (1, 1))
+
+
+@pytest.mark.parametrize("frames", [16, 30, 64, 250])
+def test_training_starts_cover_each_videos_whole_range_whatever_its_length(frames):
+    starts = {train_view(GEOMETRY, frames, 0, epoch, 3, None, (1, 1)).start for epoch in range(12 * frames)}
+    assert starts == set(range(frames - 2 - 7 * 2 + 1))
+
+
+def test_a_video_too_short_for_a_clip_is_refused_with_its_length():
+    with pytest.raises(ValueError, match="a video of 15 frames cannot hold a 8-frame clip at stride 2"):
+        train_view(GEOMETRY, 15, 0, 0, 0, None, (1, 1))
 
 
 def test_resized_crops_cover_the_asked_area_and_aspect_and_stay_inside_the_frame():
-    views = [train_view(GEOMETRY, 1, 0, s, (0.3, 0.8), (0.75, 4 / 3)) for s in range(300)]
+    views = [train_view(GEOMETRY, FRAMES, 1, 0, s, (0.3, 0.8), (0.75, 4 / 3)) for s in range(300)]
     area = np.array([v.height * v.width / (48 * 64) for v in views])
     aspect = np.array([v.width / v.height for v in views])
     fitted = area < 0.8 + 1e-6  # a draw that never fits falls back to the largest square
@@ -80,11 +92,19 @@ def test_resized_crops_cover_the_asked_area_and_aspect_and_stay_inside_the_frame
 
 
 def test_evaluation_views_spread_clips_over_the_video_and_crops_along_the_long_side():
-    views = eval_views(GEOMETRY, clips=3, crops=3)
+    views = eval_views(GEOMETRY, FRAMES, clips=3, crops=3)
+    last = GEOMETRY.max_start(FRAMES)
     assert len(views) == 9 and not any(v.flip for v in views)
-    assert sorted({v.start for v in views}) == [0, GEOMETRY.max_start // 2, GEOMETRY.max_start]
+    assert sorted({v.start for v in views}) == [0, last // 2, last]
     assert sorted({v.left for v in views}) == [0, 16, 32] and {v.top for v in views} == {8}
-    portrait = Geometry(20, 64, 48, 8, 1, 32)
-    assert sorted({v.top for v in eval_views(portrait, 1, 3)}) == [0, 16, 32]
-    centre = eval_views(GEOMETRY, clips=1, crops=1)
-    assert [(v.start, v.top, v.left) for v in centre] == [(GEOMETRY.max_start // 2, 8, 16)]
+    portrait = Geometry(64, 48, 8, 1, 32)
+    assert sorted({v.top for v in eval_views(portrait, FRAMES, 1, 3)}) == [0, 16, 32]
+    centre = eval_views(GEOMETRY, FRAMES, clips=1, crops=1)
+    assert [(v.start, v.top, v.left) for v in centre] == [(last // 2, 8, 16)]
+
+
+def test_the_evaluation_clips_of_a_long_video_span_it_and_a_short_ones_fit_it():
+    long, short = eval_views(GEOMETRY, 250, clips=10, crops=1), eval_views(GEOMETRY, 30, clips=10, crops=1)
+    assert [v.start for v in long] == [round(i * 234 / 9) for i in range(10)]
+    assert long[-1].start + 7 * 2 + 1 == 249  # the last clip ends where the video's last flow frame does
+    assert [v.start for v in short] == [round(i * 14 / 9) for i in range(10)]

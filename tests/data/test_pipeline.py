@@ -1,6 +1,8 @@
 import io
+import json
 import shutil
 import threading
+from pathlib import Path
 
 import av
 import numpy as np
@@ -255,3 +257,133 @@ def test_an_enlarged_box_scales_flow_with_it(tiny_shards):
     assert np.abs(stored).mean() > 0.01
     assert decoded.mean(axis=(1, 2)) == pytest.approx(2 * stored.mean(axis=(1, 2)), abs=0.02)
     loader.close()
+
+
+LENGTHS = (30, 64, 250)  # RGB frames of the three videos of each split
+
+
+def _counting_video(frames: int) -> np.ndarray:
+    """Frame i of a flat colour that spells i: red and green in steps of 16 (the codecs move a level or two)."""
+    i = np.arange(frames)
+    video = np.full((frames, 32, 32, 3), 128, np.uint8)
+    video[..., 0] = (16 * (i // 16) + 8)[:, None, None]
+    video[..., 1] = (16 * (i % 16) + 8)[:, None, None]
+    return video
+
+
+def _frame_numbers(rgb: torch.Tensor) -> list[int]:
+    """The frame each of a normalised (3, T, S, S) clip's frames was cut from."""
+    from d3d_cluster.data.pipeline import RGB_MEAN, RGB_STD
+
+    levels = rgb.mean(dim=(2, 3)) * torch.tensor(RGB_STD)[:, None] + torch.tensor(RGB_MEAN)[:, None]
+    return [16 * round((float(r) - 8) / 16) + round((float(g) - 8) / 16) for r, g in zip(levels[0], levels[1])]
+
+
+@pytest.fixture(scope="module")
+def mixed_length_shards(tmp_path_factory) -> Path:
+    from dataprep.prepare import prepare_dataset
+    from dataprep.sources.labels_csv import read_labels_csv
+    from dataprep.video import write_h264
+
+    from d3d_cluster.spec import PrepSpec
+
+    raw, out = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("mixed")
+    prep = PrepSpec(short_side=32, flow={"algorithm": "farneback"}, shard_samples=2)
+    rows = []
+    for split in ("train", "val"):
+        for label, frames in zip("abc", LENGTHS):
+            write_h264(raw / f"{split}_{frames}.mp4", _counting_video(frames), prep.fps)
+            rows.append(f"{split}_{frames}.mp4,{label},{split}\n")
+    (raw / "labels.csv").write_text("path,label,split\n" + "".join(rows))
+    prepare_dataset(prep, read_labels_csv(raw / "labels.csv"), out, progress=False, min_frames=DATA.clip_span)
+    return out
+
+
+def test_each_video_keeps_its_own_length_in_the_manifest(mixed_length_shards):
+    manifest = Manifest.load(mixed_length_shards)
+    assert manifest.min_frames == 30
+    loader = _loader(mixed_length_shards)
+    assert sorted(loader.table.frames) == sorted(LENGTHS)
+    stored = [json.loads(loader.table.read(s, "json").tobytes())["frames"] for s in range(len(loader.table))]
+    assert loader.table.frames == stored  # the manifest's counts follow the index's order
+    loader.close()
+
+
+def test_training_clips_start_anywhere_in_each_video_and_are_decoded_from_there(mixed_length_shards):
+    loader = _loader(mixed_length_shards, epochs=3)
+    span = (DATA.clip_frames - 1) * DATA.frame_stride
+    for sample, frames in enumerate(loader.table.frames):
+        starts = {loader._view(epoch, sample, 0).start for epoch in range(12 * frames)}
+        assert starts == set(range(frames - 1 - span)), frames  # the last clip ends before the last flow frame
+    for epoch in range(3):
+        batches = list(loader.epoch(epoch))
+        assert sorted(_keys(loader, batches)) == sorted(loader.table.keys)  # every video once an epoch
+        for batch in batches:
+            for rgb, sample in zip(batch.rgb, batch.samples):
+                start = loader._view(epoch, int(sample), 0).start
+                assert _frame_numbers(rgb) == list(range(start, start + span + 1))
+    loader.close()
+
+
+def test_evaluation_views_of_a_long_video_are_spread_across_it(mixed_length_shards):
+    data = DATA.model_copy(update={"eval_clips": 10, "eval_crops": 1})
+    loader = _loader(mixed_length_shards, split="val", train=False, data=data, modalities=("rgb",))
+    firsts = {}
+    for batch in loader.epoch(0):
+        for rgb, sample, view in zip(batch.rgb, batch.samples, batch.views):
+            firsts[loader.table.frames[int(sample)], int(view)] = _frame_numbers(rgb)[0]
+    span = DATA.clip_frames - 1
+    for frames in LENGTHS:
+        last = frames - 2 - span
+        assert [firsts[frames, v] for v in range(10)] == [round(v * last / 9) for v in range(10)]
+    loader.close()
+
+
+def _sliding_video(direction: int, rng: np.random.Generator) -> np.ndarray:
+    """A textured frame sliding 2 pixels a frame to the right (direction 1) or to the left (-1)."""
+    texture = rng.integers(0, 256, (32, 96), dtype=np.uint8)
+    texture = np.kron(texture[::4, ::4], np.ones((4, 4), np.uint8))  # blocks of 4 px: flow finds them
+    frames = [np.roll(texture, 2 * direction * t, axis=1)[:, 32:64] for t in range(12)]
+    return np.repeat(np.stack(frames)[..., None], 3, axis=3)
+
+
+@pytest.fixture(scope="module")
+def left_right_shards(tmp_path_factory) -> Path:
+    from dataprep.prepare import prepare_dataset
+    from dataprep.sources.labels_csv import read_labels_csv
+    from dataprep.video import write_h264
+
+    from d3d_cluster.spec import PrepSpec
+
+    raw, out = tmp_path_factory.mktemp("raw"), tmp_path_factory.mktemp("left-right")
+    prep = PrepSpec(short_side=32, flow={"algorithm": "farneback"}, shard_samples=8)
+    rng, rows = np.random.default_rng(0), ["path,label,split\n"]
+    for number in range(16):
+        label, direction = ("left", -1) if number % 2 else ("right", 1)
+        write_h264(raw / f"{number}.mp4", _sliding_video(direction, rng), prep.fps)
+        rows.append(f"{number}.mp4,{label},{'train' if number < 12 else 'val'}\n")
+    (raw / "labels.csv").write_text("".join(rows))
+    prepare_dataset(prep, read_labels_csv(raw / "labels.csv"), out, progress=False, min_frames=DATA.clip_span)
+    return out
+
+
+@pytest.mark.parametrize("mirror, pairs, separable", [(False, [], True), (True, [["left", "right"]], True),
+                                                      (True, [], False)])
+def test_left_and_right_classes_stay_apart_without_mirroring_or_with_their_pair_swapped(left_right_shards, mirror,
+                                                                                        pairs, separable):
+    """The direction of a clip's flow tells its label exactly unless clips are mirrored with their labels kept."""
+    data = DATA.model_copy(update={"mirror": mirror, "mirror_pairs": pairs})
+    loader = _loader(left_right_shards, data=data, modalities=("flow",), epochs=4)
+    right = Manifest.load(left_right_shards).classes.index("right")
+    agree = [(float(flow[0].mean()) > 0) == (int(label) == right)
+             for epoch in range(4) for batch in loader.epoch(epoch) for flow, label in zip(batch.flow, batch.labels)]
+    loader.close()
+    share = sum(agree) / len(agree)
+    assert len(agree) == 48
+    assert (share == 1.0) if separable else (0.25 < share < 0.75), share
+
+
+def test_mirror_pairs_naming_an_unknown_class_are_refused_naming_it(left_right_shards):
+    data = DATA.model_copy(update={"mirror_pairs": [["left", "up"]]})
+    with pytest.raises(ValueError, match="data.mirror_pairs: 'up' is not a class of .*classes: left, right"):
+        _loader(left_right_shards, data=data)

@@ -82,7 +82,7 @@ def test_manifest_counts_classes_and_checksums_match_the_shards(prepared):
     labels, shards, manifest = prepared
     assert Manifest.load(shards) == manifest
     assert manifest.classes == ["down", "sideways", "up"]
-    assert (manifest.frames, manifest.height, manifest.width, manifest.keyframe_interval) == (8, 32, 32, 8)
+    assert (manifest.min_frames, manifest.height, manifest.width, manifest.keyframe_interval) == (8, 32, 32, 8)
     assert manifest.flow["algorithm"] == "farneback" and manifest.flow["bound"] == 20.0
     assert manifest.splits["train"].class_counts == {"down": 3, "sideways": 3, "up": 3}
     assert manifest.splits["val"].class_counts == {"down": 1, "sideways": 1, "up": 1}
@@ -161,7 +161,7 @@ def test_with_loop_short_videos_shorter_than_a_clip_are_looped_with_their_flow(p
     labels, _, _ = prepared
     looping = PREP.model_copy(update={"loop_short": True})
     manifest = prepare_dataset(looping, read_labels_csv(labels), tmp_path, workers=1, progress=False, min_frames=20)
-    assert manifest.frames == 20 and manifest.splits["train"].samples + manifest.splits["val"].samples == 12
+    assert manifest.min_frames == 20 and manifest.splits["train"].samples + manifest.splits["val"].samples == 12
     sample = _samples(tmp_path, manifest, "train")[0]
     rgb, flow = dali_decode(sample["rgb.webm"]), frame_to_flow(dali_decode(sample["flow.webm"]))
     assert rgb.shape[0] == 20 and flow.shape[0] == 19

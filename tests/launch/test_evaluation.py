@@ -16,7 +16,7 @@ def test_two_rank_evaluation_scores_every_validation_video_once_when_the_views_d
     run, output = evaluated_run
     spec = run.spec()
     manifest = Manifest.load(tiny_shards)
-    table = SampleTable(*manifest.shard_paths(tiny_shards, "val"))
+    table = SampleTable.of_split(manifest, tiny_shards, "val")
     views = EVAL_VIEWS["eval_clips"] * EVAL_VIEWS["eval_crops"]
     assert len(table.keys) * views % (spec.world_size * spec.data.batch_size) != 0  # what this test is about
     label_of = {key: table.label(sample) for sample, key in enumerate(table.keys)}
@@ -69,7 +69,7 @@ def test_a_validation_video_the_student_cannot_decode_is_counted_as_skipped_not_
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)
-    table = SampleTable(*Manifest.load(shards).shard_paths(shards, "val"))
+    table = SampleTable.of_split(Manifest.load(shards), shards, "val")
     victim, member = table.keys[0], table.members[0][RGB_EXT]
     with open(table.tars[member.tar], "r+b") as handle:  # same length: the index still holds
         handle.seek(member.offset)
