@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from d3d_cluster.spec import Spec, SpecError, load_spec
+from d3d_cluster.spec import Spec, SpecError, load_spec, parse_assignment
 
 console = Console(highlight=False)
 
@@ -19,19 +19,29 @@ def echo(line: str) -> None:
     console.print(line, markup=False, soft_wrap=True)
 
 
-def _spec(path: str | None, workdir: str | None) -> Spec:
-    """The spec from a file, or the embedded quickstart default; --workdir overrides its workdir."""
+def _spec(path: str | None, workdir: str | None, sets: dict | None = None, **flags) -> Spec:
+    """The spec from a file, or the embedded quickstart default, with the command line's `--set` assignments, then
+    its flags (--workdir, --nodes...) applied before it is validated."""
+    overrides = {**(sets or {}), **({"workdir": workdir} if workdir else {}), **flags}
     try:
-        spec = load_spec(path) if path else Spec()
-        return spec.with_overrides(workdir=workdir) if workdir else spec
+        return load_spec(path, overrides)
     except SpecError as error:
         raise click.ClickException(str(error)) from None
+
+
+def _assignments(context, parameter, values: tuple[str, ...]) -> dict:
+    try:
+        return dict(parse_assignment(value) for value in values)
+    except SpecError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 spec_option = click.option("-c", "--spec", "spec_path", type=click.Path(exists=True, dir_okay=False),
                            help="Job spec (YAML). Default: the embedded quickstart spec.")
 workdir_option = click.option("--workdir", type=click.Path(file_okay=False),
                               help="Where data and runs go (overrides the spec's workdir).")
+set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=_assignments,
+                          help="Override a spec key, as YAML: --set student.distill.weight=0.5 (repeatable).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,13 +52,14 @@ def main() -> None:
 @main.command()
 @spec_option
 @workdir_option
-def quickstart(spec_path: str | None, workdir: str | None) -> None:
+@set_option
+def quickstart(spec_path: str | None, workdir: str | None, sets: dict) -> None:
     """Make a small motion dataset, prepare shards, train teacher, student and RGB baseline; print the table."""
     from d3d_cluster.files import write_json_atomically
     from d3d_cluster.launch.pipeline import JobCancelled, run_pipeline
     from d3d_cluster.launch.rundir import RESULTS_NAME, RunDir
 
-    spec = _spec(spec_path, workdir)
+    spec = _spec(spec_path, workdir, sets)
     started = time.time()
     _prepare(spec)
     prep_seconds = time.time() - started
@@ -71,10 +82,11 @@ def quickstart(spec_path: str | None, workdir: str | None) -> None:
 @click.option("--cluster", type=click.Choice(["local", "slurm"]), help="Where to run (default: cluster.executor).")
 @click.option("--array", "tasks", type=click.IntRange(min=1), help="Slurm array tasks (with --cluster slurm).")
 @click.option("--wait/--no-wait", default=True, help="Follow the Slurm jobs until the manifest is written.")
+@set_option
 def prep(spec_path: str | None, workdir: str | None, workers: int | None, cluster: str | None, tasks: int | None,
-         wait: bool) -> None:
+         wait: bool, sets: dict) -> None:
     """Turn the spec's raw videos (or a generated motion dataset) into WebDataset shards."""
-    spec = _spec(spec_path, workdir)
+    spec = _spec(spec_path, workdir, sets)
     where = cluster or spec.cluster.executor
     if tasks is not None and where != "slurm":
         raise click.ClickException("--array needs --cluster slurm (locally, --workers sets the parallelism)")
@@ -111,8 +123,9 @@ def prep(spec_path: str | None, workdir: str | None, workers: int | None, cluste
 @click.option("--workers", "prep_workers", type=click.IntRange(min=1), help="prep: processes per task "
               "(default: prep.workers).")
 @click.option("--dry-run", is_flag=True, help="Print the sbatch scripts that would be submitted; submit nothing.")
+@set_option
 def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: int, prep_workers: int | None,
-           dry_run: bool, **flags) -> None:
+           dry_run: bool, sets: dict, **flags) -> None:
     """Queue a stage, the evaluation, the whole pipeline or dataprep on Slurm (teacher and baseline, the student
     after the teacher, the evaluation after both), or run it in the foreground with the local executor. Flags
     override the spec; everything is checked before the first job is queued. `doctor` runs `d3dc doctor` on
@@ -123,9 +136,10 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
     if target != "prep" and (prep_tasks != 1 or prep_workers is not None):
         raise click.ClickException("--array and --workers are for `d3dc submit prep`")
     try:
-        spec = _spec(spec_path, workdir).with_overrides(**submission.flag_overrides(**flags))
-    except ValueError as error:  # SpecError, or a malformed --time
+        overrides = submission.flag_overrides(**flags)
+    except ValueError as error:  # a malformed --time
         raise click.ClickException(str(error)) from None
+    spec = _spec(spec_path, workdir, sets, **overrides)
     try:
         if dry_run:
             click.echo(submission.dry_run(spec, target, prep_tasks, prep_workers), nl=False)
@@ -322,9 +336,10 @@ def cancel(run: str, spec_path: str | None, workdir: str | None) -> None:
 
 @main.command("check-spec")
 @click.argument("spec_path", type=click.Path(exists=True, dir_okay=False))
-def check_spec(spec_path: str) -> None:
+@set_option
+def check_spec(spec_path: str, sets: dict) -> None:
     """Validate a job spec and print it resolved, with every default filled in."""
-    spec = _spec(spec_path, None)
+    spec = _spec(spec_path, None, sets)
     click.echo(spec.to_yaml(), nl=False)
     click.echo(f"# ok: world size {spec.world_size}, gradient accumulation {spec.grad_accumulation}", err=True)
 

@@ -344,7 +344,8 @@ class Spec(_Section):
     def _consistent(self) -> "Spec":
         cluster = self.cluster
         if cluster.executor == "local" and cluster.nodes != 1:
-            raise ValueError(f"cluster.nodes is {cluster.nodes}: the local executor runs on one node")
+            raise ValueError(f"cluster.nodes is {cluster.nodes}: the local executor runs on one node; queue it on "
+                             f"Slurm with --cluster slurm (cluster.executor: slurm)")
         if cluster.gpus_per_node is not None and cluster.device == "cpu":
             raise ValueError(f"cluster.gpus_per_node ({cluster.gpus_per_node}) asks Slurm for GPUs that "
                              "cluster.device cpu would leave idle: drop one of them")
@@ -357,10 +358,7 @@ class Spec(_Section):
         world = self.cluster.nodes * self.cluster.tasks_per_node
         micro = self.data.batch_size * world
         if self.deepspeed.global_batch_size % micro:
-            raise ValueError(
-                f"deepspeed.global_batch_size ({self.deepspeed.global_batch_size}) must be a multiple of "
-                f"data.batch_size x world size ({self.data.batch_size} x {world} = {micro})"
-            )
+            raise ValueError(_batch_advice(self.deepspeed.global_batch_size, self.data.batch_size, world))
         if self.data.crop_size > self.prep.min_side:
             where = "prep.frame_size" if self.prep.frame_size else "prep.short_side"
             raise ValueError(f"data.crop_size ({self.data.crop_size}) exceeds {where} ({self.prep.min_side})")
@@ -395,21 +393,57 @@ class Spec(_Section):
 
     def with_overrides(self, **dotted: Any) -> "Spec":
         """A copy with dotted keys replaced (`{"cluster.nodes": 8}`), validated again."""
-        tree = self.model_dump()
-        for key, value in dotted.items():
-            _assign(tree, key, value)
-        return parse_spec(tree, source="overrides")
+        return parse_spec(assign(self.model_dump(), dotted), source="overrides")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(), sort_keys=False)
 
 
-def _assign(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
+def _batch_advice(global_batch: int, per_rank: int, world: int) -> str:
+    """Why a global batch does not fit the world, and the two ways to make it fit, with numbers."""
+    micro = per_rank * world
+    lines = [f"deepspeed.global_batch_size ({global_batch}) must be a multiple of data.batch_size x world size "
+             f"({per_rank} x {world} = {micro}). The global batch stays as the spec says whatever the world size "
+             f"(gradient accumulation makes up the rest), so the learning rates stay right; to fit {world} ranks:"]
+    below, above = global_batch // micro * micro, (global_batch // micro + 1) * micro
+    sizes = [size for size in (below, above) if size >= micro]
+    scale = " or ".join(f"--set deepspeed.global_batch_size={size} (learning rates x {size / global_batch:g}, the "
+                        f"linear scaling rule)" for size in sizes)
+    lines.append(f"- a global batch that {world} ranks share: {scale}")
+    fitting = [size for size in range(per_rank - 1, 0, -1) if global_batch % (size * world) == 0]
+    if fitting:
+        lines.append(f"- or fewer clips per rank: --set data.batch_size={fitting[0]} "
+                     f"(BatchNorm then sees {fitting[0]} clips a rank)")
+    return "\n".join(lines)
+
+
+def assign(tree: dict, dotted: dict[str, Any]) -> dict:
+    """`tree` with each dotted key (`student.distill.weight`) set, sections made where the tree lacks them; the
+    result is validated by the caller, which names an unknown key and what was expected."""
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node, path = tree, []
+        for part in parents:
+            path.append(part)
+            if node.get(part) is None:
+                node[part] = {}
+            elif not isinstance(node[part], dict):
+                raise SpecError(f"{key}: {'.'.join(path)} is a value ({node[part]!r}), not a section")
+            node = node[part]
+        node[leaf] = value
+    return tree
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` from the command line; the value is read as YAML (`0.5`, `false`, `[0.3, 1.0]`, `null`), as the
+    same value in a spec file would be."""
+    key, equals, value = text.partition("=")
+    if not equals or not key or not all(key.split(".")):
+        raise SpecError(f"--set {text!r}: expected KEY=VALUE with a dotted spec key (student.distill.weight=0.5)")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise SpecError(f"--set {key}: value {value!r} is not valid YAML: {error}") from None
 
 
 def _section_at(loc: tuple) -> type[BaseModel]:
@@ -444,12 +478,22 @@ def parse_spec(tree: dict | None, source: str = "<spec>") -> Spec:
         raise SpecError(_format(error, source)) from None
 
 
-def load_spec(path: str | os.PathLike) -> Spec:
-    path = Path(path)
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise SpecError(f"{path}: cannot read spec: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
-    return parse_spec(tree, source=str(path))
+def load_spec(path: str | os.PathLike | None, overrides: dict[str, Any] | None = None) -> Spec:
+    """The spec in a file (None: the embedded quickstart default) with dotted-key `overrides` applied to what the
+    file says before anything is validated, so an override can also repair a value the file gets wrong."""
+    source = str(path) if path is not None else "the embedded default spec"
+    tree: Any = {}
+    if path is not None:
+        try:
+            tree = yaml.safe_load(Path(path).read_text())
+        except OSError as error:
+            raise SpecError(f"{path}: cannot read spec: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise SpecError(f"{path}: not valid YAML: {error}") from None
+    if overrides:
+        if tree is None:
+            tree = {}
+        if isinstance(tree, dict):
+            tree = assign(tree, overrides)
+        source += f" with {', '.join(overrides)} from the command line"
+    return parse_spec(tree, source=source)

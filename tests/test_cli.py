@@ -1,3 +1,4 @@
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -160,3 +161,49 @@ def test_results_of_a_run_that_was_not_evaluated_name_the_missing_file(tmp_path)
     result = CliRunner().invoke(main, ["results", str(run.path)])
     assert result.exit_code != 0
     assert f"{run.path / 'results.json'}: no results; the run's evaluation has not finished" in result.output
+
+
+def test_set_overrides_any_spec_key_as_yaml_before_validation(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"deepspeed": {"global_batch_size": 24}}))  # invalid alone: 24 % (16 x 2)
+    result = CliRunner().invoke(main, ["check-spec", str(spec), "--set", "deepspeed.global_batch_size=64",
+                                       "--set", "student.distill.weight=0.5", "--set", "data.crop_area=[0.3, 1.0]",
+                                       "--set", "model.gating=false"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["deepspeed"]["global_batch_size"] == 64 and resolved["student"]["distill"]["weight"] == 0.5
+    assert resolved["data"]["crop_area"] == [0.3, 1.0] and resolved["model"]["gating"] is False
+
+
+@pytest.mark.parametrize("command", [["check-spec", "jobs/quickstart.yaml"], ["submit", "teacher", "--dry-run"],
+                                     ["prep"], ["quickstart"]])
+@pytest.mark.parametrize("assignment, message", [
+    ("student.distill.wieght=1", "unknown key student.distill.wieght (expected one of: weight, "),
+    ("data.batch_size=big", "data.batch_size: Input should be a valid integer"),
+    ("data.batch_size.x=1", ("data.batch_size.x: data.batch_size is a value (16), not a section",  # in the file
+                             "data.batch_size: Input should be a valid integer")),  # a default: no value to name
+    ("batch_size", "expected KEY=VALUE with a dotted spec key"),
+])
+def test_a_bad_set_names_the_key_and_what_was_expected_before_anything_runs(tmp_path, command, assignment, message):
+    result = CliRunner().invoke(main, [*command, "--set", assignment]
+                                + ([] if command[0] == "check-spec" else ["--workdir", str(tmp_path / "work")]))
+    assert result.exit_code != 0
+    shown = " ".join(result.output.split())
+    assert any(expected in shown for expected in ((message,) if isinstance(message, str) else message)), shown
+    assert not (tmp_path / "work").exists()
+
+
+def test_the_headline_command_says_how_to_fit_the_batch_and_then_shows_the_plan(tmp_path):
+    flags = ["submit", "student", "--nodes", "8", "--workdir", str(tmp_path), "--dry-run"]
+    local = CliRunner().invoke(main, flags)
+    assert local.exit_code != 0 and "queue it on Slurm with --cluster slurm" in local.output
+    refused = CliRunner().invoke(main, [*flags, "--cluster", "slurm"])
+    advice = " ".join(refused.output.split())
+    assert refused.exit_code != 0
+    assert "--set deepspeed.global_batch_size=256 (learning rates x 8, the linear scaling rule)" in advice
+    assert "--set data.batch_size=2 (BatchNorm then sees 2 clips a rank)" in advice
+    planned = CliRunner().invoke(main, [*flags, "--cluster", "slurm", "--set", "deepspeed.global_batch_size=256"])
+    assert planned.exit_code == 0, planned.output
+    assert planned.output.startswith("# 16 ranks (8 nodes x 2): global batch 256 = 16 clips a rank x 16 ranks x 1 "
+                                     "accumulation steps; learning rates teacher 0.003, student 0.001")
+    assert "#SBATCH --nodes=8" in planned.output

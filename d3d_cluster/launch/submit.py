@@ -75,6 +75,16 @@ def flag_overrides(**flags) -> dict:
     return overrides
 
 
+def batch_plan(spec: Spec) -> str:
+    """How the world shares the batch, and the rule behind it: the world size never changes the global batch or the
+    learning rates; gradient accumulation makes up the difference."""
+    cluster = spec.cluster
+    return (f"{spec.world_size} ranks ({cluster.nodes} nodes x {cluster.tasks_per_node}): global batch "
+            f"{spec.deepspeed.global_batch_size} = {spec.data.batch_size} clips a rank x {spec.world_size} ranks x "
+            f"{spec.grad_accumulation} accumulation steps; learning rates teacher {spec.teacher.optimizer.lr:g}, "
+            f"student {spec.student.optimizer.lr:g} (as the spec says: the world size changes neither)")
+
+
 def dry_run(spec: Spec, target: str, prep_tasks: int = 1, prep_workers: int | None = None) -> str:
     """What `submit` would queue, as the sbatch scripts submitit would write for it; the job ids a script depends
     on are placeholders (`<teacher>`). Nothing is created or queued; Slurm is not needed."""
@@ -82,8 +92,9 @@ def dry_run(spec: Spec, target: str, prep_tasks: int = 1, prep_workers: int | No
         if target == DOCTOR:
             return "# local executor: no sbatch; `d3dc submit` runs doctor in the foreground, one task\n"
         names = [PREP] if target == PREP else [planned.name for planned in plan_jobs(spec, target)]
+        plan = "" if target == PREP else f"# {batch_plan(spec)}\n"
         return (f"# local executor: no sbatch; `d3dc submit` runs {', '.join(names)} in the foreground, one after "
-                f"another, {spec.world_size} ranks each\n")
+                f"another, {spec.world_size} ranks each\n{plan}")
     if target == DOCTOR:
         scripts = [(DOCTOR, doctor_script(spec))]
     elif target == PREP:
@@ -93,8 +104,9 @@ def dry_run(spec: Spec, target: str, prep_tasks: int = 1, prep_workers: int | No
                    ("prep finalize", sbatch_script(final, spec.path(LOGS), name, dependency="afterok:<prep array>"))]
     else:
         scripts = [(planned.name, _job_script(spec, planned)) for planned in plan_jobs(spec, target)]
-    return "".join(f"# ----- job {number} of {len(scripts)}: {name} -----\n{script}\n"
-                   for number, (name, script) in enumerate(scripts, 1))
+    header = "" if target in (DOCTOR, PREP) else f"# {batch_plan(spec)}\n"
+    return header + "".join(f"# ----- job {number} of {len(scripts)}: {name} -----\n{script}\n"
+                            for number, (name, script) in enumerate(scripts, 1))
 
 
 def _job_script(spec: Spec, planned: PlannedJob) -> str:
@@ -119,6 +131,7 @@ def submit(spec: Spec, target: str, echo: Callable[[str], None] = print, prep_ta
         _refuse_live_jobs(RunDir(spec.run_dir))
     run = RunDir.create(spec)
     echo(f"run directory: {run.path}")
+    echo(batch_plan(spec))
     if slurm:
         return queue_jobs(run, jobs, echo)
     return run_jobs(run, jobs, echo)
