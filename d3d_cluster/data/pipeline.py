@@ -11,7 +11,8 @@ Resume: the loader's `state()` (epoch, items the world consumed, seed, shard-lis
 to continue after the last batch it handed out, on any number of ranks (DALI's own checkpointing cannot
 hold a video decoder: NOTES). A sample DALI cannot decode is skipped, named and counted in `skipped`:
 DALI has no skip option and a failed pipeline is dead, so the loader finds the culprit by decoding the
-suspects one by one and rebuilds the pipeline after it.
+suspects one by one and rebuilds the pipeline after it. A shard the OS cannot read (`ShardReadError`) fails the
+step instead: skipping would drop sound samples, and the precompute pass would record them as unusable for good.
 
 Reading: DALI calls `external_source`'s callback on the thread that calls `pipe.run()`, the training thread. So
 the callback only hands over bytes a reader thread has already read from the shards (`_BatchSource`), a few
@@ -33,7 +34,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from d3d_cluster.data.index import SampleTable
+from d3d_cluster.data.index import SampleTable, ShardReadError
 from d3d_cluster.data.order import Geometry, View, epoch_order, eval_views, global_steps, rank_steps, train_view
 from d3d_cluster.data.schema import FLOW_EXT, RGB_EXT, Manifest
 from d3d_cluster.spec import DataSpec
@@ -387,6 +388,8 @@ class ClipLoader:
     def _run(self):
         try:
             return self.pipe.run()
+        except ShardReadError:  # the OS failed, not the data: the step fails, nothing is skipped
+            raise
         except Exception:  # DALI's own errors, and whatever reading a damaged shard raised in the source
             self._source.close()  # nothing reads while the suspects are decoded, and the plan is made again
             suspects = sorted({s for planned in self._source.inflight for s in planned.samples} - self._corrupt)
@@ -413,6 +416,8 @@ class ClipLoader:
                 probe = _build_pipeline(lambda: columns, self.geometry, (modality,), 1, 1, None, self.seed,
                                         self.resizes)
                 probe.run()
+            except ShardReadError:
+                raise
             except Exception as error:
                 return modality, (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
         return None

@@ -1,5 +1,8 @@
+import errno
 import io
 import json
+import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -9,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from d3d_cluster.data import index
+from d3d_cluster.data.index import ShardReadError
 from d3d_cluster.data.order import View
 from d3d_cluster.data.pipeline import ClipLoader, LoaderState, _Planned, _build_pipeline, _to_torch
 from d3d_cluster.data.schema import FLOW_EXT, RGB_EXT, Manifest, frame_to_flow
@@ -187,6 +192,55 @@ def test_a_sample_that_cannot_be_read_is_skipped_named_and_counted_and_nothing_e
     assert [(r["key"], r["modality"], r["error"]) for r in loader.skipped] == [(victim_key, "rgb", "truncated member")]
     loader.close()
     assert f"skipping corrupt sample {victim_key} (rgb)" in capfd.readouterr().err
+
+
+def _failing(monkeypatch, call: str, tar: Path, code: int, times: int | None = None) -> list[str]:
+    """`os.open` or `os.pread` fail with `code` on the shard `tar`, its first `times` times (None: every time)."""
+    real, failures = getattr(os, call), []
+
+    def failing(target, *args, **kwargs):
+        path = target if call == "open" else os.readlink(f"/proc/self/fd/{target}")
+        if os.path.realpath(path) == os.path.realpath(tar) and (times is None or len(failures) < times):
+            failures.append(path)
+            raise OSError(code, os.strerror(code))
+        return real(target, *args, **kwargs)
+
+    monkeypatch.setattr(index.os, call, failing)
+    return failures
+
+
+@pytest.mark.parametrize("call, code", [("pread", errno.EIO), ("open", errno.EMFILE)])
+def test_a_shard_the_os_keeps_failing_to_read_fails_the_step_naming_it_and_no_sample_is_skipped(tiny_shards,
+                                                                                                 monkeypatch, call,
+                                                                                                 code):
+    loader = _loader(tiny_shards, modalities=("rgb",))
+    tar = loader.table.tars[loader.table.members[3][RGB_EXT].tar]
+    failures = _failing(monkeypatch, call, tar, code)
+    with pytest.raises(ShardReadError, match=re.escape(str(tar))) as raised:
+        list(loader.epoch(0))
+    assert raised.value.errno == code and len(failures) >= 3
+    assert loader.skipped == [] and loader.skipped_samples == []
+    loader.close()
+
+
+def _epoch(loader) -> list:
+    batches = list(loader.epoch(0))
+    loader.close()
+    return batches
+
+
+@pytest.mark.parametrize("call, code", [("pread", errno.ESTALE), ("open", errno.EMFILE)])
+def test_an_os_read_error_that_passes_is_retried_and_the_batches_are_the_undisturbed_ones(tiny_shards, monkeypatch,
+                                                                                         call, code):
+    undisturbed = _epoch(_loader(tiny_shards))
+    loader = _loader(tiny_shards)
+    failures = _failing(monkeypatch, call, loader.table.tars[loader.table.members[3][RGB_EXT].tar], code, times=1)
+    disturbed = _epoch(loader)
+    assert len(failures) == 1 and loader.skipped == []
+    assert len(disturbed) == len(undisturbed)
+    for got, want in zip(disturbed, undisturbed):
+        for name in ("rgb", "flow", "labels", "samples", "views"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
 
 
 def test_batch_labels_are_pinned_only_for_a_gpu_and_reach_the_cpu_unchanged(tiny_shards):

@@ -1,7 +1,10 @@
 """Precomputed teacher outputs: the student trains exactly as with its live teacher, reads no flow, reuses a matching
 side file and refuses (then replaces) a stale one. Real stage jobs in this process: DALI, DeepSpeed on one gloo rank."""
 
+import errno
 import json
+import os
+import re
 import shutil
 
 import numpy as np
@@ -9,6 +12,8 @@ import pytest
 import torch
 from conftest import TINY, tiny_spec
 
+from d3d_cluster.data import index
+from d3d_cluster.data.index import ShardReadError
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.data.schema import FLOW_EXT
 from d3d_cluster.launch.job import Rank, _train_stage
@@ -136,6 +141,27 @@ def test_student_with_stored_outputs_decodes_rgb_only_and_a_requeue_reuses_them(
     assert {f: f.stat().st_mtime_ns for f in files} == written
     batch_samples = torch.tensor([3, 0, 5])
     torch.testing.assert_close(again.precomputed.targets(1, batch_samples), stage.precomputed.targets(1, batch_samples))
+
+
+def test_a_shard_the_os_cannot_read_fails_the_precompute_and_no_sample_is_written_down_unusable(
+        tmp_path, tiny_shards, deepspeed_single_rank, monkeypatch):
+    run = _run(tmp_path, tiny_shards, "unreadable", _teacher(1), precompute=True)
+    spec = run.spec()
+    loader = ClipLoader(tiny_shards, "train", spec.data, modalities=("flow",), rank=0, world=1, seed=0, train=True)
+    tar = loader.table.tars[loader.table.members[2][FLOW_EXT].tar]
+    loader.close()
+    pread = os.pread
+
+    def failing(fd, size, offset):
+        if os.readlink(f"/proc/self/fd/{fd}") == os.path.realpath(tar):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return pread(fd, size, offset)
+
+    monkeypatch.setattr(index.os, "pread", failing)
+    with pytest.raises(ShardReadError, match=re.escape(str(tar))):
+        with_precomputed_teacher(build_stage(spec, "student", run.path, 3, CPU), spec, run.path, 0, 1, None)
+    manifest = json.loads((run.path / "student" / DIRECTORY_NAME / MANIFEST_NAME).read_text())
+    assert manifest["unusable"] == [] and manifest["epochs"] == []
 
 
 def test_outputs_of_other_teacher_weights_are_refused_then_computed_again(tmp_path, tiny_shards,
