@@ -40,6 +40,8 @@ spec_option = click.option("-c", "--spec", "spec_path", type=click.Path(exists=T
                            help="Job spec (YAML). Default: the embedded quickstart spec.")
 workdir_option = click.option("--workdir", type=click.Path(file_okay=False),
                               help="Where data and runs go (overrides the spec's workdir).")
+force_option = click.option("--force", is_flag=True, help="Submit into an existing run even if the spec changes what "
+                            "its stages were trained on (data, model, seed).")
 set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=_assignments,
                           help="Override a spec key, as YAML: --set student.distill.weight=0.5 (repeatable).")
 
@@ -53,7 +55,8 @@ def main() -> None:
 @spec_option
 @workdir_option
 @set_option
-def quickstart(spec_path: str | None, workdir: str | None, sets: dict) -> None:
+@force_option
+def quickstart(spec_path: str | None, workdir: str | None, sets: dict, force: bool) -> None:
     """Make a small motion dataset, prepare shards, train teacher, student and RGB baseline; print the table."""
     from d3d_cluster.files import write_json_atomically
     from d3d_cluster.launch.pipeline import JobCancelled, run_pipeline
@@ -63,7 +66,10 @@ def quickstart(spec_path: str | None, workdir: str | None, sets: dict) -> None:
     started = time.time()
     _prepare(spec)
     prep_seconds = time.time() - started
-    run = RunDir.create(spec)
+    try:
+        run = RunDir.create(spec, force)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
     console.print(f"run directory: {run.path}")
     try:
         results = run_pipeline(run, echo=echo)
@@ -124,8 +130,9 @@ def prep(spec_path: str | None, workdir: str | None, workers: int | None, cluste
               "(default: prep.workers).")
 @click.option("--dry-run", is_flag=True, help="Print the sbatch scripts that would be submitted; submit nothing.")
 @set_option
+@force_option
 def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: int, prep_workers: int | None,
-           dry_run: bool, sets: dict, **flags) -> None:
+           dry_run: bool, sets: dict, force: bool, **flags) -> None:
     """Queue a stage, the evaluation, the whole pipeline or dataprep on Slurm (teacher and baseline, the student
     after the teacher, the evaluation after both), or run it in the foreground with the local executor. Flags
     override the spec; everything is checked before the first job is queued. `doctor` runs `d3dc doctor` on
@@ -144,7 +151,8 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
         if dry_run:
             click.echo(submission.dry_run(spec, target, prep_tasks, prep_workers), nl=False)
             return
-        result = submission.submit(spec, target, echo=echo, prep_tasks=prep_tasks, prep_workers=prep_workers)
+        result = submission.submit(spec, target, echo=echo, prep_tasks=prep_tasks, prep_workers=prep_workers,
+                                   force=force)
     except (FileNotFoundError, ValueError, JobCancelled) as error:
         raise click.ClickException(str(error)) from None
     if target == "doctor":

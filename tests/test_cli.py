@@ -207,3 +207,20 @@ def test_the_headline_command_says_how_to_fit_the_batch_and_then_shows_the_plan(
     assert planned.output.startswith("# 16 ranks (8 nodes x 2): global batch 256 = 16 clips a rank x 16 ranks x 1 "
                                      "accumulation steps; learning rates teacher 0.003, student 0.001")
     assert "#SBATCH --nodes=8" in planned.output
+
+
+def test_a_student_submitted_after_a_teacher_of_another_network_is_refused_before_anything_is_queued(tmp_path,
+                                                                                                     tiny_shards):
+    from conftest import finish_stage, tiny_spec
+
+    from d3d_cluster.launch.rundir import RunDir
+
+    spec = tiny_spec(tmp_path, data={**tiny_spec(tmp_path).data.model_dump(), "shards": str(tiny_shards)})
+    run = RunDir.create(spec)
+    finish_stage(run, "teacher", seed=0)
+    (tmp_path / "spec.yaml").write_text(spec.to_yaml())
+    result = CliRunner().invoke(main, ["submit", "student", "-c", str(tmp_path / "spec.yaml"), "--set",
+                                       "model.width=0.5", "--force"])
+    assert result.exit_code != 0
+    assert "teacher/model.pt: does not fit" in result.output and "shape mismatches" in result.output
+    assert not (run.path / "student").exists()

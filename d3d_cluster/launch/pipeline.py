@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from d3d_cluster.data.pipeline import clip_geometry, mirrored_labels
 from d3d_cluster.data.schema import SPLITS, Manifest
 from d3d_cluster.launch.executor import check_cluster, make_executor
@@ -17,7 +19,7 @@ from d3d_cluster.launch.job import EvalJob, StageJob
 from d3d_cluster.launch.requeue import count_events, exit_hook, job_events
 from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
-from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network
+from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network, load_frozen_teacher
 from d3d_cluster.train.teacher_outputs import check_space
 
 EVAL = "eval"
@@ -69,9 +71,11 @@ def check_ready(spec: Spec, *stages: str) -> None:
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r} (expected one of {', '.join(STAGES)})")
     teacher = spec.run_dir / "teacher" / EXPORT_NAME
-    if "student" in stages and "teacher" not in stages and not teacher.is_file():
-        raise FileNotFoundError(f"{teacher}: the student needs a finished teacher in this run; train the teacher "
-                                "first (or submit the pipeline)")
+    if "student" in stages and "teacher" not in stages:
+        if not teacher.is_file():
+            raise FileNotFoundError(f"{teacher}: the student needs a finished teacher in this run; train the teacher "
+                                    "first (or submit the pipeline)")
+        load_frozen_teacher(spec, teacher.parent, len(manifest.classes), torch.device("cpu"))  # it is the spec's network
     if "student" in stages and spec.student.distill.precompute:
         check_space(spec, len(manifest.classes), manifest.splits["train"].samples)
     check_initial_weights(spec, len(manifest.classes))

@@ -18,15 +18,57 @@ SUMMARY_NAME = "summary.json"
 TRAIN_LOG_NAME = "train_log.jsonl"  # rank 0's record of every step of a stage
 
 
+# What the trained networks and their data are made of: a run whose spec changes any of it would mix stages trained
+# on different things. The keys listed as free change how or where, not what, and may change like any other section.
+WHAT_IS_TRAINED = ("seed", "prep.", "data.", "model.")
+FREE_TO_CHANGE = {"prep.workers", "data.reader_threads", "data.eval_clips", "data.eval_crops", "model.compile"}
+
+
+class SpecChanged(ValueError):
+    """Submitting into an existing run with a spec that changes what its stages were trained on."""
+
+
+def spec_changes(old: Spec, new: Spec) -> dict[str, tuple]:
+    """Every dotted key whose value differs: key -> (old, new)."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    before, after = flat(old.model_dump()), flat(new.model_dump())
+    return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)}
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.changes: dict[str, tuple] = {}  # what `create` changed in an existing run's spec
 
     @classmethod
-    def create(cls, spec: Spec) -> "RunDir":
+    def create(cls, spec: Spec, force: bool = False) -> "RunDir":
+        """The run directory with `spec` as its spec. An existing run keeps its record: a spec that changes what its
+        stages were trained on is refused, listing the changes, unless `force`; the spec it replaces is kept beside
+        it (spec.yaml.001, .002...), and the changes are in `changes` for the caller to show."""
         run = cls(spec.run_dir)
+        stored = run.path / SPEC_NAME
+        changes = spec_changes(run.spec(), spec) if stored.is_file() else {}
+        trained = [key for key in changes if key.startswith(WHAT_IS_TRAINED) and key not in FREE_TO_CHANGE]
+        if trained and not force:
+            lines = "\n".join(f"  {key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in trained)
+            raise SpecChanged(f"{stored}: the run {spec.name!r} was made with another spec; these changes would mix "
+                              f"stages trained on different data or networks:\n{lines}\npass --force to rewrite the "
+                              f"run's spec anyway, or give the new spec its own run (--name, or --set name=...)")
         run.path.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(run.path / SPEC_NAME, spec.to_yaml())
+        if changes:  # the spec the earlier stages ran with stays beside the new one, numbered in order
+            number = len(list(run.path.glob(f"{SPEC_NAME}.*"))) + 1
+            write_text_atomically(run.path / f"{SPEC_NAME}.{number:03d}", stored.read_text())
+        write_text_atomically(stored, spec.to_yaml())
+        run.changes = changes
         return run
 
     def spec(self) -> Spec:

@@ -116,7 +116,7 @@ def _job_script(spec: Spec, planned: PlannedJob) -> str:
 
 
 def submit(spec: Spec, target: str, echo: Callable[[str], None] = print, prep_tasks: int = 1,
-           prep_workers: int | None = None) -> dict:
+           prep_workers: int | None = None, force: bool = False) -> dict:
     """Check everything, then queue `target`'s jobs (Slurm: their job ids by name) or run them in the foreground
     (local: the last job's result). `prep` writes the spec's shards, outside any run; `doctor` checks the nodes,
     also outside any run, and waits on Slurm too: its result is every node's report."""
@@ -129,8 +129,10 @@ def submit(spec: Spec, target: str, echo: Callable[[str], None] = print, prep_ta
     slurm = spec.cluster.executor == "slurm"
     if slurm:
         _refuse_live_jobs(RunDir(spec.run_dir))
-    run = RunDir.create(spec)
+    run = RunDir.create(spec, force)
     echo(f"run directory: {run.path}")
+    for key, (before, after) in run.changes.items():
+        echo(f"spec change in this run: {key}: {before!r} -> {after!r}")
     echo(batch_plan(spec))
     if slurm:
         return queue_jobs(run, jobs, echo)

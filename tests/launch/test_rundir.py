@@ -49,3 +49,27 @@ def test_a_line_torn_by_a_crash_is_skipped_and_reported_and_the_next_event_is_wh
     assert [f["host"] for f in last_run_failures(events)] == ["node7"]  # what the requeue hook decides on
     statuses = run_status(run, slurm={})  # and `d3dc status`
     assert [(s.stage, s.last_event) for s in statuses] == [("teacher", "failed")]
+
+
+def test_a_spec_that_changes_what_a_run_was_trained_on_is_refused_listing_the_changes_unless_forced(tmp_path):
+    import pytest
+
+    from d3d_cluster.launch.rundir import SPEC_NAME, SpecChanged
+
+    spec = tiny_spec(tmp_path)
+    run = RunDir.create(spec)
+    before = (run.path / SPEC_NAME).read_text()
+    changed = spec.with_overrides(**{"data.crop_size": 16, "model.width": 0.5, "cluster.tasks_per_node": 1,
+                                     "data.reader_threads": 2})
+    with pytest.raises(SpecChanged) as refused:
+        RunDir.create(changed)
+    assert "data.crop_size: 24 -> 16" in str(refused.value) and "model.width: 0.25 -> 0.5" in str(refused.value)
+    assert "tasks_per_node" not in str(refused.value) and "reader_threads" not in str(refused.value)
+    assert (run.path / SPEC_NAME).read_text() == before  # nothing written
+
+    where = spec.with_overrides(**{"cluster.tasks_per_node": 1, "data.reader_threads": 2})  # how, not what
+    assert set(RunDir.create(where).changes) == {"cluster.tasks_per_node", "data.reader_threads"}
+    forced = RunDir.create(changed, force=True)
+    assert forced.spec() == changed and forced.changes["data.crop_size"] == (24, 16)
+    kept = sorted(run.path.glob(f"{SPEC_NAME}.*"))
+    assert len(kept) == 2 and kept[0].read_text() == before  # every replaced spec stays beside the new one
