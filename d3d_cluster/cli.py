@@ -275,8 +275,14 @@ def status(run: str | None, spec_path: str | None, workdir: str | None) -> None:
                       f"{job.last_event} {job.last_time}", "" if job.step is None else str(job.step),
                       "" if job.epoch is None else f"{job.epoch:.2f}",
                       Text(f"{checkpoint.get('tag', '')} (step {checkpoint.get('step')}) {checkpoint['time']}")
-                      if checkpoint else "", str(job.requeues), Text(note))  # Text: an error is not markup
+                      if checkpoint else "", _requeues(job), Text(note))  # Text: an error is not markup
     console.print(table)
+
+
+def _requeues(job) -> str:
+    """The requeues by cause, each against its own budget: `3 (preemption 2, time limit 1)`."""
+    causes = ", ".join(f"{cause} {count}" for cause, count in sorted(job.requeue_causes.items()))
+    return f"{job.requeues} ({causes})" if causes else str(job.requeues)
 
 
 @main.command()

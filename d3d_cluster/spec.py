@@ -251,7 +251,11 @@ class ClusterSpec(_Section):
     mem: str | None = Field(None, pattern=r"^[0-9]+[KMGT]?$", description="memory per node, as sbatch --mem (32G)")
     exclusive: bool = Field(False, description="whole nodes, shared with no other job")
     signal_delay_s: int = Field(90, ge=1, description="USR2 this long before the time limit, to checkpoint in")
-    max_requeues: int = Field(3, ge=0, description="time-limit requeues allowed (submitit's max_num_timeout)")
+    # Preemptions are not the job's fault and never use up a budget (submitit counts them apart too).
+    max_time_limit_requeues: int = Field(20, ge=0, description="requeues after reaching the time limit: a run needs "
+                                                                "one per time limit it outlives")
+    max_crash_requeues: int = Field(3, ge=0, description="requeues after a death without warning (a killed rank, an "
+                                                         "out-of-memory kill, a node Slurm requeued the job from)")
 
     @property
     def wants_gpu(self) -> bool:

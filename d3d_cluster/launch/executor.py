@@ -60,7 +60,7 @@ def executor_parameters(cluster: ClusterSpec, name: str, dependency: str | None 
 def make_executor(cluster: ClusterSpec, folder: Path, name: str = "d3dc", dependency: str | None = None,
                   on_exit: str | None = None) -> submitit.Executor:
     if cluster.executor == "slurm":
-        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cluster.max_requeues)
+        executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cluster.max_time_limit_requeues)
         executor.update_parameters(**executor_parameters(cluster, name, dependency, on_exit))
         return executor
     executor = submitit.LocalExecutor(folder=folder)

@@ -42,8 +42,12 @@ class DeviceUnavailable(RuntimeError):
 # Failures a requeue would only repeat: bad input found on the node, a diverged run, a step that does not fit in
 # the GPU's memory, a node without the GPUs the spec asks for. Anything else (a lost peer, an NCCL timeout, an I/O
 # error) may go differently next time.
+class RequeueBudgetSpent(RuntimeError):
+    """Slurm requeued the job itself more often than `cluster.max_crash_requeues` allows."""
+
+
 NOT_RETRYABLE = (ValueError, FileNotFoundError, KeyError, NonFiniteLoss, CorruptStep, torch.cuda.OutOfMemoryError,
-                 DeviceUnavailable)
+                 DeviceUnavailable, RequeueBudgetSpent)
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,12 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
     log_path = stage_dir / TRAIN_LOG_NAME
     resume = checkpoints.choose(checkpoint_dir)
     steps_lost = _forget_steps_after(log_path, resume.step if resume else 0) if rank.rank == 0 else 0
+    if rank.rank == 0 and rank.cluster == "slurm":
+        from d3d_cluster.launch.requeue import count_slurm_requeues
+
+        spent = count_slurm_requeues(run, stage_name, rank.job_id)
+        if spent:
+            raise RequeueBudgetSpent(spent)
     if rank.rank == 0:
         run.event("started", stage=stage_name, job_id=rank.job_id, world_size=rank.world, master=rank.master,
                   **({"resumed_from": resume.tag, "step": resume.step, "steps_lost": steps_lost,

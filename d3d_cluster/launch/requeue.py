@@ -1,13 +1,20 @@
-"""How a run's job goes back to the queue, within `cluster.max_requeues`.
+"""How a run's job goes back to the queue, within budgets per cause.
 
 Two ways:
 - told to stop (USR2 before the time limit or on preemption, SIGTERM on preemption): every rank has
-  checkpointed; rank 0 records the event and requeues (`requeue_stopped`, from inside the job);
+  checkpointed; rank 0 records the decision and requeues (`requeue_stopped`, from inside the job);
 - died without warning (a killed rank, an out-of-memory kill): the batch script's EXIT trap runs
   `python -m d3d_cluster.launch.requeue RUN JOB EXIT_CODE` after srun has ended (every task is gone: srun runs
   with --kill-on-bad-exit), which requeues the job unless it finished, was cancelled, was already requeued, or
   failed for a reason a retry cannot fix (`requeue_lost`). It resumes from the last periodic checkpoint.
-A failed node is Slurm's own case: jobs submitted with --requeue are requeued by Slurm.
+A failed node is Slurm's own case: jobs submitted with --requeue are requeued by Slurm, and the job finds out on
+start-up from SLURM_RESTART_COUNT (`count_slurm_requeues`).
+
+Budgets, as submitit keeps them: a preemption is not the job's fault and is always requeued; time-limit requeues
+(`cluster.max_time_limit_requeues`) and requeues after a death without warning or by Slurm itself
+(`cluster.max_crash_requeues`) are bounded apart. Every `requeued` event carries its cause. A decision is recorded
+before it is acted on: `scontrol requeue` ends the batch script that runs the exit hook, so an event written after it
+could be lost and the budget undercounted.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from d3d_cluster.launch.rundir import RunDir
@@ -23,47 +31,97 @@ from d3d_cluster.launch.rundir import RunDir
 # Slurm states in which a job's end is final: a user's decision, not a loss. A cancelled job reads COMPLETING
 # while its tasks are being killed.
 FINAL_STATES = ("CANCELLED", "COMPLETED", "COMPLETING")
+# Causes of a requeue, and the spec key that bounds each (None: never bounded).
+BUDGETS = {"preemption": None, "signal": None, "time limit": "max_time_limit_requeues",
+           "crash": "max_crash_requeues", "slurm": "max_crash_requeues"}
+
+
+def requeue_counts(events: list[dict]) -> Counter:
+    """Requeues of one job by cause (an event from before causes were recorded counts as a crash)."""
+    return Counter(e.get("cause", "crash") for e in events if e["event"] == "requeued")
+
+
+def budget_used(spec, events: list[dict], cause: str) -> tuple[int, int | None, str | None]:
+    """Requeues already spent from `cause`'s budget, its limit (None: unbounded) and the key that sets it."""
+    key = BUDGETS[cause]
+    if key is None:
+        return 0, None, None
+    counts = requeue_counts(events)
+    used = sum(count for other, count in counts.items() if BUDGETS.get(other) == key)
+    return used, getattr(spec.cluster, key), key
+
+
+def _scontrol_requeue(run: RunDir, stage: str, job_id: str) -> None:
+    """Ask Slurm to requeue; a refusal (Slurm requeued the job itself, a timeout) is recorded, not raised."""
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        run.event("requeue_failed", stage=stage, job_id=job_id, error=str(detail).strip()[:500])
+
+
+def _decide_stopped(run: RunDir, spec, stage: str, rank, signal_name: str, step: int) -> tuple[str, str]:
+    """Rank 0's decision for a job every rank of which has checkpointed, recorded before it is acted on."""
+    events = job_events(run, stage, rank.job_id)
+    cancelled = count_events(events, "cancelled") > 0 or (
+        rank.cluster == "slurm" and _slurm_state(rank.job_id) in FINAL_STATES)
+    if cancelled:  # the job's own last word, after the request: where it stopped
+        run.event("cancelled", stage=stage, job_id=rank.job_id, step=step)
+        return "cancelled", ""
+    cause = _stop_reason(rank, spec.cluster.signal_delay_s)
+    run.event("preempted", stage=stage, job_id=rank.job_id, signal=signal_name, reason=cause, step=step)
+    used, limit, key = budget_used(spec, events, cause)
+    if limit is not None and used >= limit:
+        reason = (f"stopped by {signal_name} ({cause}) at step {step} after {used} {cause} requeues "
+                  f"(cluster.{key}); resubmit the stage to resume from its checkpoint")
+        run.event("failed", stage=stage, job_id=rank.job_id, retryable=False, error=reason)
+        return "exhausted", reason
+    run.event("requeued", stage=stage, job_id=rank.job_id, cause=cause, requeues=len(
+        [e for e in events if e["event"] == "requeued"]) + 1)
+    if rank.cluster == "slurm":
+        _scontrol_requeue(run, stage, rank.job_id)
+    return "requeue", ""
 
 
 def requeue_stopped(run_path: Path, stage: str, rank, signal_name: str, step: int) -> None:
-    """Every rank has checkpointed: rank 0 records why and requeues the job, then every rank exits without a
-    result, so that submitit runs the job again when it restarts. A job cancelled by its user (scancel sends
-    SIGTERM too) is left cancelled."""
+    """Every rank has checkpointed: rank 0 decides and records, and every rank gets the decision and its reason
+    (whatever went wrong on rank 0), then exits without a result, so that submitit runs the job again when it
+    restarts. A job cancelled by its user (scancel sends SIGTERM too) is left cancelled."""
     from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
     from d3d_cluster.collectives import from_rank0
 
     run = RunDir(run_path)
-    spec = run.spec()
-    events = job_events(run, stage, rank.job_id)
-    requeues = count_events(events, "requeued")
     decision = None
     if rank.rank == 0:
-        cancelled = count_events(events, "cancelled") > 0 or (
-            rank.cluster == "slurm" and _slurm_state(rank.job_id) in FINAL_STATES)
-        decision = "cancelled" if cancelled else "requeue" if requeues < spec.cluster.max_requeues else "exhausted"
-        if decision == "cancelled":  # the job's own last word, after the request: where it stopped
-            run.event("cancelled", stage=stage, job_id=rank.job_id, step=step)
-        else:
-            run.event("preempted", stage=stage, job_id=rank.job_id, signal=signal_name,
-                      reason=_stop_reason(rank, spec.cluster.signal_delay_s), step=step)
-        if decision == "requeue":
-            if rank.cluster == "slurm":
-                subprocess.run(["scontrol", "requeue", rank.job_id], check=True, timeout=60)
-            run.event("requeued", stage=stage, job_id=rank.job_id, requeues=requeues + 1)
-        elif decision == "exhausted":
-            run.event("failed", stage=stage, job_id=rank.job_id, retryable=False,
-                      error=f"stopped by {signal_name} at step {step} after {requeues} requeues "
-                            f"(cluster.max_requeues); resubmit the stage to resume from its checkpoint")
-    decision = from_rank0(decision)
-    if decision == "exhausted":
-        raise RuntimeError(f"stage {stage} stopped by {signal_name} at step {step}: no requeue left "
-                           f"(cluster.max_requeues = {spec.cluster.max_requeues}); its checkpoint is kept")
+        try:
+            decision = _decide_stopped(run, run.spec(), stage, rank, signal_name, step)
+        except Exception as error:  # never leave the other ranks waiting in the broadcast below
+            decision = ("error", f"rank 0 could not decide the requeue: {type(error).__name__}: {error}")
+    decision, reason = from_rank0(decision)
+    if decision in ("exhausted", "error"):
+        raise RuntimeError(f"stage {stage}: {reason}; its checkpoint is kept")
     if decision == "cancelled":
         print(f"[{stage}] cancelled; checkpointed at step {step}", flush=True)
         raise SystemExit(1)
     print(f"[{stage}] checkpointed at step {step} after {signal_name}; requeued", flush=True)
     raise SystemExit(LOCAL_REQUEUE_RETURN_CODE if rank.cluster == "local" else 1)
+
+
+def count_slurm_requeues(run: RunDir, stage: str, job_id: str) -> str | None:
+    """On a job's start: requeues Slurm made itself (SLURM_RESTART_COUNT beyond the requeues recorded) are recorded
+    with cause "slurm"; the reason the job must not run again if that spends the crash budget, else None."""
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    events = job_events(run, stage, job_id)
+    unrecorded = restarts - count_events(events, "requeued")
+    for _ in range(max(0, unrecorded)):
+        events.append({"event": "requeued", "cause": "slurm"})
+        run.event("requeued", stage=stage, job_id=job_id, cause="slurm", requeues=count_events(events, "requeued"),
+                  reason=f"Slurm restarted the job (SLURM_RESTART_COUNT {restarts})")
+    used, limit, key = budget_used(run.spec(), events, "slurm")
+    if unrecorded > 0 and used > limit:
+        return f"Slurm requeued the job {restarts} times; {used} crash requeues exceed cluster.{key} ({limit})"
+    return None
 
 
 def exit_hook(run_path: Path, job: str) -> str:
@@ -90,15 +148,14 @@ def requeue_lost(run_path: Path, job: str, job_id: str, exit_code: int) -> str:
     state = _slurm_state(job_id)
     if state in FINAL_STATES:
         return f"not requeued: the job is {state}"
-    requeues = count_events(events, "requeued")
-    limit = run.spec().cluster.max_requeues
-    if requeues >= limit:
+    used, limit, key = budget_used(run.spec(), events, "crash")
+    if used >= limit:
         run.event("failed", stage=job, job_id=job_id, retryable=False,
-                  error=f"ended with exit code {exit_code} after {requeues} requeues (cluster.max_requeues)")
+                  error=f"ended with exit code {exit_code} after {used} crash requeues (cluster.{key})")
         return "not requeued: no requeue left"
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-    run.event("requeued", stage=job, job_id=job_id, requeues=requeues + 1,
+    run.event("requeued", stage=job, job_id=job_id, cause="crash", requeues=count_events(events, "requeued") + 1,
               reason=f"ended with exit code {exit_code} without warning")
+    _scontrol_requeue(run, job, job_id)
     return "requeued"
 
 

@@ -14,11 +14,11 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-from d3d_cluster.launch.requeue import last_run_failures
+from d3d_cluster.launch.requeue import last_run_failures, requeue_counts
 from d3d_cluster.launch.rundir import SPEC_NAME, TRAIN_LOG_NAME, RunDir
 
 # Slurm job states in which a job still holds, or waits for, resources.
@@ -84,6 +84,7 @@ class StageStatus:
     epoch: float | None = None
     checkpoint: dict | None = None
     requeues: int = 0
+    requeue_causes: dict[str, int] = field(default_factory=dict)  # preemption, time limit, crash, slurm
     error: str | None = None
 
     @property
@@ -145,7 +146,7 @@ def _stage_status(run: RunDir, stage: str, events: list[dict], slurm: dict[str, 
         last_event=last["event"], last_time=last["time"],
         slurm=slurm.get(job_id) if executor == "slurm" else None, step=step, epoch=epoch,
         checkpoint=checkpoints[-1] if checkpoints else None,
-        requeues=requeued[-1].get("requeues", len(requeued)) if requeued else 0,
+        requeues=len(requeued), requeue_causes=dict(requeue_counts(events)),
         error=_failure(failed[0]) if failed else None)
 
 

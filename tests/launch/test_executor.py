@@ -23,7 +23,7 @@ def test_only_the_slurm_settings_given_are_passed_one_task_per_rank():
 
 
 def test_slurm_executor_carries_the_spec_and_its_requeue_limit(tmp_path, slurm_cluster):
-    executor = make_executor(ClusterSpec(executor="slurm", tasks_per_node=2, max_requeues=5), tmp_path, name="run-teacher")
+    executor = make_executor(ClusterSpec(executor="slurm", tasks_per_node=2, max_time_limit_requeues=5), tmp_path, name="run-teacher")
     assert executor.max_num_timeout == 5
     assert executor.parameters["job_name"] == "run-teacher" and executor.parameters["ntasks_per_node"] == 2
     # A requeued job keeps its id: it may be requeued, and its task logs are appended to, not truncated.

@@ -29,7 +29,7 @@ PIPELINE = [
      "steps_lost": 0},
     {"event": "checkpointed", "stage": "teacher", "job_id": "11", "tag": "step-450", "step": 450, "epoch": 2.25,
      "seconds": 11.0, "reason": "preempted"},
-    {"event": "requeued", "stage": "teacher", "job_id": "11", "requeues": 1},
+    {"event": "requeued", "stage": "teacher", "job_id": "11", "requeues": 1, "cause": "time limit"},
     {"event": "started", "stage": "teacher", "job_id": "11", "world_size": 16, "master": "gpu3:29500",
      "resumed_from": "step-450"},
     {"event": "started", "stage": "baseline", "job_id": "12", "world_size": 16, "master": "gpu2:29500"},
@@ -44,7 +44,7 @@ def test_each_job_shows_its_slurm_state_progress_last_checkpoint_requeues_and_er
     teacher, baseline, student, evaluation = run_status(run, slurm)
     assert [job.stage for job in (teacher, baseline, student, evaluation)] == ["teacher", "baseline", "student", "eval"]
     assert (teacher.job_id, teacher.state, teacher.live, teacher.last_event) == ("11", "RUNNING", True, "started")
-    assert (teacher.step, teacher.epoch, teacher.requeues) == (450, 2.25, 1)
+    assert (teacher.step, teacher.epoch, teacher.requeues, teacher.requeue_causes) == (450, 2.25, 1, {"time limit": 1})
     assert teacher.checkpoint["tag"] == "step-450" and teacher.last_time == "2026-11-21T10:09:00+0000"
     assert (baseline.state, baseline.live, baseline.ended, baseline.error) == ("FAILED", False, True,
                                                                                "RuntimeError: NCCL timeout")
