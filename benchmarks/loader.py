@@ -5,7 +5,8 @@
 Both read the same samples in the same order, cut the same views (random start, crop, mirror) and hand out
 float tensors of the same shape: DALI with `data.reader_threads` = cores threads in one process, the baseline
 with `num_workers` = cores processes, each decoding with PyAV from the keyframe before the clip's start (as
-DALI's indexed decoder does). Rounds alternate between the two; medians and their ratio are reported.
+DALI does from the stream the loader cuts there). Rounds alternate between the two; medians and their ratio are
+reported.
 `--device-id 0` on a GPU machine measures the mixed (NVDEC) decoder instead of DALI's CPU one; `--shards DIR` reads
 prepared shards instead of making them, and `--no-baseline` times DALI alone (the GPU machine has no PyAV):
 

@@ -3,6 +3,8 @@
 The loader chooses the items and their views (`order`) and feeds the encoded bytes through
 `external_source`; DALI decodes (on the GPU with NVDEC when `device_id` is set, else on the CPU) from the
 chosen start frame with the chosen stride, resizes the chosen box to the crop size, mirrors and normalizes.
+Each stream is first cut to the clip, from the keyframe before its start (`webm.clip_stream`): DALI's CPU decoder
+would otherwise decode every frame before the start (BENCHMARKS).
 RGB and flow of a sample share one view. Flow is a displacement in pixels, so it is scaled with the box
 (a box resized by k moves k times as far) and its x component is negated when mirrored. Half the training clips
 are mirrored unless `data.mirror` is off; a mirrored clip of a class in `data.mirror_pairs` takes its pair's label.
@@ -37,6 +39,7 @@ import torch
 from d3d_cluster.data.index import SampleTable, ShardReadError
 from d3d_cluster.data.order import Geometry, View, epoch_order, eval_views, global_steps, rank_steps, train_view
 from d3d_cluster.data.schema import FLOW_EXT, RGB_EXT, Manifest
+from d3d_cluster.data.webm import clip_stream
 from d3d_cluster.spec import DataSpec
 
 # Kinetics RGB statistics (0-255 scale), as video models trained on Kinetics normalize.
@@ -176,13 +179,13 @@ def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, thre
                     prefetch_queue_depth=2)
     with pipe:
         optional = [name for name, wanted in (("box_end", resize), ("flow_scale", "flow" in modalities)) if wanted]
-        labels, samples, views, start, box_start, flip, *rest = fn.external_source(
-            source=source, num_outputs=6 + len(optional) + len(modalities), batch=True,
-            dtype=[types.INT64, types.INT64, types.INT64, types.INT32, types.FLOAT, types.INT32]
-            + [types.FLOAT] * len(optional) + [types.UINT8] * len(modalities),
+        labels, samples, views, box_start, flip, *rest = fn.external_source(
+            source=source, num_outputs=5 + len(optional) + 2 * len(modalities), batch=True,
+            dtype=[types.INT64, types.INT64, types.INT64, types.FLOAT, types.INT32]
+            + [types.FLOAT] * len(optional) + [types.INT32, types.UINT8] * len(modalities),
         )
         columns = dict(zip(optional, rest))
-        box_end, flow_scale, encoded = columns.get("box_end"), columns.get("flow_scale"), rest[len(optional):]
+        box_end, flow_scale, streams = columns.get("box_end"), columns.get("flow_scale"), rest[len(optional):]
         side = geometry.crop
         finish = dict(mirror=flip, output_layout="CFHW", dtype=types.FLOAT)
         if resize:
@@ -196,7 +199,7 @@ def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, thre
             def cut(video):
                 return video
         outputs = []
-        for modality, blob in zip(modalities, encoded):
+        for modality, start, blob in zip(modalities, streams[0::2], streams[1::2]):
             video = fn.decoders.video(blob, device=decoder, start_frame=start, stride=geometry.stride,
                                       sequence_length=geometry.clip_frames)
             if modality == "rgb":
@@ -348,7 +351,6 @@ class ClipLoader:
              for label, v in zip(map(self.table.label, planned.samples), views)],
             [np.array(s, dtype=np.int64) for s in planned.samples],
             [np.array(v, dtype=np.int64) for v in planned.views],
-            [np.array(v.start, dtype=np.int32) for v in views],
             [np.array([v.top, v.left], dtype=np.float32) for v in views],
             [np.array(v.flip, dtype=np.int32) for v in views],
         ]
@@ -358,10 +360,19 @@ class ClipLoader:
         if "flow" in modalities:
             columns.append([np.array([(-1.0 if v.flip else 1.0) * side / v.width, side / v.height],
                                      dtype=np.float32).reshape(2, 1, 1, 1) for v in views])
+        span = (self.geometry.clip_frames - 1) * self.geometry.stride
         for modality in modalities:
             ext = RGB_EXT if modality == "rgb" else FLOW_EXT
-            columns.append([self.table.read(s, ext) for s in planned.samples])
+            cut = [self._clip_stream(self.table.read(s, ext), v.start, span) for s, v in zip(planned.samples, views)]
+            columns += [[np.array(start, dtype=np.int32) for start, _ in cut], [stream for _, stream in cut]]
         return tuple(columns)
+
+    @staticmethod
+    def _clip_stream(blob: np.ndarray, start: int, span: int) -> tuple[int, np.ndarray]:
+        """(start frame, stream) DALI decodes a clip of frames `start`..`start + span` from: the stream cut to the
+        clip from the keyframe before it, or the whole stream where it cannot be cut (as a damaged one)."""
+        cut = clip_stream(blob, start, start + span)
+        return (start, blob) if cut is None else (cut[1], cut[0])
 
     def _start_pipeline(self) -> None:
         self._source = _BatchSource(self, self._plan(*self._consumed))

@@ -379,6 +379,28 @@ def test_training_clips_start_anywhere_in_each_video_and_are_decoded_from_there(
     loader.close()
 
 
+def _frames_of(stream: np.ndarray) -> list[np.ndarray]:
+    with av.open(io.BytesIO(stream.tobytes())) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+@pytest.mark.parametrize("start", [203, 232])
+def test_a_late_clip_reaches_dali_as_its_stream_from_the_keyframe_before_its_start(mixed_length_shards, start):
+    """DALI's CPU decoder would decode every frame before the start (BENCHMARKS): it is handed the frames from the
+    keyframe before the start through the clip's last, and the start counted from that keyframe."""
+    loader = _loader(mixed_length_shards)
+    interval = Manifest.load(mixed_length_shards).keyframe_interval
+    keyframe, last = start - start % interval, start + (DATA.clip_frames - 1) * DATA.frame_stride
+    loader._view = lambda epoch, sample, view: View(start, 0, 0, 24, 24, False)
+    columns = loader.columns(_Planned(0, 0, [loader.table.frames.index(250)], [0]))
+    rgb, flow = (column[0] for column in columns if column[0].dtype == np.uint8)  # the encoded streams
+    assert [len(_frames_of(stream)) for stream in (rgb, flow)] == [last + 1 - keyframe] * 2
+    assert [int(columns[i][0]) for i in (-4, -2)] == [start - keyframe] * 2  # each stream's start, before it
+    levels = [frame.mean(axis=(0, 1)) for frame in _frames_of(rgb)]
+    assert [16 * round((r - 8) / 16) + round((g - 8) / 16) for r, g, _ in levels] == list(range(keyframe, last + 1))
+    loader.close()
+
+
 def test_evaluation_views_of_a_long_video_are_spread_across_it(mixed_length_shards):
     data = DATA.model_copy(update={"eval_clips": 10, "eval_crops": 1})
     loader = _loader(mixed_length_shards, split="val", train=False, data=data, modalities=("rgb",))
