@@ -71,7 +71,7 @@ def main() -> None:
                  "batch_size": args.batch, "reader_threads": args.reader_threads},
         "model": {"width": args.width}, "teacher": {"epochs": epochs}, "student": {"epochs": epochs},
         "deepspeed": {"global_batch_size": args.batch}, "checkpoint": {"every_steps": 10**6},
-        "cluster": {"tasks_per_node": 1}}))
+        "cluster": {"executor": "local", "tasks_per_node": 1}}))
     results = {}
     for stage in ("teacher", "student"):
         run_stage(run, stage, echo=lambda line: None)

@@ -79,7 +79,7 @@ def main() -> None:
     args = parse_args(parser, SMOKE)
 
     base = Spec().with_overrides(workdir=args.workdir, **{**(SMOKE_SPEC if args.smoke else {}),
-                                                          "prep.flow.algorithm": "farneback",
+                                                          "prep.flow.algorithm": "farneback", "cluster.executor": "local",
                                                           "student.epochs": args.epochs,
                                                           "student.distill.target": args.target})
     started = time.time()

@@ -36,7 +36,7 @@ def main() -> None:
     args = parse_args(parser, SMOKE)
 
     spec = (load_spec(args.spec) if args.spec else Spec()).with_overrides(
-        workdir=args.workdir, **(SMOKE_SPEC if args.smoke else {}))
+        workdir=args.workdir, **{"cluster.executor": "local"}, **(SMOKE_SPEC if args.smoke else {}))
     spec_path = Path(args.workdir) / "benchmark-spec.yaml"  # what `d3dc prep` reads: the spec trained below
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(spec.to_yaml())

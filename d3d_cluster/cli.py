@@ -63,6 +63,8 @@ def quickstart(spec_path: str | None, workdir: str | None, sets: dict, force: bo
     from d3d_cluster.launch.rundir import RESULTS_NAME, RunDir
 
     spec = _spec(spec_path, workdir, sets)
+    if spec.cluster.executor == "auto":  # the quickstart runs here, in the foreground, whatever cluster is near
+        spec = spec.with_overrides(**{"cluster.executor": "local"})
     started = time.time()
     _prepare(spec)
     prep_seconds = time.time() - started
@@ -92,14 +94,19 @@ def quickstart(spec_path: str | None, workdir: str | None, sets: dict, force: bo
 def prep(spec_path: str | None, workdir: str | None, workers: int | None, cluster: str | None, tasks: int | None,
          wait: bool, sets: dict) -> None:
     """Turn the spec's raw videos (or a generated motion dataset) into WebDataset shards."""
-    spec = _spec(spec_path, workdir, sets)
-    where = cluster or spec.cluster.executor
+    from d3d_cluster.launch.executor import resolve_executor
+
+    spec = _spec(spec_path, workdir, sets, **({"cluster.executor": cluster} if cluster else {}))
+    try:
+        spec = resolve_executor(spec, echo)
+    except SpecError as error:
+        raise click.ClickException(str(error)) from None
+    where = spec.cluster.executor
     if tasks is not None and where != "slurm":
         raise click.ClickException("--array needs --cluster slurm (locally, --workers sets the parallelism)")
     if where == "slurm":
         from d3d_cluster.launch.prep import submit_prep
 
-        spec = spec.with_overrides(**{"cluster.executor": "slurm"})
         try:
             submit_prep(spec, tasks or 1, workers or spec.prep.workers, echo=echo, wait=wait)
         except ValueError as error:
@@ -138,6 +145,7 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
     override the spec; everything is checked before the first job is queued. `doctor` runs `d3dc doctor` on
     each node the spec asks for, as a job, waits for it and prints every node's report."""
     from d3d_cluster.launch import submit as submission
+    from d3d_cluster.launch.executor import resolve_executor
     from d3d_cluster.launch.pipeline import JobCancelled
 
     if target != "prep" and (prep_tasks != 1 or prep_workers is not None):
@@ -148,6 +156,7 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
         raise click.ClickException(str(error)) from None
     spec = _spec(spec_path, workdir, sets, **overrides)
     try:
+        spec = resolve_executor(spec, (lambda line: click.echo(f"# {line}")) if dry_run else echo)
         if dry_run:
             click.echo(submission.dry_run(spec, target, prep_tasks, prep_workers), nl=False)
             return
@@ -176,7 +185,12 @@ def doctor(spec_path: str | None, workdir: str | None, as_json: bool) -> None:
 
     from d3d_cluster.launch.doctor import node_report
 
-    report = node_report(_spec(spec_path, workdir))
+    from d3d_cluster.launch.executor import resolve_executor
+
+    try:
+        report = node_report(resolve_executor(_spec(spec_path, workdir)))
+    except SpecError as error:
+        raise click.ClickException(str(error)) from None
     if not as_json:
         _show_doctor([report])
         return

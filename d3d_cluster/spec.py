@@ -232,7 +232,9 @@ class ClusterSpec(_Section):
     """Where and how big a stage runs: nodes x tasks_per_node ranks. The Slurm settings left at None are not
     passed to sbatch, so the cluster's own defaults apply; the local executor ignores them."""
 
-    executor: Literal["local", "slurm"] = "local"
+    executor: Literal["auto", "local", "slurm"] = Field(
+        "auto", description="auto: Slurm where its commands are installed and its controller answers, else local "
+                            "(submitit's AutoExecutor convention); resolved when a job is submitted")
     nodes: int = Field(1, ge=1)
     tasks_per_node: int = Field(2, ge=1, description="ranks per node: one per GPU, or CPU processes")
     cpus_per_task: int = Field(1, ge=1)

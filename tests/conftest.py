@@ -28,7 +28,10 @@ TINY = {
 
 
 def tiny_spec(workdir: Path, **sections) -> Spec:
-    tree = {**TINY, **sections, "workdir": str(workdir)}
+    """The tiny spec; its cluster runs locally unless `cluster` says otherwise (auto would follow a Slurm cluster
+    a test has started)."""
+    cluster = {"executor": "local", **sections.pop("cluster", {})}
+    tree = {**TINY, **sections, "cluster": cluster, "workdir": str(workdir)}
     return Spec.model_validate(tree)
 
 

@@ -195,7 +195,7 @@ def test_a_bad_set_names_the_key_and_what_was_expected_before_anything_runs(tmp_
 
 def test_the_headline_command_says_how_to_fit_the_batch_and_then_shows_the_plan(tmp_path):
     flags = ["submit", "student", "--nodes", "8", "--workdir", str(tmp_path), "--dry-run"]
-    local = CliRunner().invoke(main, flags)
+    local = CliRunner().invoke(main, [*flags, "--cluster", "local"])
     assert local.exit_code != 0 and "queue it on Slurm with --cluster slurm" in local.output
     refused = CliRunner().invoke(main, [*flags, "--cluster", "slurm"])
     advice = " ".join(refused.output.split())

@@ -22,7 +22,7 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
     [
         ({"teacher": {"optimzer": {}}}, "unknown key teacher.optimzer (expected one of: epochs, optimizer, init)"),
         ({"student": {"distill": {"weight": -1}}}, "student.distill.weight: Input should be greater than or equal to 0"),
-        ({"cluster": {"executor": "k8s"}}, "cluster.executor: Input should be 'local' or 'slurm' (got 'k8s')"),
+        ({"cluster": {"executor": "k8s"}}, "cluster.executor: Input should be 'auto', 'local' or 'slurm' (got 'k8s')"),
         ({"data": {"crop_size": "big"}}, "data.crop_size: Input should be a valid integer"),
         ({"deepspeed": {"global_batch_size": 24}}, "must be a multiple of data.batch_size x world size (16 x 2 = 32)"),
         ({"data": {"crop_size": 96}}, "data.crop_size (96) exceeds prep.short_side (64)"),
@@ -31,7 +31,7 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"prep": {"frame_size": [224, 225]}}, "prep.frame_size: Value error, must be [height, width], both even"),
         ({"prep": {"source": "youtube"}}, "prep.source: Input should be 'synthetic', 'csv', 'ucf101', 'hmdb51' or 'kinetics'"),
         ({"name": "has space"}, "name: String should match pattern"),
-        ({"cluster": {"nodes": 2}}, "cluster.nodes is 2: the local executor runs on one node"),
+        ({"cluster": {"executor": "local", "nodes": 2}}, "cluster.nodes is 2: the local executor runs on one node"),
         ({"cluster": {"executor": "slurm", "gpus_per_node": 4}},
          "cluster.gpus_per_node (4) must equal cluster.tasks_per_node (2): one rank per GPU"),
         ({"cluster": {"gpus_per_node": 2, "device": "cpu"}},

@@ -8,10 +8,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import submitit
 
-from d3d_cluster.spec import ClusterSpec
+from d3d_cluster.spec import ClusterSpec, Spec, SpecError
 
 SLURM_COMMANDS = ("sbatch", "srun", "sinfo")
 
@@ -57,8 +58,39 @@ def executor_parameters(cluster: ClusterSpec, name: str, dependency: str | None 
     return parameters
 
 
+def detect_executor() -> tuple[str, str]:
+    """Where `cluster.executor: auto` runs, and why: Slurm where its commands are installed and `sinfo` gets an
+    answer from the controller within 15 s, else the local executor."""
+    missing = [command for command in SLURM_COMMANDS if shutil.which(command) is None]
+    if missing:
+        return "local", f"no Slurm here ({', '.join(missing)} not on PATH)"
+    try:
+        answered = subprocess.run(["sinfo", "--noheader", "--format=%P"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "local", "Slurm's controller did not answer sinfo within 15 s"
+    if answered.returncode != 0:
+        return "local", f"Slurm's controller did not answer ({(answered.stderr.strip().splitlines() or ['?'])[-1]})"
+    return "slurm", "sinfo answered"
+
+
+def resolve_executor(spec: Spec, echo: Callable[[str], None] = lambda line: None) -> Spec:
+    """The spec with `cluster.executor: auto` made `slurm` or `local` (said through `echo`); other specs as they are.
+    A spec that only the local executor would refuse (several nodes) is refused naming why auto chose it."""
+    if spec.cluster.executor != "auto":
+        return spec
+    executor, why = detect_executor()
+    echo(f"cluster.executor auto: {executor} ({why})")
+    try:
+        return spec.with_overrides(**{"cluster.executor": executor})
+    except SpecError as error:
+        raise SpecError(f"{error}\n(cluster.executor auto chose {executor}: {why})") from None
+
+
 def make_executor(cluster: ClusterSpec, folder: Path, name: str = "d3dc", dependency: str | None = None,
                   on_exit: str | None = None) -> submitit.Executor:
+    if cluster.executor == "auto":
+        raise ValueError("cluster.executor auto must be resolved (launch.executor.resolve_executor) before a job is "
+                         "made: the run's spec records where it runs")
     if cluster.executor == "slurm":
         executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=cluster.max_time_limit_requeues)
         executor.update_parameters(**executor_parameters(cluster, name, dependency, on_exit))

@@ -124,7 +124,7 @@ def _stage_run(workdir: Path, shards: Path):
         "data": {"shards": str(shards), **STAGE_DATA},
         "model": {"width": 0.5}, "teacher": {"epochs": 4}, "student": {"epochs": 2},
         "deepspeed": {"global_batch_size": 4}, "checkpoint": {"every_steps": 5},
-        "cluster": {"tasks_per_node": 1, "device": "cuda"}}))
+        "cluster": {"executor": "local", "tasks_per_node": 1, "device": "cuda"}}))
 
 
 def _log(run, stage: str = "teacher") -> list[dict]:

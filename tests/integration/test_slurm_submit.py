@@ -169,3 +169,32 @@ def test_when_a_stage_fails_slurm_cancels_the_jobs_waiting_on_it_and_status_show
     assert jobs["student"].state == "CANCELLED" and jobs["student"].last_event == "submitted"
     status = _d3dc("status", "broken", "-c", str(spec))
     assert re.search(rf"teacher\s+│\s+{ids['teacher']}\s+│\s+FAILED\s+│\s+failed", status), status
+
+
+@pytest.mark.integration
+def test_the_headline_command_queues_on_slurm_where_slurm_answers_without_being_told(tmp_path, tiny_shards,
+                                                                                   slurm_cluster, monkeypatch):
+    from d3d_cluster.launch.executor import detect_executor
+
+    assert detect_executor() == ("slurm", "sinfo answered")
+    spec = _spec_file(tmp_path, tiny_shards, slurm_cluster, cluster={"partition": slurm_cluster.partition})
+    result = CliRunner().invoke(main, ["submit", "student", "--nodes", "8", "-c", str(spec), "--dry-run", "--set",
+                                       "deepspeed.global_batch_size=64"])  # 8 nodes x 2 ranks x 2 clips x 2 steps
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("# cluster.executor auto: slurm (sinfo answered)\n# 16 ranks (8 nodes x 2)")
+    assert "#SBATCH --nodes=8\n" in result.output and "#SBATCH --partition=" in result.output
+
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-such-slurm.conf"))  # a cluster whose controller is away
+    executor, why = detect_executor()
+    assert executor == "local" and why.startswith("Slurm's controller did not answer")
+    refused = CliRunner().invoke(main, ["submit", "student", "--nodes", "8", "-c", str(spec), "--dry-run", "--set",
+                                        "deepspeed.global_batch_size=64"])
+    assert refused.exit_code != 0 and "cluster.nodes is 8: the local executor runs on one node" in refused.output
+    assert "cluster.executor auto chose local: Slurm's controller did not answer" in refused.output
+
+
+def test_without_slurm_commands_auto_runs_locally(monkeypatch, tmp_path):
+    from d3d_cluster.launch.executor import detect_executor
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty PATH: no sbatch, srun or sinfo
+    assert detect_executor() == ("local", "no Slurm here (sbatch, srun, sinfo not on PATH)")

@@ -22,7 +22,8 @@ cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU machine
 
 def _spec_file(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "workdir": str(tmp_path / "work"), **sections}))
+    cluster = {"executor": "local", **sections.pop("cluster", {})}  # not auto: a test's Slurm cluster would answer
+    path.write_text(yaml.safe_dump({**TINY, "workdir": str(tmp_path / "work"), **sections, "cluster": cluster}))
     return path
 
 
@@ -97,7 +98,7 @@ def test_the_doctor_job_asks_for_the_stages_nodes_and_gpus_with_one_task_a_node(
                  "#SBATCH --job-name=quickstart-doctor",
                  f"#SBATCH --output={tmp_path / 'work' / 'doctor-logs'}/%j_0_log.out"):
         assert line + "\n" in result.output, line
-    local = CliRunner().invoke(main, ["submit", "doctor", "-c", str(spec), "--dry-run"])
+    local = CliRunner().invoke(main, ["submit", "doctor", "-c", str(spec), "--dry-run", "--cluster", "local"])
     assert "runs doctor in the foreground, one task" in local.output
     assert not (tmp_path / "work").exists()
 

@@ -85,5 +85,5 @@ def test_a_local_job_is_given_one_gpu_per_rank_where_the_machine_has_them_and_th
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: visible > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
-    executor = make_executor(ClusterSpec(tasks_per_node=2, **cluster), tmp_path)
+    executor = make_executor(ClusterSpec(executor="local", tasks_per_node=2, **cluster), tmp_path)
     assert executor.parameters["gpus_per_node"] == given  # submitit's local executor shows the ranks only these

@@ -47,7 +47,8 @@ def test_flags_become_spec_overrides_and_gpus_per_node_sets_the_ranks_per_node()
 
 def _spec_file(tmp_path, **sections) -> Path:
     path = tmp_path / "spec.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "workdir": str(tmp_path / "work"), **sections}))
+    cluster = {"executor": "local", **sections.pop("cluster", {})}  # not auto: a test's Slurm cluster would answer
+    path.write_text(yaml.safe_dump({**TINY, "workdir": str(tmp_path / "work"), **sections, "cluster": cluster}))
     return path
 
 
