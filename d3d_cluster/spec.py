@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 from urllib.parse import urlsplit
@@ -228,6 +229,18 @@ class CheckpointSpec(_Section):
     keep: int = Field(3, ge=1, description="complete checkpoints kept; older ones are deleted")
 
 
+SBATCH_OPTION = re.compile(r"[a-z][a-z0-9-]*")
+# sbatch options a job of ours is given from elsewhere: not to be set again through cluster.sbatch_options.
+SBATCH_OPTIONS_SET_HERE = {
+    **{name.replace("_", "-"): f"by cluster.{name}" for name in (
+        "nodes", "cpus_per_task", "partition", "account", "qos", "constraint", "gpus_per_node", "mem", "exclusive")},
+    "ntasks-per-node": "by cluster.tasks_per_node", "time": "by cluster.timeout_min",
+    "signal": "by cluster.signal_delay_s", "job-name": "by d3dc (the spec's name and the job)",
+    **dict.fromkeys(("output", "error", "open-mode", "requeue", "dependency", "kill-on-invalid-dep", "array", "wrap",
+                     "wckey"), "by d3dc and submitit (logs, requeue and job chains depend on it)"),
+}
+
+
 class ClusterSpec(_Section):
     """Where and how big a stage runs: nodes x tasks_per_node ranks. The Slurm settings left at None are not
     passed to sbatch, so the cluster's own defaults apply; the local executor ignores them."""
@@ -258,6 +271,24 @@ class ClusterSpec(_Section):
                                                                 "one per time limit it outlives")
     max_crash_requeues: int = Field(3, ge=0, description="requeues after a death without warning (a killed rank, an "
                                                          "out-of-memory kill, a node Slurm requeued the job from)")
+    sbatch_options: dict[str, str | int | bool] = Field(
+        {}, description="more sbatch options as `--KEY=VALUE` (mail-type: END, reservation: maint, gres: gpu:a100:8); "
+                        "true: a flag; the options this section sets have keys of their own")
+    setup: list[str] = Field([], description="shell lines the batch script runs before the ranks start (module load "
+                                             "cuda/12.4, export NCCL_SOCKET_IFNAME=ib0)")
+
+    @field_validator("sbatch_options")
+    @classmethod
+    def _sbatch_options(cls, options: dict) -> dict:
+        for key, value in options.items():
+            if not SBATCH_OPTION.fullmatch(key):
+                raise ValueError(f"{key!r} is not an sbatch option name (lowercase, as --mail-type is written)")
+            if key in SBATCH_OPTIONS_SET_HERE:
+                raise ValueError(f"{key} is set {SBATCH_OPTIONS_SET_HERE[key]}")
+            if value is False or (isinstance(value, str) and (not value or any(c.isspace() for c in value))):
+                raise ValueError(f"{key}: {value!r}: a value without spaces (sbatch reads an #SBATCH line up to "
+                                 f"its first space), or true for a flag")
+        return options
 
     @property
     def wants_gpu(self) -> bool:

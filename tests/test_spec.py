@@ -55,6 +55,13 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"cluster": {"qos": "high qos"}}, "cluster.qos: String should match pattern"),
         ({"teacher": {"init": {"format": "caffe"}}}, "teacher.init.format: Input should be 's3dg', 'torchvision_s3d' or 'inception_v1_2d'"),
         ({"probe": {"layers": ["mixed_6a"]}}, "probe.layers.0: Input should be 'conv_1a'"),
+        ({"cluster": {"sbatch_options": {"nodes": 4}}}, "cluster.sbatch_options: Value error, nodes is set by "
+                                                          "cluster.nodes"),
+        ({"cluster": {"sbatch_options": {"output": "/tmp/x"}}}, "output is set by d3dc and submitit"),
+        ({"cluster": {"sbatch_options": {"comment": "two words"}}}, "'two words': a value without spaces"),
+        ({"cluster": {"sbatch_options": {"Mail_Type": "END"}}}, "'Mail_Type' is not an sbatch option name"),
+        ({"cluster": {"setup": ["module load cuda\nrm -rf ~"]}}, "cluster.setup.0: 'module load cuda\\nrm -rf ~' "
+                                                                 "holds a control character"),
         ({"data": {"mirror": False, "mirror_pairs": [["left", "right"]]}},
          "data: Value error, mirror_pairs is set but mirror is false"),
         ({"data": {"mirror_pairs": [["left", "left"]]}}, "data.mirror_pairs: Value error, each pair must name two"),

@@ -49,9 +49,10 @@ def executor_parameters(cluster: ClusterSpec, name: str, dependency: str | None 
     """
     parameters = {"job_name": name, **slurm_parameters(cluster),
                   "srun_args": ["--open-mode=append", "--kill-on-bad-exit=1"],
-                  "additional_parameters": {"requeue": True}}
-    if on_exit is not None:
-        parameters["setup"] = [f"trap {shlex.quote(on_exit)} EXIT"]
+                  "additional_parameters": {**cluster.sbatch_options, "requeue": True}}
+    setup = ([f"trap {shlex.quote(on_exit)} EXIT"] if on_exit is not None else []) + list(cluster.setup)
+    if setup:
+        parameters["setup"] = setup
     if dependency is not None:
         parameters["dependency"] = dependency
         parameters["additional_parameters"]["kill-on-invalid-dep"] = "yes"
@@ -136,7 +137,8 @@ def check_cluster(cluster: ClusterSpec) -> None:
         if cluster.partition not in partitions:
             raise ValueError(f"cluster.partition: no partition {cluster.partition!r} on this cluster "
                              f"(partitions: {', '.join(partitions) or 'none'})")
-    flags = [_sbatch_flag(key, value) for key, value in slurm_parameters(cluster).items() if key != "signal_delay_s"]
+    flags = [_sbatch_flag(key, value) for key, value in {**slurm_parameters(cluster), **cluster.sbatch_options}.items()
+             if key != "signal_delay_s"]
     _slurm("sbatch", "--test-only", *flags, "--wrap=true", refused=f"Slurm refuses the request {' '.join(flags)}")
 
 

@@ -62,6 +62,17 @@ def test_an_unknown_partition_is_refused_before_anything_is_queued(tmp_path, tin
     assert not (tmp_path / "work" / "runs").exists()
 
 
+def test_a_site_sbatch_option_slurm_refuses_is_refused_before_anything_is_queued(tmp_path, tiny_shards,
+                                                                                  slurm_cluster):
+    queued = _queued(slurm_cluster)
+    result = _submit_teacher(tmp_path, tiny_shards, {"sbatch_options": {"reservation": "no-such-reservation"}})
+    assert result.exit_code != 0
+    assert "cluster: Slurm refuses the request" in result.output and "--reservation=no-such-reservation" in \
+        result.output
+    assert _queued(slurm_cluster) == queued
+    assert not (tmp_path / "work" / "runs").exists()
+
+
 def test_a_request_no_node_can_satisfy_is_refused_before_anything_is_queued(tmp_path, tiny_shards, slurm_cluster):
     queued = _queued(slurm_cluster)
     result = _submit_teacher(tmp_path, tiny_shards, {"nodes": 2, "tasks_per_node": 1})

@@ -109,6 +109,20 @@ def test_the_student_script_is_submitits_sbatch_text_as_the_golden_file_has_it()
     assert student == (GOLDEN / "student.sbatch").read_text()
 
 
+def test_site_sbatch_options_and_setup_lines_reach_every_batch_script_after_the_exit_hook(tmp_path):
+    cluster = {"executor": "slurm", "sbatch_options": {"mail-type": "END", "reservation": "maint", "hold": True},
+               "setup": ["module load cuda/12.4", "export NCCL_SOCKET_IFNAME=ib0"]}
+    result = CliRunner().invoke(main, ["submit", "pipeline", "-c", str(_spec_file(tmp_path, cluster=cluster)),
+                                       "--dry-run"])
+    assert result.exit_code == 0, result.output
+    scripts = result.output.split("# ----- job ")[1:]
+    assert len(scripts) == 4
+    for script in scripts:
+        assert all(f"#SBATCH {line}\n" in script for line in ("--mail-type=END", "--reservation=maint", "--hold"))
+        setup = script.split("# setup\n")[1].split("\n\n")[0].splitlines()
+        assert setup[0].startswith("trap ") and setup[1:] == cluster["setup"]  # the exit hook is armed first
+
+
 def test_the_prep_dry_run_prints_the_array_and_its_finalize_job(tmp_path):
     result = CliRunner().invoke(main, ["submit", "prep", "-c", str(_spec_file(tmp_path)), "--dry-run", "--cluster",
                                        "slurm", "--array", "3", "--workers", "4", "--partition", "cpu"])
