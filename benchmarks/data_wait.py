@@ -25,7 +25,7 @@ import torch
 from benchmarks import parse_args
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import run_stage
-from d3d_cluster.launch.rundir import TRAIN_LOG_NAME, RunDir
+from d3d_cluster.rundir import TRAIN_LOG_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.curves import read_train_log
 

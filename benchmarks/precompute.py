@@ -32,7 +32,7 @@ import torch
 from benchmarks import SMOKE_SPEC, parse_args
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import run_stage
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.checkpoint import CHECKPOINTS
 from d3d_cluster.train.stages import EXPORT_NAME, build_model

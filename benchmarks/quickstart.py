@@ -21,7 +21,7 @@ from pathlib import Path
 
 from benchmarks import SMOKE_SPEC, parse_args
 from d3d_cluster.launch.pipeline import run_pipeline
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.spec import Spec, load_spec
 
 SMOKE = {"seeds": [0]}

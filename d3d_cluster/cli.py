@@ -60,7 +60,7 @@ def quickstart(spec_path: str | None, workdir: str | None, sets: dict, force: bo
     """Make a small motion dataset, prepare shards, train teacher, student and RGB baseline; print the table."""
     from d3d_cluster.files import write_json_atomically
     from d3d_cluster.launch.pipeline import JobCancelled, run_pipeline
-    from d3d_cluster.launch.rundir import RESULTS_NAME, RunDir
+    from d3d_cluster.rundir import RESULTS_NAME, RunDir
 
     spec = _spec(spec_path, workdir, sets)
     if spec.cluster.executor == "auto":  # the quickstart runs here, in the foreground, whatever cluster is near
@@ -229,7 +229,7 @@ def results(run: str | None, spec_path: str | None, workdir: str | None, per_cla
     RUN: a run directory or name (default: the spec's run)."""
     import json
 
-    from d3d_cluster.launch.rundir import RESULTS_NAME
+    from d3d_cluster.rundir import RESULTS_NAME
 
     try:
         path = _run(run, spec_path, workdir).path
@@ -503,7 +503,7 @@ def probe(run_dir: str, stage: str, epochs: int | None) -> None:
     """Motion probe (D3D section 3): decode optical flow from the frozen network's layers; EPE per layer."""
     from pathlib import Path
 
-    from d3d_cluster.launch.rundir import RunDir
+    from d3d_cluster.rundir import RunDir
     from d3d_cluster.train.probe import PROBE_NAME, run_probe
 
     try:

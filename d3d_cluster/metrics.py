@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, push
 from prometheus_client.core import GaugeMetricFamily
 
 from d3d_cluster.files import write_json_atomically
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.spec import MetricsSpec, Spec
 
 LABELS = ("run", "stage", "job_id", "node", "rank")

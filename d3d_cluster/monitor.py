@@ -20,7 +20,7 @@ from typing import Callable
 
 import yaml
 
-from d3d_cluster.launch.rundir import SPEC_NAME, RunDir
+from d3d_cluster.rundir import SPEC_NAME, RunDir
 from d3d_cluster.metrics import targets_dir
 from d3d_cluster.spec import Spec
 

@@ -59,7 +59,7 @@ def finish_stage(run, stage: str, seed: int, steps: int = 6):
 
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import write_json_atomically
-    from d3d_cluster.launch.rundir import SUMMARY_NAME, TRAIN_LOG_NAME
+    from d3d_cluster.rundir import SUMMARY_NAME, TRAIN_LOG_NAME
     from d3d_cluster.train.stages import EXPORT_NAME, INPUT_CHANNELS, STAGE_INPUT, build_model
 
     spec = run.spec()
@@ -85,7 +85,7 @@ def evaluated_run(tmp_path_factory, tiny_shards):
     the real evaluation job: 2 local ranks, 2 clips x 3 crops per video, 4 clips per rank per step. The val
     split's 6 videos make 36 views: 4 full global steps of 8 and a last one of 4."""
     from d3d_cluster.launch.pipeline import run_evaluation
-    from d3d_cluster.launch.rundir import RunDir
+    from d3d_cluster.rundir import RunDir
 
     workdir = tmp_path_factory.mktemp("evaluated")
     spec = tiny_spec(workdir, name="evaluated", data={**TINY["data"], "shards": str(tiny_shards), "batch_size": 4,
@@ -156,7 +156,7 @@ def _process_state(pid: int) -> str | None:
 
 def logged_losses(run, stage: str = "teacher") -> list[float]:
     """The per-step losses rank 0 logged for a stage of a run."""
-    from d3d_cluster.launch.rundir import TRAIN_LOG_NAME
+    from d3d_cluster.rundir import TRAIN_LOG_NAME
     from d3d_cluster.train.curves import read_train_log
 
     return [record["loss"] for record in read_train_log(run.path / stage / TRAIN_LOG_NAME)]

@@ -155,7 +155,7 @@ def test_results_per_class_prints_each_class_and_each_confusion_matrix(evaluated
 def test_results_of_a_run_that_was_not_evaluated_name_the_missing_file(tmp_path):
     from conftest import tiny_spec
 
-    from d3d_cluster.launch.rundir import RunDir
+    from d3d_cluster.rundir import RunDir
 
     run = RunDir.create(tiny_spec(tmp_path))
     result = CliRunner().invoke(main, ["results", str(run.path)])
@@ -213,7 +213,7 @@ def test_a_student_submitted_after_a_teacher_of_another_network_is_refused_befor
                                                                                                      tiny_shards):
     from conftest import finish_stage, tiny_spec
 
-    from d3d_cluster.launch.rundir import RunDir
+    from d3d_cluster.rundir import RunDir
 
     spec = tiny_spec(tmp_path, data={**tiny_spec(tmp_path).data.model_dump(), "shards": str(tiny_shards)})
     run = RunDir.create(spec)

@@ -4,7 +4,7 @@ import pytest
 from click.testing import CliRunner
 
 from d3d_cluster.cli import main
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.metrics import TrainMetrics, target_path, targets_dir, write_target
 from d3d_cluster.monitor import ALERT_RULES, Prometheus, PrometheusMissing, find_run, prometheus_config
 from d3d_cluster.spec import Spec

@@ -14,7 +14,7 @@ from d3d_cluster.cli import main
 from d3d_cluster.data.index import SampleTable
 from d3d_cluster.data.schema import META_EXT, Manifest
 from d3d_cluster.launch.pipeline import run_evaluation
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.predict import ExportedModel
 from d3d_cluster.train.evaluate import Predictions
 from d3d_cluster.train.export import export_stage

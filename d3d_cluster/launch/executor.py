@@ -3,6 +3,8 @@ login node, a cluster section Slurm would refuse (or queue forever)."""
 
 from __future__ import annotations
 
+import math
+import re
 import shlex
 import shutil
 import subprocess
@@ -15,6 +17,25 @@ import submitit
 from d3d_cluster.spec import ClusterSpec, Spec, SpecError
 
 SLURM_COMMANDS = ("sbatch", "srun", "sinfo")
+_TIME = re.compile(r"(?:(?P<days>\d+)-(?P<day_hours>\d+)(?::(?P<day_minutes>\d+)(?::(?P<day_seconds>\d+))?)?"
+                   r"|(?P<first>\d+)(?::(?P<second>\d+)(?::(?P<third>\d+))?)?)")
+
+
+def parse_time(text: str) -> int:
+    """Minutes from a Slurm time limit (`90`, `30:00`, `1:30:00`, `2-0`, `1-12:00:00`); seconds round up."""
+    match = _TIME.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f"--time {text!r}: expected minutes or one of Slurm's forms MM, MM:SS, HH:MM:SS, D-HH, "
+                         "D-HH:MM, D-HH:MM:SS")
+    part = {key: int(value) for key, value in match.groupdict().items() if value is not None}
+    if "days" in part:
+        seconds = (((part["days"] * 24 + part["day_hours"]) * 60 + part.get("day_minutes", 0)) * 60
+                   + part.get("day_seconds", 0))
+    elif "third" in part:
+        seconds = (part["first"] * 60 + part["second"]) * 60 + part["third"]
+    else:
+        seconds = part["first"] * 60 + part.get("second", 0)
+    return math.ceil(seconds / 60)
 
 
 def slurm_parameters(cluster: ClusterSpec) -> dict:

@@ -123,7 +123,7 @@ def failures_recorded(run_path: Path, job_name: str):
     except BaseException as error:
         import submitit
 
-        from d3d_cluster.launch.rundir import RunDir
+        from d3d_cluster.rundir import RunDir
 
         job = submitit.JobEnvironment()
         RunDir(run_path).event("failed", stage=job_name, job_id=job.job_id, rank=job.global_rank,
@@ -138,7 +138,7 @@ class StageJob:
     stage: str
 
     def __call__(self) -> dict:
-        from d3d_cluster.launch.rundir import RunDir
+        from d3d_cluster.rundir import RunDir
 
         stop = StopSignals()
         run_path = Path(self.run_dir)
@@ -183,7 +183,7 @@ class EvalJob:
     stages: tuple[str, ...]
 
     def __call__(self) -> dict | None:
-        from d3d_cluster.launch.rundir import RunDir
+        from d3d_cluster.rundir import RunDir
 
         run_path = Path(self.run_dir)
         with failures_recorded(run_path, "eval"), distributed(RunDir(run_path).spec().cluster) as rank:
@@ -201,7 +201,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
     from d3d_cluster.data.pipeline import ClipLoader
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import replace_atomically, write_json_atomically
-    from d3d_cluster.launch.rundir import SUMMARY_NAME, TRAIN_LOG_NAME, RunDir
+    from d3d_cluster.rundir import SUMMARY_NAME, TRAIN_LOG_NAME, RunDir
     from d3d_cluster.metrics import retire_target
     from d3d_cluster.train import checkpoint as checkpoints
     from d3d_cluster.train.engine import autocast_dtype, initialize
@@ -346,7 +346,7 @@ def _logged_step(line: str) -> float:
 def _evaluate_run(run_path: Path, stages: tuple[str, ...], rank: Rank) -> dict | None:
     """Every rank evaluates its share of each stage's views; rank 0 writes the predictions and the results."""
     from d3d_cluster.files import write_json_atomically
-    from d3d_cluster.launch.rundir import RESULTS_NAME, RunDir
+    from d3d_cluster.rundir import RESULTS_NAME, RunDir
     from d3d_cluster.train.evaluate import evaluate_stage, results_table
 
     run = RunDir(run_path)

@@ -17,7 +17,7 @@ from d3d_cluster.data.schema import SPLITS, Manifest
 from d3d_cluster.launch.executor import check_cluster, make_executor
 from d3d_cluster.launch.job import EvalJob, StageJob
 from d3d_cluster.launch.requeue import count_events, exit_hook, job_events
-from d3d_cluster.launch.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
+from d3d_cluster.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network, load_frozen_teacher
 from d3d_cluster.train.teacher_outputs import check_space

@@ -26,7 +26,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.launch.executor import parse_time
+from d3d_cluster.rundir import RunDir
 
 # Slurm states in which a job's end is final: a user's decision, not a loss. A cancelled job reads COMPLETING
 # while its tasks are being killed.
@@ -183,8 +184,6 @@ def _slurm_state(job_id: str) -> str | None:
 
 def _stop_reason(rank, signal_delay_s: int) -> str:
     """On Slurm, "time limit" when the job is within its warning time of the limit, else "preemption"."""
-    from d3d_cluster.launch.submit import parse_time
-
     if rank.cluster != "slurm":
         return "signal"
     left = subprocess.run(["squeue", "-h", "-j", rank.job_id, "-o", "%L"], capture_output=True, text=True,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from d3d_cluster.launch.requeue import last_run_failures, requeue_counts
-from d3d_cluster.launch.rundir import SPEC_NAME, TRAIN_LOG_NAME, RunDir
+from d3d_cluster.rundir import SPEC_NAME, TRAIN_LOG_NAME, RunDir
 
 # Slurm job states in which a job still holds, or waits for, resources.
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",

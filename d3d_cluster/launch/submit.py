@@ -7,16 +7,14 @@ scripts submitit would write and touches nothing.
 
 from __future__ import annotations
 
-import math
-import re
 from typing import Callable
 
 from d3d_cluster.launch.doctor import doctor_script, submit_doctor
-from d3d_cluster.launch.executor import sbatch_script
+from d3d_cluster.launch.executor import parse_time, sbatch_script
 from d3d_cluster.launch.requeue import exit_hook
 from d3d_cluster.launch.pipeline import PlannedJob, check_ready, plan_jobs, queue_jobs, run_jobs
 from d3d_cluster.launch.prep import LOGS, prep_clusters, prepare_locally, submit_prep
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.stages import STAGES
 
@@ -24,8 +22,6 @@ PREP = "prep"
 DOCTOR = "doctor"
 
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-_TIME = re.compile(r"(?:(?P<days>\d+)-(?P<day_hours>\d+)(?::(?P<day_minutes>\d+)(?::(?P<day_seconds>\d+))?)?"
-                   r"|(?P<first>\d+)(?::(?P<second>\d+)(?::(?P<third>\d+))?)?)")
 # Command-line flag -> the spec keys it sets. One rank per GPU: --gpus-per-node also sets the ranks per node.
 FLAG_KEYS = {
     "nodes": ("cluster.nodes",),
@@ -41,23 +37,6 @@ FLAG_KEYS = {
     "cluster": ("cluster.executor",),
     "name": ("name",),
 }
-
-
-def parse_time(text: str) -> int:
-    """Minutes from a Slurm time limit (`90`, `30:00`, `1:30:00`, `2-0`, `1-12:00:00`); seconds round up."""
-    match = _TIME.fullmatch(text.strip())
-    if match is None:
-        raise ValueError(f"--time {text!r}: expected minutes or one of Slurm's forms MM, MM:SS, HH:MM:SS, D-HH, "
-                         "D-HH:MM, D-HH:MM:SS")
-    part = {key: int(value) for key, value in match.groupdict().items() if value is not None}
-    if "days" in part:
-        seconds = (((part["days"] * 24 + part["day_hours"]) * 60 + part.get("day_minutes", 0)) * 60
-                   + part.get("day_seconds", 0))
-    elif "third" in part:
-        seconds = (part["first"] * 60 + part["second"]) * 60 + part["third"]
-    else:
-        seconds = part["first"] * 60 + part.get("second", 0)
-    return math.ceil(seconds / 60)
 
 
 def flag_overrides(**flags) -> dict:

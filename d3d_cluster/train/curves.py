@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from d3d_cluster.files import replace_atomically
-from d3d_cluster.launch.rundir import TRAIN_LOG_NAME
+from d3d_cluster.rundir import TRAIN_LOG_NAME
 from d3d_cluster.train.stages import STAGES
 
 CURVES_NAME = "curves.png"

@@ -18,7 +18,7 @@ from d3d_cluster.collectives import gather_to_rank0
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.files import replace_atomically
-from d3d_cluster.launch.rundir import SUMMARY_NAME, RunDir
+from d3d_cluster.rundir import SUMMARY_NAME, RunDir
 from d3d_cluster.models.weights import load_s3dg
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.loop import predict

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from d3d_cluster.data.pipeline import RGB_MEAN, RGB_STD
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.files import replace_atomically, write_json_atomically, write_text_atomically
-from d3d_cluster.launch.rundir import SPEC_NAME, RunDir
+from d3d_cluster.rundir import SPEC_NAME, RunDir
 from d3d_cluster.models import S3DG
 from d3d_cluster.models.weights import load_s3dg
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, model_arguments

@@ -25,7 +25,7 @@ from torch import nn
 from d3d_cluster.data.pipeline import Batch, ClipLoader
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.files import write_json_atomically
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.models import S3DG
 from d3d_cluster.models.weights import load_s3dg
 from d3d_cluster.spec import ProbeSpec

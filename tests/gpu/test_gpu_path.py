@@ -115,7 +115,7 @@ def test_a_bf16_autocast_step_has_a_finite_loss_close_to_fp32_and_trains_as_fp32
 
 def _stage_run(workdir: Path, shards: Path):
     from d3d_cluster.data.schema import Manifest
-    from d3d_cluster.launch.rundir import RunDir
+    from d3d_cluster.rundir import RunDir
     from d3d_cluster.spec import Spec
 
     manifest = Manifest.load(shards)
@@ -128,7 +128,7 @@ def _stage_run(workdir: Path, shards: Path):
 
 
 def _log(run, stage: str = "teacher") -> list[dict]:
-    from d3d_cluster.launch.rundir import TRAIN_LOG_NAME
+    from d3d_cluster.rundir import TRAIN_LOG_NAME
     from d3d_cluster.train.curves import read_train_log
 
     return read_train_log(run.path / stage / TRAIN_LOG_NAME)

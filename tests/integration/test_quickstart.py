@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.train.evaluate import Predictions
 
 REDUCED = {

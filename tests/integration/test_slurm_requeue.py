@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY, frozen, logged_losses, signal_pending, tiny_spec, wait_until
 
 from d3d_cluster.launch.pipeline import run_stage
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.launch.submit import submit
 
 EPOCHS = 4

@@ -10,7 +10,7 @@ from conftest import TINY, wait_until
 
 from d3d_cluster import cli
 from d3d_cluster.cli import main
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.launch.status import ACTIVE_STATES, run_status
 
 

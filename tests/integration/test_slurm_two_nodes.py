@@ -5,7 +5,7 @@ import pytest
 from conftest import TINY, tiny_spec
 
 from d3d_cluster.launch.pipeline import run_stage
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.train.stages import EXPORT_NAME
 
 

@@ -65,7 +65,7 @@ def test_a_validation_video_the_student_cannot_decode_is_counted_as_skipped_not_
 
     from d3d_cluster.data.schema import RGB_EXT
     from d3d_cluster.launch.pipeline import run_evaluation
-    from d3d_cluster.launch.rundir import RunDir
+    from d3d_cluster.rundir import RunDir
 
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)

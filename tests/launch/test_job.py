@@ -15,7 +15,7 @@ from d3d_cluster.launch.job import (DeviceUnavailable, StopSignals, compute_devi
                                     seed_model_randomness)
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.requeue import requeue_lost
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.spec import ClusterSpec
 from d3d_cluster.train.loop import NonFiniteLoss
 

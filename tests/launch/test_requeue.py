@@ -9,7 +9,7 @@ from conftest import tiny_spec
 
 from d3d_cluster.launch import requeue
 from d3d_cluster.launch.job import Rank
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 
 JOB = "41"
 

@@ -21,7 +21,7 @@ from d3d_cluster.cli import main
 from d3d_cluster.launch.executor import make_executor
 from d3d_cluster.launch.job import StageJob
 from d3d_cluster.launch.pipeline import JobCancelled, run_stage
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.launch.status import run_status
 from d3d_cluster.train import checkpoint as checkpoints
 from d3d_cluster.train.stages import EXPORT_NAME

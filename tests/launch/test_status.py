@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 
 from d3d_cluster.cli import main
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.launch.status import SlurmJob, list_runs, log_path, run_status
 from d3d_cluster.spec import Spec
 

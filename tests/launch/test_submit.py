@@ -11,7 +11,8 @@ from conftest import TINY
 
 from d3d_cluster.cli import main
 from d3d_cluster.launch.pipeline import plan_jobs
-from d3d_cluster.launch.submit import dry_run, flag_overrides, parse_time
+from d3d_cluster.launch.executor import parse_time
+from d3d_cluster.launch.submit import dry_run, flag_overrides
 from d3d_cluster.spec import Spec
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -18,7 +18,7 @@ from conftest import TINY, tiny_spec, wait_until
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import JobCancelled, run_stage
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.launch.status import cancel_run
 from d3d_cluster.metrics import PrepProgress, TrainMetrics, target_path, targets_dir, write_target
 from d3d_cluster.monitor import ALERT_RULES, Prometheus, prometheus_config

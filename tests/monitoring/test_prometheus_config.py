@@ -4,7 +4,7 @@ from pathlib import Path
 
 import yaml
 
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.metrics import target_path, targets_dir
 from d3d_cluster.spec import Spec
 

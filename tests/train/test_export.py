@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from d3d_cluster.cli import main
 from d3d_cluster.data.schema import Manifest
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.models import S3DG
 from d3d_cluster.spec import load_spec
 from d3d_cluster.train.export import export_stage

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from conftest import tiny_spec
 
 from d3d_cluster.cli import main
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.models import S3DG
 from d3d_cluster.train.probe import end_point_error, run_probe
 

@@ -18,7 +18,7 @@ from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.data.schema import FLOW_EXT
 from d3d_cluster.launch.job import Rank, _train_stage
 from d3d_cluster.launch.pipeline import run_stage
-from d3d_cluster.launch.rundir import RunDir
+from d3d_cluster.rundir import RunDir
 from d3d_cluster.models import S3DG
 from d3d_cluster.train.stages import build_stage, with_precomputed_teacher
 from d3d_cluster.train.teacher_outputs import (DIRECTORY_NAME, MANIFEST_NAME, StaleTeacherOutputs, TeacherOutputs,

@@ -6,7 +6,7 @@ import multiprocessing
 from conftest import tiny_spec
 
 from d3d_cluster.launch.requeue import last_run_failures
-from d3d_cluster.launch.rundir import EVENTS_NAME, RunDir
+from d3d_cluster.rundir import EVENTS_NAME, RunDir
 from d3d_cluster.launch.status import run_status
 
 WRITERS, EVENTS_EACH = 4, 150
@@ -54,7 +54,7 @@ def test_a_line_torn_by_a_crash_is_skipped_and_reported_and_the_next_event_is_wh
 def test_a_spec_that_changes_what_a_run_was_trained_on_is_refused_listing_the_changes_unless_forced(tmp_path):
     import pytest
 
-    from d3d_cluster.launch.rundir import SPEC_NAME, SpecChanged
+    from d3d_cluster.rundir import SPEC_NAME, SpecChanged
 
     spec = tiny_spec(tmp_path)
     run = RunDir.create(spec)
