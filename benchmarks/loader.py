@@ -41,13 +41,16 @@ SMOKE = {"frames": 12, "size": 32, "videos": 12, "clip_frames": 8, "crop": 24, "
 
 def make_shards(workdir: Path, frames: int, size: int, videos: int) -> Path:
     """The synthetic motion dataset of `videos` videos in 4 classes, made and prepared once per size under
-    workdir (a folder named for the size: a rerun with other sizes never measures old data)."""
+    workdir (a folder named for the size: a rerun with other sizes never measures old data); shards of an older
+    schema are prepared again."""
     from dataprep.prepare import prepare_dataset
     from dataprep.sources import load_source
 
     dataset = workdir / f"{videos}-videos-{frames}-frames-{size}px"
     shards = dataset / "shards"
-    if not (shards / "manifest.json").exists():
+    try:
+        Manifest.load(shards)
+    except (FileNotFoundError, ValueError):
         synthetic = SyntheticSpec(classes=4, videos_per_class=videos // 4, frames=frames, size=size)
         prep = PrepSpec(synthetic=synthetic, short_side=size, flow={"algorithm": "farneback"}, shard_samples=16)
         prepare_dataset(prep, load_source(prep, dataset), shards, progress=False)

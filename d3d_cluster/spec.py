@@ -271,6 +271,9 @@ class ClusterSpec(_Section):
                                                                 "one per time limit it outlives")
     max_crash_requeues: int = Field(3, ge=0, description="requeues after a death without warning (a killed rank, an "
                                                          "out-of-memory kill, a node Slurm requeued the job from)")
+    collective_timeout_s: int = Field(1800, ge=1, description="how long a rank waits in a collective (NCCL, gloo) for "
+                                                             "a peer that stopped answering before it fails, so that "
+                                                             "the job ends and is requeued instead of hanging")
     sbatch_options: dict[str, str | int | bool] = Field(
         {}, description="more sbatch options as `--KEY=VALUE` (mail-type: END, reservation: maint, gres: gpu:a100:8); "
                         "true: a flag; the options this section sets have keys of their own")

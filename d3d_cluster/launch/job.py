@@ -16,6 +16,7 @@ below the CLI that reads the environment (ranks, master address, accelerator, jo
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -102,7 +103,8 @@ def distributed(cluster: ClusterSpec):
     prepare_device(device)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
+                               timeout=datetime.timedelta(seconds=cluster.collective_timeout_s))
     job = submitit.JobEnvironment()
     try:
         yield Rank(env.rank, env.world_size, env.local_rank, device, job.job_id, f"{env.master_addr}:{env.master_port}",

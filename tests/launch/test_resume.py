@@ -178,3 +178,22 @@ def test_a_local_stage_cancelled_with_d3dc_cancel_checkpoints_stays_cancelled_an
 
     run_stage(run, "teacher", echo=lambda line: None)
     assert logged_losses(run) == logged_losses(uninterrupted)
+
+
+@pytest.mark.integration
+def test_a_rank_whose_peer_stops_answering_fails_after_the_collective_timeout_instead_of_hanging(tmp_path,
+                                                                                                  tiny_shards):
+    run = _run(tmp_path, tiny_shards, cluster={"collective_timeout_s": 5})
+    job = _submit(run)
+    _wait_for_step(run, 3, job)
+    rank_0, rank_1 = sorted(_tasks(job))
+    os.kill(rank_1, signal.SIGSTOP)  # alive, but never again in a collective: a hung peer
+    try:
+        wait_until(lambda: any(e["event"] == "failed" for e in run.events()), "rank 0 to give up on its peer",
+                   timeout=240, poll=0.1)
+    finally:
+        os.kill(rank_1, signal.SIGKILL)
+    with pytest.raises(Exception):
+        job.results()
+    failed = next(e for e in run.events() if e["event"] == "failed")
+    assert failed["rank"] == 0 and failed["retryable"] is True  # a lost peer may go differently next time
