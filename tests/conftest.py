@@ -280,9 +280,11 @@ def _single_rank_group():
         for key, value in {**SINGLE_RANK, "MASTER_PORT": str(free_port())}.items():
             patch.setenv(key, value)
         patch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
-        import deepspeed
+        from datetime import timedelta
 
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+        from d3d_cluster.train.engine import init_process_group
+
+        init_process_group(torch.device("cpu"), timedelta(minutes=30))
     yield
     torch.distributed.destroy_process_group()
 

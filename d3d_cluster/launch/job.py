@@ -32,7 +32,7 @@ import torch
 from d3d_cluster.collectives import barrier
 from d3d_cluster.data.pipeline import CorruptStep
 from d3d_cluster.spec import ClusterSpec
-from d3d_cluster.train.engine import prepare_device
+from d3d_cluster.train.engine import init_process_group, prepare_device
 from d3d_cluster.train.loop import NonFiniteLoss
 
 
@@ -101,10 +101,7 @@ def distributed(cluster: ClusterSpec):
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     prepare_device(device)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False,
-                               timeout=datetime.timedelta(seconds=cluster.collective_timeout_s))
+    init_process_group(device, datetime.timedelta(seconds=cluster.collective_timeout_s))
     job = submitit.JobEnvironment()
     try:
         yield Rank(env.rank, env.world_size, env.local_rank, device, job.job_id, f"{env.master_addr}:{env.master_port}",

@@ -22,6 +22,7 @@ here with "self.stride(-1) must be 1 to view Float as Byte"), and ZeRO flattens 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 
 import torch
@@ -36,6 +37,18 @@ def prepare_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+
+
+def init_process_group(device: torch.device, timeout: datetime.timedelta) -> None:
+    """DeepSpeed's process group: NCCL on a GPU, gloo on a CPU. On a CPU DeepSpeed would first build, with a C++
+    compiler at run time, its shared-memory all-reduce for inference, which training never calls: minutes on a fresh
+    machine, and a build killed midway leaves a lock file at which every later job on the machine waits forever."""
+    import deepspeed
+    import deepspeed.ops
+
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False, timeout=timeout)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
