@@ -62,8 +62,8 @@ def test_gpu_check_dry_run_runs_every_tier_on_the_cpu_and_skips_only_the_gpu_par
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     statuses = {name: step["status"] for name, step in report["steps"].items()}
     assert statuses == {"preflight": "ok", "install": "skipped", "model_step": "ok", "gpu_tests": "ok",
-                        "loader": "ok", "data_wait": "ok", "loop_overhead": "ok"}
-    for name in ("model_step.json", "loader.json", "gpu-tests.xml", "loop_overhead.json"):
+                        "model_step_fp32": "ok", "loader": "ok", "data_wait": "ok"}
+    for name in ("model_step.json", "model_step_fp32.json", "loader.json", "gpu-tests.xml"):
         assert (tmp_path / name).is_file(), name
     stages = json.loads((tmp_path / "data_wait.json").read_text())["results"]  # the one benchmark only this runs
     assert set(stages) == {"teacher", "student"}
