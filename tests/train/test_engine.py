@@ -93,3 +93,24 @@ def test_autocast_is_bf16_on_cuda_and_fp32_on_cpu():
     assert autocast_dtype(torch.device("cpu")) is None
     with autocast(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_cpu_process_group_starts_without_building_any_extension_at_run_time(tmp_path):
+    """A run-time C++ build at start costs minutes on a fresh machine and, killed midway, leaves a lock that every
+    later job waits at forever: starting a CPU rank must compile nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from d3d_cluster.monitor import free_port
+
+    extensions = tmp_path / "torch_extensions"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions), "DS_ACCELERATOR": "cpu", "RANK": "0",
+           "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    started = subprocess.run([sys.executable, "-c", "import datetime, torch; from d3d_cluster.train.engine import "
+                              "init_process_group; init_process_group(torch.device('cpu'), datetime.timedelta(60)); "
+                              "print(torch.distributed.get_backend())"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-2000:]
+    assert started.stdout.strip().splitlines()[-1] == "gloo"
+    assert not extensions.exists() or not any(extensions.rglob("*")), sorted(extensions.rglob("*"))
