@@ -77,8 +77,8 @@ def _decide_stopped(run: RunDir, spec, stage: str, rank, signal_name: str, step:
                   f"(cluster.{key}); resubmit the stage to resume from its checkpoint")
         run.event("failed", stage=stage, job_id=rank.job_id, retryable=False, error=reason)
         return "exhausted", reason
-    run.event("requeued", stage=stage, job_id=rank.job_id, cause=cause, requeues=len(
-        [e for e in events if e["event"] == "requeued"]) + 1)
+    run.event("requeued", stage=stage, job_id=rank.job_id, cause=cause,
+              requeues=count_events(events, "requeued") + 1)
     if rank.cluster == "slurm":
         _scontrol_requeue(run, stage, rank.job_id)
     return "requeue", ""
