@@ -13,7 +13,8 @@ from d3d_cluster.data.schema import Manifest
 
 
 def _spec_file(tmp_path, workdir, **sections):
-    tree = {**TINY, "workdir": str(tmp_path / workdir), **sections}
+    cluster = {"executor": "local", **sections.pop("cluster", {})}  # not auto: the test cluster would answer
+    tree = {**TINY, "workdir": str(tmp_path / workdir), **sections, "cluster": cluster}
     path = tmp_path / f"{workdir}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
