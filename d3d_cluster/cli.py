@@ -29,6 +29,16 @@ def _spec(path: str | None, workdir: str | None, sets: dict | None = None, **fla
         raise click.ClickException(str(error)) from None
 
 
+def _resolved(spec: Spec, say=echo) -> Spec:
+    """The spec with `cluster.executor: auto` made slurm or local (said through `say`)."""
+    from d3d_cluster.launch.executor import resolve_executor
+
+    try:
+        return resolve_executor(spec, say)
+    except SpecError as error:
+        raise click.ClickException(str(error)) from None
+
+
 def _assignments(context, parameter, values: tuple[str, ...]) -> dict:
     try:
         return dict(parse_assignment(value) for value in values)
@@ -94,13 +104,7 @@ def quickstart(spec_path: str | None, workdir: str | None, sets: dict, force: bo
 def prep(spec_path: str | None, workdir: str | None, workers: int | None, cluster: str | None, tasks: int | None,
          wait: bool, sets: dict) -> None:
     """Turn the spec's raw videos (or a generated motion dataset) into WebDataset shards."""
-    from d3d_cluster.launch.executor import resolve_executor
-
-    spec = _spec(spec_path, workdir, sets, **({"cluster.executor": cluster} if cluster else {}))
-    try:
-        spec = resolve_executor(spec, echo)
-    except SpecError as error:
-        raise click.ClickException(str(error)) from None
+    spec = _resolved(_spec(spec_path, workdir, sets, **({"cluster.executor": cluster} if cluster else {})))
     where = spec.cluster.executor
     if tasks is not None and where != "slurm":
         raise click.ClickException("--array needs --cluster slurm (locally, --workers sets the parallelism)")
@@ -145,7 +149,6 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
     override the spec; everything is checked before the first job is queued. `doctor` runs `d3dc doctor` on
     each node the spec asks for, as a job, waits for it and prints every node's report."""
     from d3d_cluster.launch import submit as submission
-    from d3d_cluster.launch.executor import resolve_executor
     from d3d_cluster.launch.pipeline import JobCancelled
 
     if target != "prep" and (prep_tasks != 1 or prep_workers is not None):
@@ -154,9 +157,9 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
         overrides = submission.flag_overrides(**flags)
     except ValueError as error:  # a malformed --time
         raise click.ClickException(str(error)) from None
-    spec = _spec(spec_path, workdir, sets, **overrides)
+    spec = _resolved(_spec(spec_path, workdir, sets, **overrides),
+                     (lambda line: click.echo(f"# {line}")) if dry_run else echo)
     try:
-        spec = resolve_executor(spec, (lambda line: click.echo(f"# {line}")) if dry_run else echo)
         if dry_run:
             click.echo(submission.dry_run(spec, target, prep_tasks, prep_workers), nl=False)
             return
@@ -185,12 +188,7 @@ def doctor(spec_path: str | None, workdir: str | None, as_json: bool) -> None:
 
     from d3d_cluster.launch.doctor import node_report
 
-    from d3d_cluster.launch.executor import resolve_executor
-
-    try:
-        report = node_report(resolve_executor(_spec(spec_path, workdir)))
-    except SpecError as error:
-        raise click.ClickException(str(error)) from None
+    report = node_report(_resolved(_spec(spec_path, workdir), say=lambda line: None))  # the report names it
     if not as_json:
         _show_doctor([report])
         return
