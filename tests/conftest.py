@@ -99,61 +99,6 @@ def evaluated_run(tmp_path_factory, tiny_shards):
     return run, output
 
 
-def wait_until(condition, what, timeout: float = 60, poll: float = 0.5):
-    """Poll `condition` until it returns something true, and return that. `what` names what is awaited (or is
-    a function describing the state, called on timeout) for the TimeoutError."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what() if callable(what) else what}: not after {timeout:.0f} s")
-        time.sleep(poll)
-    return value
-
-
-@contextmanager
-def frozen(pids: list[int]):
-    """Hold processes still (SIGSTOP) for the body, then let them go on (SIGCONT): a test that must act before a
-    job moves past a step (signal it, kill one of its ranks) acts on a job that cannot move, however fast the
-    machine. Returns once every process is stopped."""
-    import signal
-
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        wait_until(lambda: all(_process_state(pid) in ("T", None) for pid in pids), f"processes {pids} to stop",
-                   timeout=60, poll=0.001)
-        yield
-    finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:  # the body killed it
-                pass
-
-
-def signal_pending(pid: int, number: int) -> bool:
-    """Whether signal `number` has been delivered to the process and waits to be handled (a stopped process
-    handles none): /proc's per-thread and shared pending masks."""
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    masks = [int(line.split()[1], 16) for line in lines if line.startswith(("SigPnd:", "ShdPnd:"))]
-    return any(mask >> (number - 1) & 1 for mask in masks)
-
-
-def child_processes(pid: int) -> list[int]:
-    """The processes `pid` started (for the local executor's controller: the job's ranks)."""
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def _process_state(pid: int) -> str | None:
-    """A process's state letter (R, S, T for stopped...), None once it has gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def logged_losses(run, stage: str = "teacher") -> list[float]:
     """The per-step losses rank 0 logged for a stage of a run."""
     from d3d_cluster.rundir import TRAIN_LOG_NAME

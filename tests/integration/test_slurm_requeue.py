@@ -7,10 +7,10 @@ import os
 import random
 import signal
 import threading
-from pathlib import Path
 
 import pytest
-from conftest import TINY, frozen, logged_losses, signal_pending, tiny_spec, wait_until
+from conftest import TINY, logged_losses, tiny_spec
+from job_control import frozen, release_requeued, signal_pending, slurm_rank_process, wait_until
 
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.rundir import RunDir
@@ -54,7 +54,7 @@ def test_a_job_preempted_with_usr2_requeues_resumes_and_finishes_with_identicall
         wait_until(lambda: all(signal_pending(pid, signal.SIGUSR2) for pid in ranks), "USR2 to reach the ranks",
                    **WAIT)
     wait_until(lambda: any(e["event"] == "requeued" for e in run.events()), "the requeue", **WAIT)
-    _release(slurm_cluster, job_id)
+    release_requeued(slurm_cluster, job_id)
     follower.join(timeout=600)
     assert not follower.is_alive() and not failure, failure
 
@@ -83,7 +83,7 @@ def test_a_job_whose_rank_is_killed_is_requeued_by_its_exit_hook_and_resumes_fro
         os.kill(ranks[1], signal.SIGKILL)
 
     wait_until(lambda: any(e["event"] == "requeued" for e in run.events()), "the exit hook's requeue", **WAIT)
-    _release(slurm_cluster, job_id)
+    release_requeued(slurm_cluster, job_id)
     wait_until(lambda: run.events()[-1]["event"] == "finished",
                lambda: f"the resumed job to finish: {slurm_cluster.run('scontrol', 'show', 'job', job_id)}"
                        f"{slurm_cluster.run('sinfo', '-N', '-l')}{run.events()[-3:]}", **WAIT)
@@ -95,46 +95,10 @@ def test_a_job_whose_rank_is_killed_is_requeued_by_its_exit_hook_and_resumes_fro
     assert logged_losses(run) == logged_losses(reference)
 
 
-def _release(slurm_cluster, job_id: str) -> None:
-    """Slurm holds a requeued job back for a while (minutes); let it start now, once its last run has left the
-    node: released while the old run's step daemons are still winding down, the relaunch fails."""
-    wait_until(lambda: "JobState=PENDING" in slurm_cluster.run("scontrol", "show", "job", job_id), "the job to pend",
-               **WAIT)
-    wait_until(lambda: not _step_daemons(job_id), f"job {job_id}'s slurmstepd processes to exit", **WAIT)
-    slurm_cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-
-
-def _step_daemons(job_id: str) -> list[str]:
-    names = []
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if command.startswith(b"slurmstepd: [" + job_id.encode() + b"."):
-            names.append(command.decode(errors="replace"))
-    return names
-
-
 def _ranks_once_started(run: RunDir) -> list[int]:
     """Both ranks' pids, looked up once the job has started (before its first step: the search takes a while)."""
     wait_until(lambda: any(e["event"] == "started" for e in run.events()), "the job to start", **WAIT)
-    return [_rank_process(run.path / "teacher" / "submitit", rank) for rank in range(2)]
-
-
-def _rank_process(submitit_folder: Path, rank: int) -> int:
-    """The pid of one rank of the test's own job, found by its command line and Slurm rank (srun, which starts
-    the ranks, has the same arguments and the batch script's SLURM_PROCID=0)."""
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if Path(os.fsdecode(command[0])).name.startswith("python") and str(submitit_folder).encode() in command \
-                and b"submitit.core._submit" in command and f"SLURM_PROCID={rank}".encode() in environ:
-            return int(proc.name)
-    raise AssertionError(f"no rank {rank} process of {submitit_folder}")
+    return [slurm_rank_process(run.path / "teacher" / "submitit", rank) for rank in range(2)]
 
 
 def _follow(run: RunDir, failure: list) -> None:

@@ -6,7 +6,8 @@ import re
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import TINY, wait_until
+from conftest import TINY
+from job_control import wait_until
 
 from d3d_cluster import cli
 from d3d_cluster.cli import main

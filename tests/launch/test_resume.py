@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY, child_processes, frozen, logged_losses, signal_pending, tiny_spec, wait_until
+from conftest import TINY, logged_losses, tiny_spec
+from job_control import child_processes, frozen, signal_pending, wait_until
 
 from d3d_cluster.cli import main
 from d3d_cluster.launch.executor import make_executor

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY, tiny_spec, wait_until
+from conftest import TINY, tiny_spec
+from job_control import wait_until
 
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.data.schema import Manifest
