@@ -19,9 +19,15 @@ TRAIN_LOG_NAME = "train_log.jsonl"  # rank 0's record of every step of a stage
 
 
 # What the trained networks and their data are made of: a run whose spec changes any of it would mix stages trained
-# on different things. The keys listed as free change how or where, not what, and may change like any other section.
+# on different things. The keys listed as free change how or where, not what, and may change like any other section:
+# the clips per rank among them, which follow the number of nodes when the global batch stays (`batch_plan`).
 WHAT_IS_TRAINED = ("seed", "prep.", "data.", "model.")
-FREE_TO_CHANGE = {"prep.workers", "data.reader_threads", "data.eval_clips", "data.eval_crops", "model.compile"}
+FREE_TO_CHANGE = {"prep.workers", "data.reader_threads", "data.eval_clips", "data.eval_crops", "data.batch_size",
+                  "model.compile"}
+
+
+# Damaged events lines already reported by this process, as (path, line number).
+_REPORTED_DAMAGE: set[tuple[str, int]] = set()
 
 
 class SpecChanged(ValueError):
@@ -115,7 +121,9 @@ class RunDir:
                 if not isinstance(record, dict) or "event" not in record:
                     raise ValueError("not an event record")
             except ValueError:
-                print(f"{path}:{number}: skipping a damaged events line: {line[:120]!r}", file=sys.stderr)
+                if (str(path), number) not in _REPORTED_DAMAGE:  # a poller would repeat it at every read
+                    _REPORTED_DAMAGE.add((str(path), number))
+                    print(f"{path}:{number}: skipping a damaged events line: {line[:120]!r}", file=sys.stderr)
                 continue
             events.append(record)
         return events

@@ -46,6 +46,7 @@ def test_a_line_torn_by_a_crash_is_skipped_and_reported_and_the_next_event_is_wh
 
     assert [e["event"] for e in events] == ["submitted", "started", "failed"]
     assert f"{run.path / EVENTS_NAME}:3: skipping a damaged events line" in capsys.readouterr().err
+    assert run.events() == events and capsys.readouterr().err == ""  # reported once, not at every read
     assert [f["host"] for f in last_run_failures(events)] == ["node7"]  # what the requeue hook decides on
     statuses = run_status(run, slurm={})  # and `d3dc status`
     assert [(s.stage, s.last_event) for s in statuses] == [("teacher", "failed")]

@@ -139,8 +139,9 @@ def _stage_status(run: RunDir, stage: str, events: list[dict], slurm: dict[str, 
     checkpoints = [e for e in events if e["event"] == "checkpointed"]
     requeued = [e for e in events if e["event"] == "requeued"]
     # The latest run's first failure is its cause; without one, the last failure of an earlier run says why the
-    # job was requeued.
-    failed = last_run_failures(events)[:1] or [e for e in events if e["event"] == "failed"][-1:]
+    # job was requeued, until the job finishes: then no failure is its story any more.
+    failed = last_run_failures(events)[:1] or ([e for e in events if e["event"] == "failed"][-1:]
+                                               if last["event"] != "finished" else [])
     return StageStatus(
         stage=stage, job_id=job_id, executor=executor, dependency=submitted.get("dependency"),
         last_event=last["event"], last_time=last["time"],

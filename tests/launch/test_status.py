@@ -84,6 +84,9 @@ def test_a_job_shows_the_first_failure_of_its_latest_run_with_the_rank_and_host_
     assert teacher.error == "OutOfMemoryError: CUDA out of memory (rank 3 on gpu7)"
     running = run_status(_run(tmp_path, name="again", events=events[:5]), {})[0]
     assert running.error == "DistBackendError: NCCL watchdog timeout (rank 9 on gpu7)"  # why it was requeued
+    finished = run_status(_run(tmp_path, name="finished", events=[
+        *events[:5], {"event": "finished", "stage": "teacher", "job_id": "11"}]), {})[0]
+    assert finished.error is None  # a failure its requeue overcame is not the finished job's story
 
 
 def test_a_cancelled_job_is_cancelled_even_when_slurm_has_forgotten_it(tmp_path):
