@@ -5,6 +5,7 @@ or one after another in the foreground with the local executor, relaying rank 0'
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,23 @@ def check_ready(spec: Spec, *stages: str) -> None:
     if "student" in stages and spec.student.distill.precompute:
         check_space(spec, len(manifest.classes), manifest.splits["train"].samples)
     check_initial_weights(spec, len(manifest.classes))
+    check_batchnorm_batch(spec)
     check_cluster(spec.cluster)
+
+
+def check_batchnorm_batch(spec: Spec) -> None:
+    """BatchNorm normalises over a rank's clips and positions, and needs more than one value per channel: one clip
+    a rank fails every rank at step 1 where the deepest layers have one position per clip (small clips)."""
+    from d3d_cluster.models.info import model_info
+
+    info = model_info(2, 3, spec.data.clip_frames, spec.data.crop_size, spec.model.width, spec.model.gating)
+    name, positions = min(((layer.name, math.prod(layer.output_shape[1:])) for layer in reversed(info.layers[:-1])),
+                          key=lambda pair: pair[1])
+    if spec.data.batch_size * positions < 2:
+        raise ValueError(f"data.batch_size {spec.data.batch_size}: {name} has {positions} position a clip at "
+                         f"{spec.data.clip_frames}x{spec.data.crop_size}x{spec.data.crop_size}, so BatchNorm would "
+                         "see one value per channel on each rank; give each rank 2 clips (data.batch_size) or "
+                         "larger clips (data.crop_size, data.clip_frames)")
 
 
 def check_initial_weights(spec: Spec, num_classes: int) -> None:

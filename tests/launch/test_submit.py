@@ -164,6 +164,21 @@ def test_prep_options_are_refused_for_training_jobs(tmp_path):
     assert result.exit_code != 0 and "--array and --workers are for `d3dc submit prep`" in result.output
 
 
+def test_one_clip_a_rank_is_refused_before_queueing_where_batchnorm_would_see_one_value(tmp_path, tiny_shards):
+    spec = _spec_file(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)})
+    refused = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec), "--set", "data.batch_size=1",
+                                        "--set", "deepspeed.global_batch_size=2"])
+    assert refused.exit_code != 0 and not (tmp_path / "work" / "runs").exists()
+    assert ("data.batch_size 1: mixed_5c has 1 position a clip at 8x24x24, so BatchNorm would see one value per "
+            "channel on each rank") in refused.output
+    # At the papers' 64x224x224, mixed_5c has 8x7x7 positions a clip: one clip a rank is fine.
+    from d3d_cluster.launch.pipeline import check_batchnorm_batch
+
+    check_batchnorm_batch(Spec().with_overrides(**{"data.batch_size": 1, "deepspeed.global_batch_size": 2,
+                                                   "data.clip_frames": 64, "data.crop_size": 224,
+                                                   "prep.short_side": 256, "prep.synthetic.frames": 65}))
+
+
 @pytest.mark.integration
 def test_with_the_local_executor_submit_runs_the_jobs_in_the_foreground(tmp_path, tiny_shards):
     spec = _spec_file(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)}, teacher={"epochs": 1})
