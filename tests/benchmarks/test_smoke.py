@@ -86,3 +86,20 @@ def test_the_quickstart_benchmark_runs_at_smoke_size_and_reports_every_model(tmp
         assert len(model["top1_per_seed"]) == 1 and 0 <= model["top1_mean"] <= 1
         if name != "student+teacher":
             assert model["wall_seconds_median"] > 0 and model["clips_per_second_median"] > 0
+
+
+@pytest.mark.integration
+def test_the_fault_soak_runs_at_smoke_size_and_the_faulted_pipeline_ends_as_the_uninterrupted_one(tmp_path):
+    from conftest import require
+    from slurm_cluster import find_programs
+
+    require(f"the soak's Slurm cluster needs {', '.join(missing)}" if (missing := find_programs()[1]) else None)
+    report = run_benchmark("faults", tmp_path, "--workdir", str(tmp_path / "work"))
+    assert report["survived"] and report["faults_by_kind"] == {kind: 1 for kind in report["faults_by_kind"]}
+    assert all(report["comparison"]["weights_identical"].values())
+    assert all(report["comparison"]["losses_identical"].values()) and report["comparison"]["scores_identical"]
+    lost = report["steps_lost"]
+    assert lost["preemption"] == lost["sigterm"] == [0] and lost["kill_rank"][0] >= 0
+    corrupted = next(f for f in report["faults"] if f["kind"] == "corrupt_checkpoint")
+    assert corrupted["resumed_from"] != corrupted["corrupted"]  # passed over the damaged checkpoint
+    assert sum(report["requeues_by_cause"].values()) == len(report["faults"])
