@@ -95,9 +95,39 @@ def test_a_job_whose_rank_is_killed_is_requeued_by_its_exit_hook_and_resumes_fro
     assert logged_losses(run) == logged_losses(reference)
 
 
-def _ranks_once_started(run: RunDir) -> list[int]:
-    """Both ranks' pids, looked up once the job has started (before its first step: the search takes a while)."""
-    wait_until(lambda: any(e["event"] == "started" for e in run.events()), "the job to start", **WAIT)
+@pytest.mark.integration
+def test_a_rank_killed_again_and_again_is_requeued_until_the_crash_budget_ends_it_and_every_requeue_is_recorded(
+        tmp_path, tiny_shards, slurm_cluster):
+    run = _run(tmp_path / "slurm", tiny_shards, executor="slurm", partition=slurm_cluster.partition,
+               max_crash_requeues=2)
+    submit(run.spec(), "teacher", echo=lambda line: None)
+    job_id = next(e["job_id"] for e in run.events() if e["event"] == "submitted")
+    log = run.path / "teacher" / "train_log.jsonl"
+    for kill in range(1, 4):
+        ranks = _ranks_once_started(run, starts=kill)
+        wait_until(lambda: log.exists() and len(log.read_text().splitlines()) >= 2, "step 2", **STEP_WAIT)
+        with frozen(ranks):
+            os.kill(ranks[kill % 2], signal.SIGKILL)
+        if kill < 3:
+            wait_until(lambda: sum(e["event"] == "requeued" for e in run.events()) == kill, f"requeue {kill}", **WAIT)
+            release_requeued(slurm_cluster, job_id)
+
+    shown = slurm_cluster.wait_for_job(job_id)
+    assert "JobState=FAILED" in shown and "Restarts=2" in shown, shown
+    events = run.events()
+    requeued = [e for e in events if e["event"] == "requeued"]
+    assert [(e["cause"], e["requeues"]) for e in requeued] == [("crash", 1), ("crash", 2)]
+    assert sum(e["event"] == "started" for e in events) == 3
+    final = events[-1]
+    assert final["event"] == "failed" and not final["retryable"]
+    assert "after 2 crash requeues (cluster.max_crash_requeues)" in final["error"]
+
+
+def _ranks_once_started(run: RunDir, starts: int = 1) -> list[int]:
+    """Both ranks' pids, looked up once the job has started `starts` times (before its first step there: the search
+    takes a while)."""
+    wait_until(lambda: sum(e["event"] == "started" for e in run.events()) >= starts, f"start {starts} of the job",
+               **WAIT)
     return [slurm_rank_process(run.path / "teacher" / "submitit", rank) for rank in range(2)]
 
 
