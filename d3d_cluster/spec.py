@@ -307,8 +307,9 @@ class ProbeSpec(_Section):
     """The motion probe (`d3dc probe`): decoders trained on frozen features to predict the clip's optical flow."""
 
     layers: list[Literal[PROBE_LAYERS]] = Field(["conv_2c", "mixed_3c", "mixed_4f", "mixed_5c"], min_length=1)
-    epochs: int = Field(4, ge=1)
-    lr: float = Field(3e-3, gt=0.0)
+    epochs: int = Field(48, ge=1, description="decoder training epochs over the train split (fewer left the "
+                                               "upper layers' decoders barely ahead of zero flow on the teacher)")
+    lr: float = Field(1e-2, gt=0.0)
     hidden: int = Field(32, ge=1, description="channels of each decoder's hidden layer")
 
 

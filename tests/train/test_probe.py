@@ -3,13 +3,17 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from click.testing import CliRunner
 from conftest import tiny_spec
 
 from d3d_cluster.cli import main
 from d3d_cluster.rundir import RunDir
 from d3d_cluster.models import S3DG
-from d3d_cluster.train.probe import end_point_error, run_probe
+from d3d_cluster.spec import ProbeSpec
+from d3d_cluster.data.pipeline import Batch
+from d3d_cluster.train.probe import MotionProbe, end_point_error, run_probe
 
 
 @pytest.fixture
@@ -35,7 +39,7 @@ def test_probe_cli_prints_and_writes_one_sane_row_per_layer(run_with_student):
         assert layer in result.output
     report = json.loads((run_with_student.path / "student" / "probe.json").read_text())
     assert [row["layer"] for row in report["layers"]] == ["conv_2c", "mixed_3c", "mixed_5c"]
-    assert report["input"] == "rgb" and report["val_samples"] == 6 and len(report["train_mse_per_epoch"]) == 1
+    assert report["input"] == "rgb" and report["val_samples"] == 6 and len(report["train_epe_per_epoch"]) == 1
     resolutions = [tuple(row["resolution"]) for row in report["layers"]]
     assert resolutions == [(4, 6, 6), (4, 3, 3), (1, 1, 1)]
     bound = 20.0  # prep.flow.bound: no flow vector is longer than bound * sqrt(2) pixels
@@ -47,3 +51,54 @@ def test_probe_cli_prints_and_writes_one_sane_row_per_layer(run_with_student):
 def test_probe_of_an_untrained_stage_is_refused_naming_the_file(run_with_student):
     with pytest.raises(FileNotFoundError, match="teacher/model.pt: no exported network; train the teacher stage"):
         run_probe(run_with_student.path, "teacher")
+
+
+class _SparseMotion:
+    """Clips whose flow is one square patch moving on a still background, as a loader hands them out."""
+
+    first_epoch = 0
+
+    def __init__(self, batches: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.batches = []
+        for _ in range(batches):
+            flow = torch.zeros(8, 2, 4, 16, 16)
+            for clip in flow:
+                y, x = torch.randint(0, 10, (2,), generator=generator).tolist()
+                clip[:, :, y:y + 6, x:x + 6] = (torch.rand(2, generator=generator) * 2 - 1)[:, None, None, None]
+            self.batches.append(Batch(None, flow, torch.zeros(8, dtype=torch.long), torch.arange(8),
+                                      torch.zeros(8, dtype=torch.long), 0))
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int):
+        return iter(self.batches)
+
+
+class _Layer(nn.Module):
+    """A frozen network of one layer at half resolution: the flow itself among noise channels, or noise only."""
+
+    def __init__(self, carries_flow: bool):
+        super().__init__()
+        self.carries_flow = carries_flow
+
+    def endpoints(self, clips: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        noise = torch.randn(len(clips), 6, 4, 8, 8)
+        flow = F.avg_pool3d(clips, (1, 2, 2))
+        return {layers[0]: torch.cat([flow, noise], 1) if self.carries_flow else noise}
+
+
+@pytest.mark.parametrize("carries_flow", [True, False])
+def test_the_probe_decodes_flow_only_from_features_that_carry_it_and_never_ends_worse_than_zero_flow(carries_flow):
+    torch.manual_seed(0)
+    probe = MotionProbe(_Layer(carries_flow), "flow", ["layer"], flow_bound=20.0, hidden=ProbeSpec().hidden,
+                        device=torch.device("cpu"))
+    settings = ProbeSpec()  # the shipped defaults
+    probe.train(_SparseMotion(batches=4, seed=1), epochs=settings.epochs, lr=settings.lr)
+    row, = probe.evaluate(_SparseMotion(batches=4, seed=2))
+    ratio = row.epe / row.zero_flow_epe
+    if carries_flow:
+        assert ratio < 0.3, ratio
+    else:
+        assert 0.9 < ratio < 1.1, ratio
