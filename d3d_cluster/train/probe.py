@@ -171,7 +171,8 @@ def run_probe(run_dir: str | Path, stage: str, settings: ProbeSpec | None = None
     val_samples = len(val.table)
     val.close()
     result = {"run": run.path.name, "stage": stage, "input": modality, "val_samples": val_samples,
-              "flow_units": "pixels", "target_scales": probe.scales, "train_epe_per_epoch": history, "layers": [asdict(row) for row in rows],
+              "flow_units": "pixels", "target_scales": probe.scales, "train_epe_per_epoch": history,
+              "layers": [asdict(row) for row in rows],
               "settings": settings.model_dump(), "seconds": time.time() - started}
     write_json_atomically(run.path / stage / PROBE_NAME, result)
     return result
