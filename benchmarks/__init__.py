@@ -7,6 +7,7 @@ that a change of API breaks a test rather than a benchmark found broken months l
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 # The job spec a smoke run trains with (dotted overrides of the quickstart spec), as small as the tests' own:
 # 3 classes of 6 videos of 12 frames at 32 px, Farneback flow, 8-frame clips cropped to 24 px, 2 clips per rank,
@@ -37,3 +38,14 @@ def parse_args(parser: argparse.ArgumentParser, smoke: dict) -> argparse.Namespa
     if parser.parse_known_args()[0].smoke:
         parser.set_defaults(**smoke)
     return parser.parse_args()
+
+
+def prepare(spec) -> Path:
+    """The spec's synthetic dataset made and prepared into its shards, unless they already are; the shards' path."""
+    from dataprep.prepare import prepare_dataset
+    from dataprep.sources import load_source
+
+    shards = spec.path(spec.data.shards)
+    if not (shards / "manifest.json").exists():
+        prepare_dataset(spec.prep, load_source(spec.prep, Path(spec.workdir)), shards, progress=False)
+    return shards

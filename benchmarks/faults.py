@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import SMOKE_SPEC, parse_args
+from benchmarks import SMOKE_SPEC, parse_args, prepare
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import plan_jobs, queue_jobs
 from d3d_cluster.launch.status import run_status
@@ -103,16 +103,6 @@ def soak_spec(workdir: Path, name: str, partition: str, epochs: int) -> Spec:
         "checkpoint.every_steps": CHECKPOINT_EVERY, "checkpoint.keep": 3, "metrics.report_every_steps": 1,
         "cluster.executor": "slurm", "cluster.partition": partition, "cluster.timeout_min": 30,
         "cluster.max_crash_requeues": 1000})
-
-
-def prepare(spec: Spec) -> Path:
-    from dataprep.prepare import prepare_dataset
-    from dataprep.sources import load_source
-
-    shards = spec.path(spec.data.shards)
-    if not (shards / "manifest.json").exists():
-        prepare_dataset(spec.prep, load_source(spec.prep, Path(spec.workdir)), shards, progress=False)
-    return shards
 
 
 class Pipeline:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import SMOKE_SPEC, parse_args
+from benchmarks import SMOKE_SPEC, parse_args, prepare
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.rundir import RunDir
@@ -40,17 +40,6 @@ from d3d_cluster.train.teacher_outputs import DIRECTORY_NAME, MANIFEST_NAME
 
 MODES = ("live", "precompute", "reused")
 SMOKE = {"repeats": 1, "epochs": 1}
-
-
-def prepare(spec: Spec) -> Path:
-    """The quickstart's synthetic dataset (Farneback flow: the flow algorithm does not change a training step)."""
-    from dataprep.prepare import prepare_dataset
-    from dataprep.sources import load_source
-
-    shards = spec.path(spec.data.shards)
-    if not (shards / "manifest.json").exists():
-        prepare_dataset(spec.prep, load_source(spec.prep, Path(spec.workdir)), shards, progress=False)
-    return shards
 
 
 def run_student(spec: Spec, teacher: Path, reuse: RunDir | None) -> tuple[RunDir, dict]:
