@@ -41,11 +41,10 @@ def parse_args(parser: argparse.ArgumentParser, smoke: dict) -> argparse.Namespa
 
 
 def prepare(spec) -> Path:
-    """The spec's synthetic dataset made and prepared into its shards, unless they already are; the shards' path."""
-    from dataprep.prepare import prepare_dataset
-    from dataprep.sources import load_source
+    """The spec's dataset prepared into its shards as `d3dc prep` does, unless they already are; the shards' path."""
+    from d3d_cluster.launch.prep import prepare_locally
 
     shards = spec.path(spec.data.shards)
     if not (shards / "manifest.json").exists():
-        prepare_dataset(spec.prep, load_source(spec.prep, Path(spec.workdir)), shards, progress=False)
+        prepare_locally(spec, progress=False)
     return shards

@@ -47,7 +47,7 @@ from benchmarks import SMOKE_SPEC, parse_args, prepare
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import plan_jobs, queue_jobs
 from d3d_cluster.launch.status import run_status
-from d3d_cluster.rundir import EVENTS_NAME, RESULTS_NAME, TRAIN_LOG_NAME, RunDir
+from d3d_cluster.rundir import EVENTS_NAME, RESULTS_NAME, SUMMARY_NAME, TRAIN_LOG_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.checkpoint import CHECKPOINTS, completed
 from d3d_cluster.train.curves import read_train_log
@@ -115,6 +115,11 @@ class Pipeline:
 
     def count(self, stage: str, kind: str) -> int:
         return sum(1 for e in self.run.events() if e.get("stage") == stage and e["event"] == kind)
+
+    def finished(self, stage: str) -> bool:
+        """Whether the stage has finished: its summary is written just before its `finished` event, and a stat is
+        cheap enough for a poll every few milliseconds, which parsing the events log is not."""
+        return (self.run.path / stage / SUMMARY_NAME).exists()
 
     def steps_logged(self, stage: str) -> int:
         log = self.run.path / stage / TRAIN_LOG_NAME
@@ -213,11 +218,10 @@ def soak(pipeline: Pipeline, faults: list[dict], seed: int) -> list[dict]:
                            timeout=3600, poll=0.05)
                 ranks = pipeline.ranks(stage)
                 wait_until(lambda: pipeline.steps_logged(stage) >= fault["at_step"] or errors
-                           or pipeline.count(stage, "finished"), f"{stage} step {fault['at_step']}", timeout=3600,
-                           poll=0.002)
+                           or pipeline.finished(stage), f"{stage} step {fault['at_step']}", timeout=3600, poll=0.002)
                 if errors:
                     return
-                if pipeline.count(stage, "finished"):
+                if pipeline.finished(stage):
                     raise RuntimeError(f"{stage} finished before its fault at step {fault['at_step']}")
                 records.append(inject(pipeline, fault, ranks, rng))
                 print(json.dumps(records[-1]), flush=True)

@@ -3,7 +3,6 @@ eight nodes (eight slurmd on this machine, each in its own network namespace): w
 it queues one student job across the eight nodes without being told the executor, and that job trains."""
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml
@@ -30,12 +29,11 @@ def eight_nodes():
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """The tiny dataset with 18 training videos: one global batch of 2 clips on each of 8 ranks."""
-    from dataprep.prepare import prepare_dataset
-    from dataprep.sources import load_source
+    from d3d_cluster.launch.prep import prepare_locally
 
     spec = Spec.model_validate({**TINY, "workdir": str(tmp_path_factory.mktemp("eight")), "prep": {
         **TINY["prep"], "synthetic": {**TINY["prep"]["synthetic"], "videos_per_class": 9}}})
-    prepare_dataset(spec.prep, load_source(spec.prep, Path(spec.workdir)), spec.path(spec.data.shards), progress=False)
+    prepare_locally(spec, progress=False)
     return spec.path(spec.data.shards)
 
 
