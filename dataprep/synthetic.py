@@ -1,4 +1,8 @@
-"""A motion-only video dataset for the quickstart: a single frame says nothing about the class.
+"""Motion-only video datasets for the quickstart: a single frame says nothing about the class.
+
+Two of them, rendered differently (`prep.synthetic.kind`): `shapes`, the quickstart's, described here, and
+`dots`, a held-out second motion source for checking that what was tuned on `shapes` carries over (see
+`render_dots_video`).
 
 Each video shows a static textured background and one or two textured objects that all move the way
 their class says (translate up, down, sideways or diagonally, rotate, zoom in or out).
@@ -122,6 +126,72 @@ def render_video(rng: np.random.Generator, label: str, frames: int, size: int) -
     return video
 
 
+DIRECTIONS = {"east": (1, 0), "west": (-1, 0), "north": (0, -1), "south": (0, 1), "north_east": (1, -1),
+              "south_west": (-1, 1), "north_west": (-1, -1), "south_east": (1, 1)}  # image coordinates, y down
+# A mirror turns east into west (north and south into themselves): train `dots` with mirroring off, or with
+# the mirrored pairs as data.mirror_pairs.
+DOT_SPEED_PX = (0.5, 1.5)  # per frame, at 64 px: slower than the shapes
+DOT_COHERENCE = (0.5, 0.8)  # share of dots moving the class's way; the others drift in random directions
+DOT_COUNT = (30, 70)
+DOT_RADIUS_PX = (1.0, 2.5)
+DOT_LIFETIME = (6, 12)  # frames before a dot reappears elsewhere, so no dot's track spans a whole clip
+
+
+def _noise_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Pixel noise, lightly blurred, between two colours: no large shapes, unlike the `shapes` backgrounds."""
+    noise = cv2.GaussianBlur(rng.random((size, size)).astype(np.float32), (0, 0), rng.uniform(0.5, 1.5))
+    noise = (noise - noise.min()) / max(float(np.ptp(noise)), 1e-6)
+    low, high = rng.uniform(0, 255, (2, 3))
+    return (low + (high - low) * noise[..., None]).astype(np.float32)
+
+
+def dot_tracks(rng: np.random.Generator, direction: tuple[int, int], frames: int, size: int) -> np.ndarray:
+    """(F, dots, 2) x, y of every dot: a coherent share moves along `direction` (speed per axis normalised so
+    diagonals are as fast as the rest), the others each their own random way; each dot lives a few frames
+    and then reappears at a uniform position, so every frame's dots are uniform on the frame."""
+    count = rng.integers(*DOT_COUNT, endpoint=True)
+    speed = rng.uniform(*DOT_SPEED_PX) * size / 64
+    heading = np.arctan2(direction[1], direction[0])
+    coherent = rng.random(count) < rng.uniform(*DOT_COHERENCE)
+    angles = np.where(coherent, heading, rng.uniform(0, 2 * np.pi, count))
+    velocity = speed * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    lifetime = rng.integers(*DOT_LIFETIME, endpoint=True, size=count)
+    age = rng.integers(0, lifetime)  # staggered, so dots do not all reappear on one frame
+    position = rng.uniform(0, size, (count, 2))
+    tracks = np.empty((frames, count, 2))
+    for index in range(frames):
+        tracks[index] = position
+        age += 1
+        reborn = age >= lifetime
+        position = np.where(reborn[:, None], rng.uniform(0, size, (count, 2)), (position + velocity) % size)
+        age[reborn] = 0
+    return tracks
+
+
+def render_dots_video(rng: np.random.Generator, label: str, frames: int, size: int) -> np.ndarray:
+    """(F, size, size, 3) uint8 frames of one `dots` video: a random-dot kinematogram over a static noise
+    background, the dots (solid colours, hard discs) drifting in the class's compass direction."""
+    background = _noise_background(rng, size)
+    tracks = dot_tracks(rng, DIRECTIONS[label], frames, size)
+    colours = rng.uniform(0, 255, (tracks.shape[1], 3))
+    radii = rng.uniform(*DOT_RADIUS_PX, tracks.shape[1]) * size / 64
+    shift = 4  # cv2 draws at 1/16 px with `shift`, so slow dots move smoothly
+    video = np.empty((frames, size, size, 3), np.uint8)
+    for index in range(frames):
+        frame = background.copy()
+        for (x, y), colour, radius in zip(tracks[index], colours, radii):
+            for dx in (-size, 0, size):  # wrap-around: draw the copies a disc at an edge shows
+                for dy in (-size, 0, size):
+                    if -radius <= x + dx < size + radius and -radius <= y + dy < size + radius:
+                        centre = (round((x + dx) * 2**shift), round((y + dy) * 2**shift))
+                        cv2.circle(frame, centre, round(radius * 2**shift), colour.tolist(), -1, cv2.LINE_AA, shift)
+        video[index] = np.clip(np.rint(frame), 0, 255)
+    return video
+
+
+KINDS = {"shapes": (CLASSES, render_video), "dots": (tuple(DIRECTIONS), render_dots_video)}
+
+
 def make_motion_dataset(spec: SyntheticSpec, out_dir: Path, seed: int) -> Path:
     """Writes `videos/<label>_NNNN.mp4` and `labels.csv` (path,label,split) under out_dir; returns the CSV.
 
@@ -135,12 +205,13 @@ def make_motion_dataset(spec: SyntheticSpec, out_dir: Path, seed: int) -> Path:
     count = spec.videos_per_class
     n_val = min(count - 1, max(1, round(spec.val_fraction * count)))
     rows = []
-    for class_index, label in enumerate(CLASSES[: spec.classes]):
+    classes, render = KINDS[spec.kind]
+    for class_index, label in enumerate(classes[: spec.classes]):
         val = set(np.random.default_rng([seed, class_index]).permutation(count)[:n_val].tolist())
         for number in range(count):
             rng = np.random.default_rng([seed, class_index, number])
             relative = f"videos/{label}_{number:04d}.mp4"
-            write_h264(out_dir / relative, render_video(rng, label, spec.frames, spec.size), FPS)
+            write_h264(out_dir / relative, render(rng, label, spec.frames, spec.size), FPS)
             rows.append((relative, label, "val" if number in val else "train"))
     labels = out_dir / "labels.csv"
     with open(labels, "w", newline="") as handle:

@@ -4,7 +4,7 @@ from collections import Counter
 import numpy as np
 
 from d3d_cluster.spec import SyntheticSpec
-from dataprep.synthetic import CLASSES, MOTIONS, make_motion_dataset, object_track
+from dataprep.synthetic import CLASSES, DIRECTIONS, MOTIONS, dot_tracks, make_motion_dataset, object_track
 from dataprep.video import read_video
 
 TINY = SyntheticSpec(classes=3, videos_per_class=5, frames=6, size=32, val_fraction=0.4)
@@ -82,3 +82,34 @@ def test_every_class_keeps_its_label_under_horizontal_mirroring():
         assert mirrored == set(motions), label
         others = {m for other, ms in MOTIONS.items() if other != label for m in ms}
         assert not mirrored & others, label
+
+
+DOTS = SyntheticSpec(kind="dots", classes=8, videos_per_class=2, frames=6, size=32, val_fraction=0.5)
+
+
+def test_dots_dataset_has_one_class_per_compass_direction(tmp_path):
+    labels = make_motion_dataset(DOTS, tmp_path / "raw", seed=0)
+    _, *rows = _rows(labels)
+    assert sorted({label for _, label, _ in rows}) == sorted(DIRECTIONS) and len(rows) == 16
+    frames, _ = read_video(labels.parent / rows[0][0])
+    assert frames.shape == (6, 32, 32, 3) and frames.std() > 10
+
+
+def test_a_single_dots_frame_shows_uniform_dot_positions_for_every_class():
+    quantiles = np.linspace(0.1, 0.9, 9)
+    rng = np.random.default_rng(0)
+    for label, direction in DIRECTIONS.items():
+        positions = np.concatenate([dot_tracks(rng, direction, 8, 64).reshape(-1, 2) for _ in range(200)]) / 64
+        for axis in (0, 1):
+            assert np.allclose(np.quantile(positions[:, axis], quantiles), quantiles, atol=0.03), (label, axis)
+
+
+def test_dots_drift_in_their_class_direction():
+    rng = np.random.default_rng(1)
+    for label, direction in DIRECTIONS.items():
+        tracks = dot_tracks(rng, direction, 12, 64)
+        step = (np.diff(tracks, axis=0) + 32) % 64 - 32  # undo the wrap-around
+        step = step[np.linalg.norm(step, axis=2) < 5]  # leave out dots that reappeared elsewhere
+        mean = step.mean(axis=0)
+        heading = np.asarray(direction) / np.linalg.norm(direction)
+        assert mean @ heading > 0.9 * np.linalg.norm(mean) > 0, label
