@@ -1,10 +1,18 @@
-"""The quickstart, with several training seeds on one prepared dataset: accuracy mean and spread, wall times.
+"""The quickstart's claim, measured with paired seeds: does the distilled student beat the RGB-only baseline?
 
-    .venv/bin/python -m benchmarks.quickstart --seeds 0 1 2 --workdir /tmp/d3dc-bench --out benchmarks/results/quickstart.json
+    .venv/bin/python -m benchmarks.quickstart --seeds 0 1 2 3 4 --probe --workdir /tmp/d3dc-bench \
+        --out benchmarks/results/quickstart.json
 
-The dataset is made and prepared once, by `d3dc prep` in a process of its own (its time is reported on its own);
-each seed then trains the teacher, the student and the RGB-only baseline from scratch with that seed (weights and
-sample order). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
+The dataset is made and prepared once, by `d3dc prep` in a process of its own (its time is reported on its own).
+Each seed then trains the teacher, the student and the RGB-only baseline from scratch. Student and baseline of
+a seed are paired: the same initial weights, the same clips in the same order, the same crops and mirrors (a
+training view is a function of seed, epoch and sample), so their difference is distillation's alone. With
+`--probe`, `d3dc probe` then decodes optical flow from each network's layers (D3D section 3).
+
+`--set KEY=VALUE` changes the spec (a setting under test: `--set student.distill.weight=0.3`); the report keeps
+the spec it trained. A seed whose run an earlier invocation finished with the same spec is not trained again
+(nor a probe made with the same settings), so the same command resumes an interrupted benchmark, and adding
+`--probe` afterwards only probes. `--smoke`: seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
 """
 
 from __future__ import annotations
@@ -21,37 +29,101 @@ from pathlib import Path
 
 from benchmarks import SMOKE_SPEC, parse_args
 from d3d_cluster.launch.pipeline import run_pipeline
-from d3d_cluster.rundir import RunDir
-from d3d_cluster.spec import Spec, load_spec
+from d3d_cluster.rundir import RESULTS_NAME, SPEC_NAME, RunDir
+from d3d_cluster.spec import ProbeSpec, Spec, load_spec, parse_assignment
+from d3d_cluster.train.probe import PROBE_NAME, run_probe
 
-SMOKE = {"seeds": [0]}
+SMOKE = {"seeds": [0], "probe_epochs": 1}
+NETWORKS = ("teacher", "student", "baseline")
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values), "per_seed": values}
+
+
+def compare(runs: dict[int, dict]) -> dict:
+    """The paired comparison the claim rests on, seed by seed: student minus baseline, the share of the
+    baseline-to-teacher gap the student closes, and whether the student + teacher ensemble matches the teacher."""
+    top1 = {seed: {model: result["top1"] for model, result in run["models"].items()} for seed, run in runs.items()}
+    gains = [top1[s]["student"] - top1[s]["baseline"] for s in runs]
+    closed = [(top1[s]["student"] - top1[s]["baseline"]) / (top1[s]["teacher"] - top1[s]["baseline"])
+              for s in runs if top1[s]["teacher"] > top1[s]["baseline"]]
+    report = {"student_minus_baseline": spread(gains), "student_wins": sum(gain > 0 for gain in gains),
+              "gap_closed": spread(closed) if closed else None}
+    if all("student+teacher" in top1[s] for s in runs):
+        report["ensemble_minus_teacher"] = spread([top1[s]["student+teacher"] - top1[s]["teacher"] for s in runs])
+    return report
+
+
+def compare_probes(probes: dict[int, dict]) -> dict:
+    """EPE / zero-flow EPE per layer and network across seeds, and in how many seeds the student's features carry
+    more motion (a lower ratio) than the baseline's."""
+    layers = [row["layer"] for row in next(iter(probes.values()))["student"]["layers"]]
+
+    def ratio(seed: int, network: str, layer: str) -> float:
+        row = next(row for row in probes[seed][network]["layers"] if row["layer"] == layer)
+        return row["epe"] / row["zero_flow_epe"]
+
+    return {layer: {**{network: spread([ratio(s, network, layer) for s in probes]) for network in NETWORKS},
+                    "student_below_baseline": sum(ratio(s, "student", layer) < ratio(s, "baseline", layer)
+                                                  for s in probes)}
+            for layer in layers}
+
+
+def finished(spec: Spec) -> dict | None:
+    """The results of a seed's run that an earlier invocation finished with this same spec (its probe settings
+    aside), so that an interrupted benchmark, or the same one again with `--probe`, trains nothing twice."""
+    run = RunDir(spec.run_dir)
+    done = run.path / RESULTS_NAME
+    if not (done.is_file() and (run.path / SPEC_NAME).is_file()):
+        return None
+    if run.spec().model_copy(update={"probe": spec.probe}) != spec:  # the probe settings do not change training
+        return None
+    results = json.loads(done.read_text())
+    return results if set(NETWORKS) <= set(results["models"]) else None
+
+
+def probed(spec: Spec, network: str, settings: ProbeSpec) -> dict:
+    """`d3dc probe` of one network of a seed's run; an earlier probe with the same settings is kept."""
+    earlier = spec.run_dir / network / PROBE_NAME
+    if earlier.is_file():
+        result = json.loads(earlier.read_text())
+        if result["settings"] == settings.model_dump():
+            return result
+    return run_probe(spec.run_dir, network, settings)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", help="job spec (default: the embedded quickstart)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a spec change, as `d3dc submit --set` takes it (repeatable)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--probe", action="store_true", help="probe each network for motion after training")
+    parser.add_argument("--probe-epochs", type=int, help="decoder epochs (default: the spec's probe.epochs)")
     parser.add_argument("--workdir", default="/tmp/d3dc-bench")
     parser.add_argument("--out", default="benchmarks/results/quickstart.json")
     args = parse_args(parser, SMOKE)
 
-    spec = (load_spec(args.spec) if args.spec else Spec()).with_overrides(
-        workdir=args.workdir, **{"cluster.executor": "local"}, **(SMOKE_SPEC if args.smoke else {}))
+    changes = dict(parse_assignment(override) for override in args.overrides)
+    spec = load_spec(args.spec, {**(SMOKE_SPEC if args.smoke else {}), **changes, "workdir": args.workdir,
+                                 "cluster.executor": "local"})
     spec_path = Path(args.workdir) / "benchmark-spec.yaml"  # what `d3dc prep` reads: the spec trained below
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(spec.to_yaml())
     started = time.time()
     subprocess.run([sys.executable, "-m", "d3d_cluster.cli", "prep", "-c", str(spec_path)], check=True)
     prep_seconds = time.time() - started
+    probe_settings = spec.probe.model_copy(update={"epochs": args.probe_epochs}) if args.probe_epochs else spec.probe
 
-    runs = {}
+    runs, probes = {}, {}
     for seed in args.seeds:
         seeded = spec.with_overrides(seed=seed, name=f"{spec.name}-seed{seed}")
-        began = time.time()
-        results = run_pipeline(RunDir.create(seeded))
-        results["wall_seconds"] = time.time() - began
-        runs[seed] = results
-        print(json.dumps({"seed": seed, **{m: r["top1"] for m, r in results["models"].items()}}), flush=True)
+        runs[seed] = finished(seeded) or run_pipeline(RunDir.create(seeded, force=True))
+        if args.probe:
+            probes[seed] = {network: probed(seeded, network, probe_settings) for network in NETWORKS}
+        print(json.dumps({"seed": seed, **{m: r["top1"] for m, r in runs[seed]["models"].items()}}), flush=True)
 
     models = runs[args.seeds[0]]["models"]
     summary = {
@@ -68,17 +140,23 @@ def main() -> None:
     report = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.node()} {platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "command": " ".join(["python -m benchmarks.quickstart", *sys.argv[1:]]),
         "chance": runs[args.seeds[0]]["chance"],
         "val_samples": runs[args.seeds[0]]["val_samples"],
         "prep_seconds": prep_seconds,
-        "train_wall_seconds_median": statistics.median(r["wall_seconds"] for r in runs.values()),
+        "train_wall_seconds_median": statistics.median(sum(r["models"][n]["wall_seconds"] for n in NETWORKS)
+                                                       for r in runs.values()),
         "seeds": args.seeds,
         "models": summary,
+        "paired": compare(runs),
+        **({"probe": compare_probes(probes), "probe_settings": probe_settings.model_dump()} if probes else {}),
+        "spec_changes": changes,
+        "spec": spec.model_dump(),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    print(json.dumps({key: report[key] for key in ("models", "paired", "probe") if key in report}, indent=2))
 
 
 if __name__ == "__main__":

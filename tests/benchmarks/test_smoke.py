@@ -78,14 +78,37 @@ def test_the_precompute_benchmark_runs_at_smoke_size_and_trains_the_student_in_e
 
 
 @pytest.mark.integration
-def test_the_quickstart_benchmark_runs_at_smoke_size_and_reports_every_model(tmp_path):
-    report = run_benchmark("quickstart", tmp_path, "--workdir", str(tmp_path / "work"))
+def test_the_quickstart_benchmark_runs_at_smoke_size_and_reports_every_model_paired_and_probed(tmp_path):
+    report = run_benchmark("quickstart", tmp_path, "--workdir", str(tmp_path / "work"), "--probe",
+                           "--set", "student.distill.weight=3", "--set", "probe.layers=[mixed_4f, mixed_5c]")
     assert report["seeds"] == [0] and report["chance"] == pytest.approx(1 / 3) and report["prep_seconds"] > 0
     assert set(report["models"]) == {"teacher", "student", "baseline", "student+teacher"}
     for name, model in report["models"].items():
         assert len(model["top1_per_seed"]) == 1 and 0 <= model["top1_mean"] <= 1
         if name != "student+teacher":
             assert model["wall_seconds_median"] > 0 and model["clips_per_second_median"] > 0
+    top1 = {name: model["top1_per_seed"][0] for name, model in report["models"].items()}
+    paired = report["paired"]
+    assert paired["student_minus_baseline"]["per_seed"] == [pytest.approx(top1["student"] - top1["baseline"])]
+    assert paired["student_wins"] == int(top1["student"] > top1["baseline"])
+    assert paired["ensemble_minus_teacher"]["per_seed"] == [pytest.approx(top1["student+teacher"] - top1["teacher"])]
+    assert set(report["probe"]) == {"mixed_4f", "mixed_5c"}
+    for layer in report["probe"].values():
+        assert all(layer[network]["mean"] > 0 for network in ("teacher", "student", "baseline"))
+        assert layer["student_below_baseline"] in (0, 1)
+    assert report["spec_changes"] == {"student.distill.weight": 3, "probe.layers": ["mixed_4f", "mixed_5c"]}
+    assert report["spec"]["student"]["distill"]["weight"] == 3 and report["probe_settings"]["epochs"] == 1
+
+    # The same command again resumes rather than repeats: the finished run and its probes are read back.
+    run = tmp_path / "work" / "runs" / "quickstart-seed0"
+    probes = {network: (run / network / "probe.json").stat().st_mtime_ns for network in ("teacher", "student", "baseline")}
+    again = run_benchmark("quickstart", tmp_path, "--workdir", str(tmp_path / "work"), "--probe",
+                          "--set", "student.distill.weight=3", "--set", "probe.layers=[mixed_4f, mixed_5c]")
+    assert again["models"] == report["models"] and again["probe"] == report["probe"]
+    submitted = [json.loads(line)["stage"] for line in (run / "events.jsonl").read_text().splitlines()
+                 if json.loads(line)["event"] == "submitted"]
+    assert sorted(submitted) == ["baseline", "eval", "student", "teacher"]
+    assert probes == {network: (run / network / "probe.json").stat().st_mtime_ns for network in probes}
 
 
 @pytest.mark.integration
