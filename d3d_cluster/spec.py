@@ -27,13 +27,19 @@ class _Section(BaseModel):
 
 
 class SyntheticSpec(_Section):
-    """The motion dataset `dataprep.synthetic` makes: classes differ only by how a textured object moves."""
+    """The motion dataset `dataprep.synthetic` makes: classes differ only by how things move."""
 
+    kind: Literal["shapes", "dots"] = Field(
+        "shapes", description="shapes: textured objects that move, turn or zoom (the quickstart's; every class "
+                              "keeps its label under a mirror); dots: random dots drifting in one of 8 compass "
+                              "directions, a second source to check tuned settings on (a mirror turns east into "
+                              "west: train it with data.mirror false)")
     classes: int = Field(6, ge=2, le=8)
-    videos_per_class: int = Field(60, ge=2)
+    videos_per_class: int = Field(80, ge=2)
     frames: int = Field(20, ge=4)
     size: int = Field(64, ge=32)
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="per class (the quickstart's 120 validation "
+                                                                   "videos make one video 0.8 points)")
 
 
 class FlowSpec(_Section):
@@ -167,17 +173,27 @@ class OptimizerSpec(_Section):
         return self
 
 
-class DistillSpec(_Section):
-    """What the student matches of the frozen teacher, and how (D3D, Stroud et al. 2020, section 4)."""
+# S3D-G layers a student can be distilled at and the motion probe can read
+FEATURE_LAYERS = ("conv_1a", "conv_2b", "conv_2c", "mixed_3b", "mixed_3c", "mixed_4b", "mixed_4c", "mixed_4d",
+                  "mixed_4e", "mixed_4f", "mixed_5b", "mixed_5c")
 
-    weight: float = Field(1.0, ge=0.0, description="lambda: weight of the distillation term next to cross-entropy")
-    target: Literal["logits", "mixed_5c"] = Field(
-        "logits", description="logits, or the Mixed_5c feature map through a trained 1x1x1 projection")
+
+class DistillSpec(_Section):
+    """What the student matches of the frozen teacher, and how (D3D, Stroud et al. 2020, section 4).
+
+    The defaults are the quickstart's: the teacher's conv_2c map at lambda 10, which beat the paper's loss (logits,
+    lambda 1) at that scale (BENCHMARKS.md, "D3D's claim in miniature"). The dataset specs under jobs/ keep the
+    paper's loss."""
+
+    weight: float = Field(10.0, ge=0.0, description="lambda: weight of the distillation term next to cross-entropy")
+    target: Literal[("logits", *FEATURE_LAYERS)] = Field(
+        "conv_2c", description="logits (the paper's), or a layer's feature map (conv_2c, mixed_5c, ...) through a "
+                               "trained 1x1x1 projection")
     loss: Literal["mse", "kl"] = Field("mse", description="squared error, or Hinton's KL on logits x temperature^2")
     temperature: float = Field(1.0, gt=0.0, description="kl only: softmax temperature of both networks")
     precompute: bool = Field(
         False, description="run the teacher once over every (epoch, clip) before training and store its outputs in "
-                           "RUN/student/teacher_outputs (logits as float32, Mixed_5c maps as float16); the student "
+                           "RUN/student/teacher_outputs (logits as float32, feature maps as float16); the student "
                            "then decodes RGB only")
 
     @model_validator(mode="after")
@@ -299,14 +315,10 @@ class ClusterSpec(_Section):
         return self.device == "cuda" or (self.device == "auto" and self.gpus_per_node is not None)
 
 
-PROBE_LAYERS = ("conv_1a", "conv_2b", "conv_2c", "mixed_3b", "mixed_3c", "mixed_4b", "mixed_4c", "mixed_4d",
-                "mixed_4e", "mixed_4f", "mixed_5b", "mixed_5c")
-
-
 class ProbeSpec(_Section):
     """The motion probe (`d3dc probe`): decoders trained on frozen features to predict the clip's optical flow."""
 
-    layers: list[Literal[PROBE_LAYERS]] = Field(["conv_2c", "mixed_3c", "mixed_4f", "mixed_5c"], min_length=1)
+    layers: list[Literal[FEATURE_LAYERS]] = Field(["conv_2c", "mixed_3c", "mixed_4f", "mixed_5c"], min_length=1)
     epochs: int = Field(48, ge=1, description="decoder training epochs over the train split (fewer left the "
                                                "upper layers' decoders barely ahead of zero flow on the teacher)")
     lr: float = Field(1e-2, gt=0.0)
@@ -409,6 +421,10 @@ class Spec(_Section):
                 f"needs {self.data.clip_span} video frames (flow is between frame pairs); "
                 f"prep.synthetic.frames is {self.prep.synthetic.frames}"
             )
+        if (self.prep.source == "synthetic" and self.prep.synthetic.kind == "dots" and self.data.mirror
+                and not self.data.mirror_pairs):
+            raise ValueError("prep.synthetic.kind dots: its classes are directions, and a mirrored clip of east shows "
+                             "west; set data.mirror: false (or name the mirrored pairs in data.mirror_pairs)")
         for stage in ("teacher", "student"):
             init = getattr(self, stage).init
             if init.format != "s3dg" and init.path and self.model.width != 1.0:

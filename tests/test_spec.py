@@ -66,6 +66,9 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
          "data: Value error, mirror_pairs is set but mirror is false"),
         ({"data": {"mirror_pairs": [["left", "left"]]}}, "data.mirror_pairs: Value error, each pair must name two"),
         ({"data": {"mirror_pairs": [["left", "right"], ["right", "up"]]}}, "class 'right' is in more than one pair"),
+        ({"prep": {"synthetic": {"kind": "dots"}}}, "prep.synthetic.kind dots: its classes are directions, and a "
+                                                    "mirrored clip of east shows west; set data.mirror: false"),
+        ({"student": {"distill": {"target": "mixed_6a"}}}, "student.distill.target: Input should be 'logits', 'conv_1a'"),
     ],
 )
 def test_bad_values_are_refused_naming_file_and_key(tree, message):

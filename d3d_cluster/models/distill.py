@@ -7,8 +7,10 @@ The RGB student is trained on
 where s are the student's logits and (s', t') what is matched of student and frozen flow teacher:
 
 - target ``logits`` (the paper's default): s' = s, t' = the teacher's logits;
-- target ``mixed_5c``: s' = a trained 1x1x1 projection of the student's Mixed_5c feature map, t' = the
-  teacher's Mixed_5c map (`FeatureDistillation` holds the projection next to the student).
+- target a layer (``mixed_5c``, ``conv_2c``, ...): s' = a trained 1x1x1 projection of the student's map at that
+  layer, t' = the teacher's map there (`FeatureDistillation` holds the projection next to the student). A low
+  layer hands the student the teacher's local motion, position by position (the teacher's conv_2c decodes flow
+  best, see `d3dc probe`), where the logits give it one vector a clip.
 
 and D is
 
@@ -77,19 +79,27 @@ def d3d_loss(
     return D3DLoss(cross_entropy + weight * distillation, cross_entropy, distillation)
 
 
+def teacher_target(teacher: S3DG, flow: torch.Tensor, target: str) -> torch.Tensor:
+    """What the student matches of the teacher on these clips: its logits, or its map at the layer `target`."""
+    if target == "logits":
+        return teacher(flow)
+    return teacher.endpoints(flow, (target,))[target]
+
+
 class FeatureDistillation(nn.Module):
-    """The student together with the 1x1x1 projection of its Mixed_5c map onto the teacher's channels.
+    """The student together with the 1x1x1 projection of its map at `layer` onto the teacher's channels there.
 
     This is the module the engine trains, so the projection is optimised (and checkpointed) with the student;
     only ``network`` is exported, which keeps ``model.pt`` a plain S3D-G state dict.
     """
 
-    def __init__(self, network: S3DG, teacher_channels: int):
+    def __init__(self, network: S3DG, teacher_channels: int, layer: str = "mixed_5c"):
         super().__init__()
-        self.network = network
-        self.projection = nn.Conv3d(network.num_features, teacher_channels, 1)
+        self.network, self.layer = network, layer
+        self.projection = nn.Conv3d(network.endpoint_channels[layer], teacher_channels, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, projected Mixed_5c map)."""
-        feature_map = self.network.feature_map(x)
-        return self.network.head(feature_map), self.projection(feature_map)
+        """(logits, projected map at `layer`), in one pass."""
+        last = self.network.endpoint_names[-1]
+        maps = self.network.endpoints(x, (self.layer, last))
+        return self.network.head(maps[last]), self.projection(maps[self.layer])

@@ -157,15 +157,18 @@ class S3DG(nn.Module):
             conv_2c=nn.Sequential(SepConv(c2b, c2c, 3), _gate(c2c, gating)),
             pool_3a=nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
         )
+        self.endpoint_channels = {"conv_1a": c1, "pool_2a": c1, "conv_2b": c2b, "conv_2c": c2c, "pool_3a": c2c}
         channels = c2c
         for name, widths in INCEPTION_WIDTHS.items():
             block = Inception(channels, tuple(ch(w) for w in widths), gating)
             layers[name] = block
-            channels = block.out_channels
+            channels = self.endpoint_channels[name] = block.out_channels
             if name == "mixed_3c":
                 layers["pool_4a"] = nn.MaxPool3d(3, stride=2, padding=1)
+                self.endpoint_channels["pool_4a"] = channels
             elif name == "mixed_4f":
                 layers["pool_5a"] = nn.MaxPool3d(2, stride=2, ceil_mode=True)
+                self.endpoint_channels["pool_5a"] = channels
         self.base = nn.Sequential(layers)
         self.pool = nn.AdaptiveAvgPool3d(1)
         self.dropout = nn.Dropout(dropout)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from d3d_cluster.data.pipeline import Batch, to_device
-from d3d_cluster.models import S3DG, D3DLoss, FeatureDistillation, d3d_loss
+from d3d_cluster.models import S3DG, D3DLoss, FeatureDistillation, d3d_loss, teacher_target
 from d3d_cluster.models.weights import InitReport, load_s3dg, load_weights
 from d3d_cluster.spec import DistillSpec, ModelSpec, Spec, StageSpec
 from d3d_cluster.train.teacher_outputs import DIRECTORY_NAME, TeacherOutputs, precompute_teacher_outputs
@@ -78,10 +78,12 @@ class Stage:
         return getattr(batch, self.modality)
 
     def trainable(self, network: S3DG) -> nn.Module:
-        """What the engine trains: the network, with the Mixed_5c projection when features are distilled."""
-        if self.distilled and self.distill.target == "mixed_5c":
-            channels = self.teacher.num_features if self.teacher is not None else self.precomputed.channels
-            return FeatureDistillation(network, channels)
+        """What the engine trains: the network, with the projection of its map when a layer's features are distilled."""
+        if self.distilled and self.distill.target != "logits":
+            layer = self.distill.target
+            channels = (self.teacher.endpoint_channels[layer] if self.teacher is not None
+                        else self.precomputed.channels)
+            return FeatureDistillation(network, channels, layer)
         return network
 
     @staticmethod
@@ -90,17 +92,15 @@ class Stage:
         return outputs[0] if isinstance(outputs, tuple) else outputs
 
     def teacher_output(self, batch: Batch, device: torch.device | None = None) -> torch.Tensor:
-        """The frozen teacher's logits or Mixed_5c map for the batch's clips: stored (read onto `device`, by default
-        left on the host), or computed on their flow (on the flow's device)."""
+        """The frozen teacher's logits or map for the batch's clips: stored (read onto `device`, by default left on
+        the host), or computed on their flow (on the flow's device)."""
         if self.precomputed is not None:
             return self.precomputed.targets(batch.epoch, batch.samples, device or torch.device("cpu"))
         with torch.no_grad():
-            if self.distill.target == "mixed_5c":
-                return self.teacher.feature_map(batch.flow)
-            return self.teacher(batch.flow)
+            return teacher_target(self.teacher, batch.flow, self.distill.target)
 
     def loss(self, outputs, batch: Batch) -> D3DLoss:
-        """`outputs` of the trainable module: logits, or (logits, projected Mixed_5c map)."""
+        """`outputs` of the trainable module: logits, or (logits, projected map)."""
         logits, matched = self.logits(outputs), outputs[1] if isinstance(outputs, tuple) else None
         labels = to_device(batch.labels, logits.device)  # the loop moved them already; a caller may not have
         if not self.distilled:

@@ -10,9 +10,8 @@ RUN/student/teacher_outputs/ holds
 - manifest.json: the fingerprint the outputs were computed from (the teacher weights' sha256, seed, shard list
   hash, train sample keys, view settings, target, precision), the epochs complete, the samples whose flow could
   not be decoded, and how long each epoch took;
-- epoch-NNNN.npy: one row per train sample in `SampleTable` order: logits as float32, or Mixed_5c maps as
-  float16 (half the bytes; their rounding error, about 1e-3 relative, is far below what the student learns to
-  match). A row the pass could not fill (an undecodable sample) is NaN.
+- epoch-NNNN.npy: one row per train sample in `SampleTable` order: logits, or the target layer's maps
+  (`stored_dtype`). A row the pass could not fill (an undecodable sample) is NaN.
 
 Each rank computes its share of every epoch (the loader's own split of steps) and writes it to a part file;
 rank 0 merges the parts into the epoch file and only then adds the epoch to the manifest. An interrupted pass
@@ -35,14 +34,19 @@ from d3d_cluster.data.index import SampleTable
 from d3d_cluster.data.pipeline import ClipLoader, pins, shard_list_hash, to_device
 from d3d_cluster.data.schema import Manifest, sha256_of
 from d3d_cluster.files import replace_atomically, write_json_atomically
-from d3d_cluster.models import S3DG
+from d3d_cluster.models import S3DG, teacher_target
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.engine import autocast, autocast_dtype
 
 DIRECTORY_NAME = "teacher_outputs"
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
-STORED_DTYPE = {"logits": np.float32, "mixed_5c": np.float16}
+
+
+def stored_dtype(target: str) -> type:
+    """Logits as float32; feature maps as float16 (half the bytes; their rounding error, about 1e-3 relative, is
+    far below what the student learns to match)."""
+    return np.float32 if target == "logits" else np.float16
 
 
 class StaleTeacherOutputs(ValueError):
@@ -65,7 +69,7 @@ def fingerprint(spec: Spec, teacher_weights: Path, keys: list[str], shard_hash: 
         "format": FORMAT,
         "teacher_sha256": sha256_of(teacher_weights),
         "target": target,
-        "dtype": np.dtype(STORED_DTYPE[target]).name,
+        "dtype": np.dtype(stored_dtype(target)).name,
         "precision": str(precision).removeprefix("torch."),
         "seed": spec.seed,
         "shards": shard_hash,
@@ -76,18 +80,19 @@ def fingerprint(spec: Spec, teacher_weights: Path, keys: list[str], shard_hash: 
 
 
 def output_shape(spec: Spec, num_classes: int) -> tuple[int, ...]:
-    """One clip's stored output: its logits, or its Mixed_5c map (worked out on the meta device: no compute)."""
+    """One clip's stored output: its logits, or its map at the target layer (worked out on the meta device: no
+    compute)."""
     if spec.student.distill.target == "logits":
         return (num_classes,)
     teacher = S3DG(num_classes, in_channels=2, width=spec.model.width, gating=spec.model.gating).to("meta")
     clip = torch.empty(1, 2, spec.data.clip_frames, spec.data.crop_size, spec.data.crop_size, device="meta")
-    return tuple(teacher.feature_map(clip).shape[1:])
+    return tuple(teacher_target(teacher, clip, spec.student.distill.target).shape[1:])
 
 
 def check_space(spec: Spec, num_classes: int, train_samples: int) -> None:
     """Refuse, before the student is queued, teacher outputs the run directory's file system cannot hold."""
     directory = spec.run_dir / "student" / DIRECTORY_NAME
-    row = int(np.prod(output_shape(spec, num_classes))) * np.dtype(STORED_DTYPE[spec.student.distill.target]).itemsize
+    row = int(np.prod(output_shape(spec, num_classes))) * np.dtype(stored_dtype(spec.student.distill.target)).itemsize
     # One epoch more: its parts lie beside the epoch files while rank 0 merges them.
     needed = row * train_samples * (spec.student.epochs + 1)
     present = sum(path.stat().st_size for path in directory.glob("epoch-*")) if directory.is_dir() else 0
@@ -177,8 +182,8 @@ def precompute_teacher_outputs(spec: Spec, teacher: S3DG, teacher_weights: Path,
             for batch in loader.epoch(epoch):
                 with torch.no_grad(), autocast(device):
                     flow = batch.flow.to(device)
-                    output = teacher.feature_map(flow) if target == "mixed_5c" else teacher(flow)
-                outputs.append(output.float().cpu().numpy().astype(STORED_DTYPE[target]))
+                    output = teacher_target(teacher, flow, target)
+                outputs.append(output.float().cpu().numpy().astype(stored_dtype(target)))
                 samples.append(batch.samples.numpy())
             part = {"samples": np.concatenate(samples), "outputs": np.concatenate(outputs),
                     "skipped": np.array(json.dumps(loader.skipped))}

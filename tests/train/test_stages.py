@@ -28,7 +28,7 @@ def _student(spec_distill: DistillSpec, teacher: S3DG) -> tuple[Stage, torch.nn.
 
 
 def test_logit_mse_stage_loss_is_ce_plus_weighted_squared_error_by_hand(clips, teacher):
-    stage, student = _student(DistillSpec(weight=0.7), teacher)
+    stage, student = _student(DistillSpec(weight=0.7, target="logits"), teacher)
     logits = student(clips.rgb)
     loss = stage.loss(logits, clips)
     with torch.no_grad():
@@ -38,7 +38,7 @@ def test_logit_mse_stage_loss_is_ce_plus_weighted_squared_error_by_hand(clips, t
 
 
 def test_kl_stage_loss_by_hand(clips, teacher):
-    stage, student = _student(DistillSpec(weight=2.0, loss="kl", temperature=4.0), teacher)
+    stage, student = _student(DistillSpec(weight=2.0, target="logits", loss="kl", temperature=4.0), teacher)
     logits = student(clips.rgb)
     with torch.no_grad():
         p_teacher = torch.softmax(teacher(clips.flow) / 4.0, dim=1)
@@ -47,24 +47,29 @@ def test_kl_stage_loss_by_hand(clips, teacher):
     torch.testing.assert_close(stage.loss(logits, clips).distillation, kl)
 
 
-def test_mixed_5c_stage_trains_projection_and_student_never_the_teacher(clips, teacher):
-    stage, student = _student(DistillSpec(target="mixed_5c"), teacher)
+@pytest.mark.parametrize("layer", ["conv_2c", "mixed_4f", "mixed_5c"])
+def test_feature_stage_matches_the_teachers_map_at_its_layer_and_trains_the_student_never_the_teacher(
+        clips, teacher, layer):
+    stage, student = _student(DistillSpec(target=layer), teacher)
     assert isinstance(student, FeatureDistillation)
     outputs = student(clips.rgb)
+    torch.testing.assert_close(outputs[0], student.network(clips.rgb))  # the logits are the plain network's
     loss = stage.loss(outputs, clips)
     with torch.no_grad():
-        teacher_map = teacher.feature_map(clips.flow)
-        expected = ((student.projection(student.network.feature_map(clips.rgb)) - teacher_map) ** 2).mean()
+        teacher_map = teacher.endpoints(clips.flow, [layer])[layer]
+        student_map = student.network.endpoints(clips.rgb, [layer])[layer]
+        expected = ((student.projection(student_map) - teacher_map) ** 2).mean()
     torch.testing.assert_close(loss.distillation, expected)
     loss.total.backward()
     assert student.projection.weight.grad.abs().sum() > 0
-    assert all(p.grad is not None for p in student.network.parameters())
+    below = student.network.endpoint_names.index(layer) + 1
+    assert all(p.grad is not None for p in student.network.base[:below].parameters())
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert not teacher.training
 
 
 def test_logit_target_trains_the_plain_network(teacher):
-    stage, student = _student(DistillSpec(), teacher)
+    stage, student = _student(DistillSpec(target="logits"), teacher)
     assert type(student) is S3DG
     assert Stage("baseline", "rgb", Spec().student).trainable(student) is student
 

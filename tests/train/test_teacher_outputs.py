@@ -80,7 +80,8 @@ def _corrupt_flow(shards, tmp_path, victim: int):
     return copy, key
 
 
-@pytest.mark.parametrize("target, corrupt", [("logits", False), ("mixed_5c", False), ("logits", True)])
+@pytest.mark.parametrize("target, corrupt", [("logits", False), ("mixed_5c", False), ("conv_2c", False),
+                                             ("logits", True)])
 def test_precomputed_teacher_gives_the_live_teachers_step_losses(tmp_path, tiny_shards, deepspeed_single_rank, threads,
                                                                  target, corrupt):
     shards, victim = _corrupt_flow(tiny_shards, tmp_path, victim=2) if corrupt else (tiny_shards, None)
@@ -91,7 +92,7 @@ def test_precomputed_teacher_gives_the_live_teachers_step_losses(tmp_path, tiny_
     precomputed = _train_student(run)
 
     assert [s["step"] for s in precomputed] == [s["step"] for s in live] and len(live) > EPOCHS
-    # Logits are stored as float32: every step's losses are the live run's (bitwise, on this CPU). Mixed_5c maps are
+    # Logits are stored as float32: every step's losses are the live run's (bitwise, on this CPU). Feature maps are
     # stored as float16: the first step's distillation term moves by the rounding of its target (about 1e-4); after
     # it, Adam turns any such difference into a slightly different trajectory, as it would any perturbation.
     compared = slice(None) if target == "logits" else slice(0, 1)
