@@ -1,8 +1,8 @@
 """The three stages of a D3D run. They share one loop and differ only by input and loss.
 
 - teacher : S3D-G on optical flow, cross-entropy.
-- student : S3D-G on RGB, cross-entropy + lambda x a distillation term to the frozen teacher (its logits by
-            default, or its Mixed_5c features; squared error or KL, see `models.distill`), the teacher
+- student : S3D-G on RGB, cross-entropy + lambda x a distillation term to the frozen teacher (its logits, or
+            its map at a layer; squared error or KL, see `models.distill`), the teacher
             seeing the flow of the very same augmented clip, in eval mode and without gradients; or, with
             `student.distill.precompute`, its outputs for every clip computed once before training
             (`teacher_outputs`), so that training decodes no flow and runs no teacher.
