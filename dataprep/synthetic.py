@@ -146,8 +146,8 @@ def _noise_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def dot_tracks(rng: np.random.Generator, direction: tuple[int, int], frames: int, size: int) -> np.ndarray:
-    """(F, dots, 2) x, y of every dot: a coherent share moves along `direction` (speed per axis normalised so
-    diagonals are as fast as the rest), the others each their own random way; each dot lives a few frames
+    """(F, dots, 2) x, y of every dot: a coherent share moves along `direction` (at one speed along its heading,
+    so diagonals are as fast as the rest), the others each their own random way; each dot lives a few frames
     and then reappears at a uniform position, so every frame's dots are uniform on the frame."""
     count = rng.integers(*DOT_COUNT, endpoint=True)
     speed = rng.uniform(*DOT_SPEED_PX) * size / 64
@@ -170,7 +170,7 @@ def dot_tracks(rng: np.random.Generator, direction: tuple[int, int], frames: int
 
 def render_dots_video(rng: np.random.Generator, label: str, frames: int, size: int) -> np.ndarray:
     """(F, size, size, 3) uint8 frames of one `dots` video: a random-dot kinematogram over a static noise
-    background, the dots (solid colours, hard discs) drifting in the class's compass direction."""
+    background, the dots (small discs of solid colour) drifting in the class's compass direction."""
     background = _noise_background(rng, size)
     tracks = dot_tracks(rng, DIRECTIONS[label], frames, size)
     colours = rng.uniform(0, 255, (tracks.shape[1], 3))
