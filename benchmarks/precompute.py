@@ -33,7 +33,7 @@ from benchmarks import SMOKE_SPEC, parse_args, prepare
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.rundir import RunDir
-from d3d_cluster.spec import Spec
+from d3d_cluster.spec import FEATURE_LAYERS, Spec
 from d3d_cluster.train.checkpoint import CHECKPOINTS
 from d3d_cluster.train.stages import EXPORT_NAME, build_model
 from d3d_cluster.train.teacher_outputs import DIRECTORY_NAME, MANIFEST_NAME
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/d3dc-precompute-bench")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=4, help="student epochs")
-    parser.add_argument("--target", choices=["logits", "mixed_5c"], default="logits")
+    parser.add_argument("--target", choices=["logits", *FEATURE_LAYERS], default="logits")
     parser.add_argument("--out", default="benchmarks/results/precompute.json")
     args = parse_args(parser, SMOKE)
 

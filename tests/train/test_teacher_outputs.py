@@ -43,10 +43,12 @@ def _teacher(seed: int) -> dict:
     return teacher.state_dict()
 
 
-def _run(workdir, shards, name: str, teacher: dict, batch_size: int = 2, ranks: int = 1, **distill) -> RunDir:
+def _run(workdir, shards, name: str, teacher: dict, batch_size: int = 2, ranks: int = 1, target: str = "logits",
+         **distill) -> RunDir:
+    """A run whose student distils `target` (logits unless a test says otherwise: float32 rows, compared exactly)."""
     spec = tiny_spec(workdir, name=name, data={**TINY["data"], "shards": str(shards), "batch_size": batch_size},
                      deepspeed={"global_batch_size": 2 * batch_size}, cluster={"tasks_per_node": ranks},
-                     student={"epochs": EPOCHS, "distill": distill})
+                     student={"epochs": EPOCHS, "distill": {"target": target, **distill}})
     run = RunDir.create(spec)
     torch.save(teacher, run.stage("teacher") / "model.pt")
     return run
