@@ -12,7 +12,7 @@ training view is a function of seed, epoch and sample), so their difference is d
 `--set KEY=VALUE` changes the spec (a setting under test: `--set student.distill.weight=0.3`); the report keeps
 the spec it trained. A seed whose run an earlier invocation finished with the same spec is not trained again
 (nor a probe made with the same settings), so the same command resumes an interrupted benchmark, and adding
-`--probe` afterwards only probes. `--smoke`: seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
+`--probe` afterwards only probes; another setting needs runs of its own (`--set name=...`). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from benchmarks import SMOKE_SPEC, parse_args
 from d3d_cluster.launch.pipeline import run_pipeline
-from d3d_cluster.rundir import RESULTS_NAME, SPEC_NAME, RunDir
+from d3d_cluster.rundir import RESULTS_NAME, SPEC_NAME, RunDir, spec_changes
 from d3d_cluster.spec import ProbeSpec, Spec, load_spec, parse_assignment
 from d3d_cluster.train.probe import PROBE_NAME, run_probe
 
@@ -72,15 +72,19 @@ def compare_probes(probes: dict[int, dict]) -> dict:
 
 
 def finished(spec: Spec) -> dict | None:
-    """The results of a seed's run that an earlier invocation finished with this same spec (its probe settings
-    aside), so that an interrupted benchmark, or the same one again with `--probe`, trains nothing twice."""
+    """The results of a seed's run that an earlier invocation finished with this same spec, so that an interrupted
+    benchmark, or the same one again with `--probe`, trains nothing twice. A run made with another spec is refused
+    (its probe settings aside, which change no training): its stages would resume from checkpoints trained with
+    other settings and be reported as this setting's."""
     run = RunDir(spec.run_dir)
+    if not (run.path / SPEC_NAME).is_file():
+        return None
+    changed = [key for key in spec_changes(run.spec(), spec) if not key.startswith("probe.")]
+    if changed:
+        raise SystemExit(f"{run.path} was trained with another spec ({', '.join(changed)} differ); give this "
+                         "setting runs of its own (--set name=...) or another --workdir")
     done = run.path / RESULTS_NAME
-    if not (done.is_file() and (run.path / SPEC_NAME).is_file()):
-        return None
-    if run.spec().model_copy(update={"probe": spec.probe}) != spec:  # the probe settings do not change training
-        return None
-    results = json.loads(done.read_text())
+    results = json.loads(done.read_text()) if done.is_file() else {"models": {}}
     return results if set(NETWORKS) <= set(results["models"]) else None
 
 
@@ -120,7 +124,7 @@ def main() -> None:
     runs, probes = {}, {}
     for seed in args.seeds:
         seeded = spec.with_overrides(seed=seed, name=f"{spec.name}-seed{seed}")
-        runs[seed] = finished(seeded) or run_pipeline(RunDir.create(seeded, force=True))
+        runs[seed] = finished(seeded) or run_pipeline(RunDir.create(seeded))
         if args.probe:
             probes[seed] = {network: probed(seeded, network, probe_settings) for network in NETWORKS}
         print(json.dumps({"seed": seed, **{m: r["top1"] for m, r in runs[seed]["models"].items()}}), flush=True)

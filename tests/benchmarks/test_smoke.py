@@ -110,6 +110,13 @@ def test_the_quickstart_benchmark_runs_at_smoke_size_and_reports_every_model_pai
     assert sorted(submitted) == ["baseline", "eval", "student", "teacher"]
     assert probes == {network: (run / network / "probe.json").stat().st_mtime_ns for network in probes}
 
+    # Another setting in the same runs is refused: its stages would resume from this setting's checkpoints.
+    other = subprocess.run([sys.executable, "-m", "benchmarks.quickstart", "--smoke", "--out", str(tmp_path / "o.json"),
+                            "--workdir", str(tmp_path / "work"), "--set", "student.distill.weight=4"],
+                           cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+    assert other.returncode != 0 and not (tmp_path / "o.json").exists()
+    assert f"{run} was trained with another spec (student.distill.weight differ)" in other.stderr
+
 
 @pytest.mark.integration
 def test_the_fault_soak_runs_at_smoke_size_and_the_faulted_pipeline_ends_as_the_uninterrupted_one(tmp_path):
