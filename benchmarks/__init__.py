@@ -28,6 +28,7 @@ SMOKE_SPEC = {
     "deepspeed.global_batch_size": 4,
     "teacher.epochs": 1,
     "student.epochs": 1,
+    "probe.views": 1,
 }
 
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from d3d_cluster.spec import Spec, SpecError, load_spec, parse_assignment
+from d3d_cluster.spec import ProbeSpec, Spec, SpecError, load_spec, parse_assignment
 
 console = Console(highlight=False)
 
@@ -507,9 +507,9 @@ def probe(run_dir: str, stage: str, epochs: int | None) -> None:
     try:
         settings = RunDir(run_dir).spec().probe
         if epochs is not None:
-            settings = settings.model_copy(update={"epochs": epochs})
+            settings = ProbeSpec.model_validate({**settings.model_dump(), "epochs": epochs})
         result = run_probe(run_dir, stage, settings)
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, MemoryError) as error:
         raise click.ClickException(str(error)) from None
     table = Table(title=f"motion probe of {result['run']}/{stage} ({result['input']} input): flow end-point error "
                         f"on {result['val_samples']} validation clips, pixels (lower is better)")

@@ -323,6 +323,17 @@ class ProbeSpec(_Section):
                                                "upper layers' decoders barely ahead of zero flow on the teacher)")
     lr: float = Field(1e-2, gt=0.0)
     hidden: int = Field(32, ge=1, description="channels of each decoder's hidden layer")
+    views: int | None = Field(2, ge=1, description="augmented views of the train split that go through the frozen "
+                                                   "network once, their features kept in memory for the decoders "
+                                                   "to cycle over; null: a fresh view every epoch, nothing kept, "
+                                                   "for features that do not fit in memory")
+
+    @model_validator(mode="after")
+    def _views_within_epochs(self) -> "ProbeSpec":
+        if self.views is not None and self.views > self.epochs:
+            raise ValueError(f"probe.views ({self.views}) exceeds probe.epochs ({self.epochs}): a view is a "
+                             "decoder epoch's data, so the extra views would never be trained on")
+        return self
 
 
 class MetricsSpec(_Section):

@@ -55,6 +55,7 @@ def test_default_spec_accumulates_nothing_at_two_ranks():
         ({"cluster": {"qos": "high qos"}}, "cluster.qos: String should match pattern"),
         ({"teacher": {"init": {"format": "caffe"}}}, "teacher.init.format: Input should be 's3dg', 'torchvision_s3d' or 'inception_v1_2d'"),
         ({"probe": {"layers": ["mixed_6a"]}}, "probe.layers.0: Input should be 'conv_1a'"),
+        ({"probe": {"epochs": 4, "views": 8}}, "probe: Value error, probe.views (8) exceeds probe.epochs (4)"),
         ({"cluster": {"sbatch_options": {"nodes": 4}}}, "cluster.sbatch_options: Value error, nodes is set by "
                                                           "cluster.nodes"),
         ({"cluster": {"sbatch_options": {"output": "/tmp/x"}}}, "output is set by d3dc and submitit"),

@@ -15,10 +15,16 @@ probe"): each decoder starts at zero flow (its output layer is zero), predicts f
 flow, and trains on the EPE itself (smoothed at zero). A decoder trained on the squared error learns the
 conditional mean, a shrunken vector smeared over still cells, which scored worse than zero flow at the upper
 layers of the flow teacher itself.
+
+The frozen network runs once on each of `probe.views` augmented epochs of the train split, its features are
+kept (float16), and the decoders cycle over them for `probe.epochs` epochs: at the upper layers, whose decoders
+are small, running the network was most of the probe's time, and kept features decoded as well as 48 fresh views
+(BENCHMARKS.md, "Motion probe").
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,19 +107,47 @@ class MotionProbe:
         """Flow in pixels from one layer's features."""
         return self.decoders[name](features) * self.scales[name]
 
-    def train(self, loader: ClipLoader, epochs: int, lr: float) -> list[float]:
+    def _kept_views(self, loader: ClipLoader, views: int) -> list[list[tuple[dict, dict]]]:
+        """The features and targets of `views` augmented epochs of the split, as float16, refused before they
+        outgrow the memory the device has free."""
+        kept = []
+        for view in range(views):
+            batches = []
+            for batch in loader.epoch(view):
+                features, targets = self._features_and_targets(batch)
+                batches.append(({name: f.half() for name, f in features.items()}, targets))
+                if not kept and len(batches) == 1:
+                    self._check_room(batches[0], len(loader) * views)
+            kept.append(batches)
+        return kept
+
+    def _check_room(self, batch: tuple[dict, dict], batches: int) -> None:
+        needed = batches * sum(t.numel() * t.element_size() for part in batch for t in part.values())
+        if self.device.type == "cuda":
+            free = torch.cuda.mem_get_info(self.device)[0]
+        else:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if needed > free / 2:
+            raise MemoryError(f"probe.views keeps {needed / 2**30:.1f} GiB of features of {', '.join(self.layers)} "
+                              f"({batches} batches), and {self.device} has {free / 2**30:.1f} GiB free: lower "
+                              "probe.views, probe fewer layers, or set probe.views: null to compute the features "
+                              "afresh every epoch")
+
+    def train(self, loader: ClipLoader, epochs: int, lr: float, views: int | None = None) -> list[float]:
         """Train every decoder (Adam, cosine decay to zero); returns the mean training EPE of the scaled flow
-        (summed over layers) of each epoch."""
+        (summed over layers) of each epoch. With `views`, epoch e trains on view e mod `views`, whose features
+        were computed once; without, every epoch runs the network on a fresh view."""
+        kept = self._kept_views(loader, views) if views else None
         history, optimizer, schedule = [], None, None
         for epoch in range(epochs):
             total, count = 0.0, 0
-            for batch in loader.epoch(epoch):
-                features, targets = self._features_and_targets(batch)
+            batches = kept[epoch % views] if kept else map(self._features_and_targets, loader.epoch(epoch))
+            for features, targets in batches:
                 if optimizer is None:
                     optimizer = torch.optim.Adam(self.decoders.parameters(), lr=lr)
                     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
                 self.decoders.train()
-                loss = sum(smooth_end_point_error(self.decoders[name](f), targets[name] / self.scales[name])
+                loss = sum(smooth_end_point_error(self.decoders[name](f.float()), targets[name] / self.scales[name])
                            for name, f in features.items())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -163,8 +197,8 @@ def run_probe(run_dir: str | Path, stage: str, settings: ProbeSpec | None = None
     clip = dict(modalities=modalities, rank=0, world=1, seed=spec.seed,
                 device_id=device.index if device.type == "cuda" else None)
     probe = MotionProbe(network, modality, settings.layers, manifest.flow_bound, settings.hidden, device)
-    train = ClipLoader(shards, "train", spec.data, train=True, epochs=settings.epochs, **clip)
-    history = probe.train(train, settings.epochs, settings.lr)
+    train = ClipLoader(shards, "train", spec.data, train=True, epochs=settings.views or settings.epochs, **clip)
+    history = probe.train(train, settings.epochs, settings.lr, settings.views)
     train.close()
     val = ClipLoader(shards, "val", spec.data, train=False, **clip)
     rows = probe.evaluate(val)

@@ -19,7 +19,7 @@ from d3d_cluster.train.probe import MotionProbe, end_point_error, run_probe
 @pytest.fixture
 def run_with_student(tmp_path, tiny_shards):
     spec = tiny_spec(tmp_path, data={"shards": str(tiny_shards), "clip_frames": 8, "crop_size": 24, "batch_size": 2},
-                     probe={"epochs": 1, "layers": ["conv_2c", "mixed_3c", "mixed_5c"]})
+                     probe={"epochs": 1, "views": 1, "layers": ["conv_2c", "mixed_3c", "mixed_5c"]})
     run = RunDir.create(spec)
     torch.manual_seed(0)
     torch.save(S3DG(3, in_channels=3, width=spec.model.width).state_dict(), run.stage("student") / "model.pt")
@@ -82,8 +82,10 @@ class _Layer(nn.Module):
     def __init__(self, carries_flow: bool):
         super().__init__()
         self.carries_flow = carries_flow
+        self.passes = 0  # batches it has run on
 
     def endpoints(self, clips: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        self.passes += 1
         noise = torch.randn(len(clips), 6, 4, 8, 8)
         flow = F.avg_pool3d(clips, (1, 2, 2))
         return {layers[0]: torch.cat([flow, noise], 1) if self.carries_flow else noise}
@@ -95,10 +97,26 @@ def test_the_probe_decodes_flow_only_from_features_that_carry_it_and_never_ends_
     probe = MotionProbe(_Layer(carries_flow), "flow", ["layer"], flow_bound=20.0, hidden=ProbeSpec().hidden,
                         device=torch.device("cpu"))
     settings = ProbeSpec()  # the shipped defaults
-    probe.train(_SparseMotion(batches=4, seed=1), epochs=settings.epochs, lr=settings.lr)
+    probe.train(_SparseMotion(batches=4, seed=1), epochs=settings.epochs, lr=settings.lr, views=settings.views)
     row, = probe.evaluate(_SparseMotion(batches=4, seed=2))
     ratio = row.epe / row.zero_flow_epe
     if carries_flow:
         assert ratio < 0.3, ratio
     else:
         assert 0.9 < ratio < 1.1, ratio
+
+
+@pytest.mark.parametrize("views, passes", [(2, 2 * 4), (None, 6 * 4)])
+def test_the_frozen_network_runs_once_per_kept_view_however_many_decoder_epochs(views, passes):
+    network = _Layer(carries_flow=True)
+    probe = MotionProbe(network, "flow", ["layer"], flow_bound=20.0, hidden=8, device=torch.device("cpu"))
+    history = probe.train(_SparseMotion(batches=4, seed=1), epochs=6, lr=1e-2, views=views)
+    assert network.passes == passes and len(history) == 6
+
+
+def test_kept_views_that_outgrow_free_memory_are_refused_naming_the_setting(monkeypatch):
+    probe = MotionProbe(_Layer(carries_flow=True), "flow", ["layer"], flow_bound=20.0, hidden=8,
+                        device=torch.device("cpu"))
+    monkeypatch.setattr("d3d_cluster.train.probe.os.sysconf", lambda name: 64 if name == "SC_AVPHYS_PAGES" else 4096)
+    with pytest.raises(MemoryError, match="probe.views keeps .* GiB of features of layer .*probe.views: null"):
+        probe.train(_SparseMotion(batches=4, seed=1), epochs=6, lr=1e-2, views=2)
