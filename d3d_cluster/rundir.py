@@ -23,7 +23,24 @@ TRAIN_LOG_NAME = "train_log.jsonl"  # rank 0's record of every step of a stage
 # the clips per rank among them, which follow the number of nodes when the global batch stays (`batch_plan`).
 WHAT_IS_TRAINED = ("seed", "prep.", "data.", "model.")
 FREE_TO_CHANGE = {"prep.workers", "data.reader_threads", "data.eval_clips", "data.eval_crops", "data.batch_size",
-                  "model.compile"}
+                  "model.compile", "student.distill.precompute"}
+# What else each stage's training follows: a stage that has started resumes its checkpoints, so changing these under
+# it would continue, and report as the new setting's, a network trained with the old one. The baseline is the
+# student's recipe without distillation; the student's target is the teacher it was distilled from.
+_OPTIMISATION = ("deepspeed.global_batch_size", "deepspeed.gradient_clipping")
+STAGE_SETTINGS = {
+    "teacher": ("teacher.", *_OPTIMISATION),
+    "baseline": ("student.epochs", "student.optimizer.", "student.init.", *_OPTIMISATION),
+    "student": ("student.", "teacher.", *_OPTIMISATION),
+}
+
+
+def trained_with(spec: Spec, stage: str) -> dict:
+    """The settings, as dotted keys, that a stage's network is the product of: two specs that agree on these train
+    the same network from the same seed."""
+    prefixes = (*WHAT_IS_TRAINED, *STAGE_SETTINGS[stage])
+    return {key: value for key, value in _flat(spec.model_dump()).items()
+            if key.startswith(prefixes) and key not in FREE_TO_CHANGE}
 
 
 # Damaged events lines already reported by this process, as (path, line number).
@@ -34,18 +51,19 @@ class SpecChanged(ValueError):
     """Submitting into an existing run with a spec that changes what its stages were trained on."""
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def spec_changes(old: Spec, new: Spec) -> dict[str, tuple]:
     """Every dotted key whose value differs: key -> (old, new)."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out.update(flat(value, f"{prefix}{key}."))
-            else:
-                out[f"{prefix}{key}"] = value
-        return out
-
-    before, after = flat(old.model_dump()), flat(new.model_dump())
+    before, after = _flat(old.model_dump()), _flat(new.model_dump())
     return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
             if before.get(key) != after.get(key)}
 
@@ -63,12 +81,19 @@ class RunDir:
         run = cls(spec.run_dir)
         stored = run.path / SPEC_NAME
         changes = spec_changes(run.spec(), spec) if stored.is_file() else {}
-        trained = [key for key in changes if key.startswith(WHAT_IS_TRAINED) and key not in FREE_TO_CHANGE]
+        started = {event["stage"] for event in run.events() if event["event"] == "started"}
+        concerned = {key: [stage for stage in STAGE_SETTINGS
+                           if stage in started and key.startswith(STAGE_SETTINGS[stage])]
+                     for key in changes if key not in FREE_TO_CHANGE}
+        trained = [key for key, stages in concerned.items() if stages or key.startswith(WHAT_IS_TRAINED)]
         if trained and not force:
-            lines = "\n".join(f"  {key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in trained)
+            lines = "\n".join(f"  {key}: {changes[key][0]!r} -> {changes[key][1]!r}"
+                              + (f" (the {' and '.join(concerned[key])} started with the old value)"
+                                 if concerned[key] else "") for key in trained)
             raise SpecChanged(f"{stored}: the run {spec.name!r} was made with another spec; these changes would mix "
-                              f"stages trained on different data or networks:\n{lines}\npass --force to rewrite the "
-                              f"run's spec anyway, or give the new spec its own run (--name, or --set name=...)")
+                              f"stages trained on different data, networks or settings:\n{lines}\npass --force to "
+                              "rewrite the run's spec anyway, or give the new spec its own run (--name, or --set "
+                              "name=...)")
         run.path.mkdir(parents=True, exist_ok=True)
         if changes:  # the spec the earlier stages ran with stays beside the new one, numbered in order
             number = len(list(run.path.glob(f"{SPEC_NAME}.*"))) + 1

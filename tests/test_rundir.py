@@ -74,3 +74,26 @@ def test_a_spec_that_changes_what_a_run_was_trained_on_is_refused_listing_the_ch
     assert forced.spec() == changed and forced.changes["data.crop_size"] == (24, 16)
     kept = sorted(run.path.glob(f"{SPEC_NAME}.*"))
     assert len(kept) == 2 and kept[0].read_text() == before  # every replaced spec stays beside the new one
+
+
+def test_a_change_to_a_started_stages_settings_is_refused_naming_the_stage(tmp_path):
+    import pytest
+
+    from d3d_cluster.rundir import SpecChanged
+
+    spec = tiny_spec(tmp_path)
+    run = RunDir.create(spec)
+    stronger = spec.with_overrides(**{"student.distill.weight": 3.0})
+    assert spec.student.distill.weight != 3.0
+    assert set(RunDir.create(stronger).changes) == {"student.distill.weight"}  # nothing trained with it yet
+    run.event("started", stage="student", job_id="1", world_size=2)
+    run.event("started", stage="baseline", job_id="2", world_size=2)
+
+    with pytest.raises(SpecChanged, match=rf"student.distill.weight: 3.0 -> {spec.student.distill.weight} \(the student started with the old"):
+        RunDir.create(spec)
+    with pytest.raises(SpecChanged, match=r"student.epochs: .* \(the baseline and student started with the old"):
+        RunDir.create(stronger.with_overrides(**{"student.epochs": 7}))
+    teacher_only = stronger.with_overrides(**{"teacher.epochs": 7, "student.distill.precompute": True})
+    with pytest.raises(SpecChanged) as refused:  # the student's target changes with its teacher
+        RunDir.create(teacher_only)
+    assert "teacher.epochs" in str(refused.value) and "precompute" not in str(refused.value)
