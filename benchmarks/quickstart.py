@@ -12,7 +12,8 @@ training view is a function of seed, epoch and sample), so their difference is d
 `--set KEY=VALUE` changes the spec (a setting under test: `--set student.distill.weight=0.3`); the report keeps
 the spec it trained. A seed whose run an earlier invocation finished with the same spec is not trained again
 (nor a probe made with the same settings), so the same command resumes an interrupted benchmark, and adding
-`--probe` afterwards only probes; another setting needs runs of its own (`--set name=...`). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
+`--probe` afterwards only probes; another setting needs runs of its own (`--set name=...`, or another
+`--workdir`), and `--reuse EARLIER_WORKDIR` copies into them the stages it does not change (the report lists them). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,9 +31,10 @@ from pathlib import Path
 
 from benchmarks import SMOKE_SPEC, parse_args
 from d3d_cluster.launch.pipeline import run_pipeline
-from d3d_cluster.rundir import RESULTS_NAME, SPEC_NAME, RunDir, spec_changes
+from d3d_cluster.rundir import RESULTS_NAME, SPEC_NAME, RunDir, spec_changes, trained_with
 from d3d_cluster.spec import ProbeSpec, Spec, load_spec, parse_assignment
 from d3d_cluster.train.probe import PROBE_NAME, run_probe
+from d3d_cluster.train.stages import EXPORT_NAME
 
 SMOKE = {"seeds": [0], "probe_epochs": 1}
 NETWORKS = ("teacher", "student", "baseline")
@@ -88,6 +91,26 @@ def finished(spec: Spec) -> dict | None:
     return results if set(NETWORKS) <= set(results["models"]) else None
 
 
+def reuse_stages(run: RunDir, earlier_workdir: Path) -> None:
+    """Copy into a seed's new run, before it trains, every stage that a finished run of the same seed under
+    `earlier_workdir` trained with the same settings (`trained_with`), so that a setting under test retrains only
+    the stages it changes: a student setting, only the student. Each copy is a `reused` event of the run."""
+    spec = run.spec()
+    for stage in NETWORKS:
+        if (run.path / stage).exists():
+            continue
+        for export in sorted((earlier_workdir / "runs").glob(f"*/{stage}/{EXPORT_NAME}")):
+            earlier = RunDir(export.parent.parent)
+            if trained_with(earlier.spec(), stage) == trained_with(spec, stage):
+                shutil.copytree(earlier.path / stage, run.path / stage, ignore=shutil.ignore_patterns("submitit"))
+                run.event("reused", stage=stage, source=str(earlier.path))
+                break
+
+
+def reused_stages(spec: Spec) -> dict[str, str]:
+    return {event["stage"]: event["source"] for event in RunDir(spec.run_dir).events() if event["event"] == "reused"}
+
+
 def probed(spec: Spec, network: str, settings: ProbeSpec) -> dict:
     """`d3dc probe` of one network of a seed's run; an earlier probe with the same settings is kept."""
     earlier = spec.run_dir / network / PROBE_NAME
@@ -107,6 +130,9 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true", help="probe each network for motion after training")
     parser.add_argument("--probe-epochs", type=int, help="decoder epochs (default: the spec's probe.epochs)")
     parser.add_argument("--workdir", default="/tmp/d3dc-bench")
+    parser.add_argument("--reuse", type=Path, metavar="WORKDIR",
+                        help="an earlier benchmark's workdir: its finished stages trained with the same settings as "
+                             "this spec's, seed by seed, are copied instead of trained again")
     parser.add_argument("--out", default="benchmarks/results/quickstart.json")
     args = parse_args(parser, SMOKE)
 
@@ -119,12 +145,19 @@ def main() -> None:
     started = time.time()
     subprocess.run([sys.executable, "-m", "d3d_cluster.cli", "prep", "-c", str(spec_path)], check=True)
     prep_seconds = time.time() - started
-    probe_settings = spec.probe.model_copy(update={"epochs": args.probe_epochs}) if args.probe_epochs else spec.probe
+    probe_settings = (ProbeSpec.model_validate({**spec.probe.model_dump(), "epochs": args.probe_epochs})
+                      if args.probe_epochs else spec.probe)
 
-    runs, probes = {}, {}
+    runs, probes, reused = {}, {}, {}
     for seed in args.seeds:
         seeded = spec.with_overrides(seed=seed, name=f"{spec.name}-seed{seed}")
-        runs[seed] = finished(seeded) or run_pipeline(RunDir.create(seeded))
+        runs[seed] = finished(seeded)
+        if runs[seed] is None:
+            run = RunDir.create(seeded)
+            if args.reuse:
+                reuse_stages(run, args.reuse)
+            runs[seed] = run_pipeline(run)
+        reused[seed] = reused_stages(seeded)
         if args.probe:
             probes[seed] = {network: probed(seeded, network, probe_settings) for network in NETWORKS}
         print(json.dumps({"seed": seed, **{m: r["top1"] for m, r in runs[seed]["models"].items()}}), flush=True)
@@ -155,6 +188,7 @@ def main() -> None:
         "paired": compare(runs),
         **({"probe": compare_probes(probes), "probe_settings": probe_settings.model_dump()} if probes else {}),
         "spec_changes": changes,
+        "reused_stages": reused,
         "spec": spec.model_dump(),
     }
     out = Path(args.out)

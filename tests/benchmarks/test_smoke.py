@@ -117,6 +117,15 @@ def test_the_quickstart_benchmark_runs_at_smoke_size_and_reports_every_model_pai
     assert other.returncode != 0 and not (tmp_path / "o.json").exists()
     assert f"{run} was trained with another spec (student.distill.weight differ)" in other.stderr
 
+    # ... and in runs of its own it retrains only what it changes: the teacher and the baseline are copied over.
+    reusing = run_benchmark("quickstart", tmp_path, "--workdir", str(tmp_path / "other"), "--reuse",
+                            str(tmp_path / "work"), "--set", "student.distill.weight=4")
+    assert reusing["reused_stages"] == {"0": {"teacher": str(run), "baseline": str(run)}}
+    for network in ("teacher", "baseline"):
+        assert reusing["models"][network]["top1_per_seed"] == report["models"][network]["top1_per_seed"]
+        log = "train_log.jsonl"  # not one step more: the copied stage resumed at its end
+        assert (tmp_path / "other" / "runs" / "quickstart-seed0" / network / log).read_text() == (run / network / log).read_text()
+
 
 @pytest.mark.integration
 def test_the_fault_soak_runs_at_smoke_size_and_the_faulted_pipeline_ends_as_the_uninterrupted_one(tmp_path):
