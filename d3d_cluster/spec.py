@@ -181,11 +181,11 @@ FEATURE_LAYERS = ("conv_1a", "conv_2b", "conv_2c", "mixed_3b", "mixed_3c", "mixe
 class DistillSpec(_Section):
     """What the student matches of the frozen teacher, and how (D3D, Stroud et al. 2020, section 4).
 
-    The defaults are the quickstart's: the teacher's conv_2c map at lambda 10, which beat the paper's loss (logits,
-    lambda 1) at that scale (BENCHMARKS.md, "D3D's claim in miniature"). The dataset specs under jobs/ keep the
-    paper's loss."""
+    The defaults are the quickstart's: the teacher's conv_2c map at lambda 100, which beat the paper's loss (logits,
+    lambda 1), other layers and other lambdas at that scale (BENCHMARKS.md, "D3D's claim in miniature"). The
+    dataset specs under jobs/ keep the paper's loss."""
 
-    weight: float = Field(10.0, ge=0.0, description="lambda: weight of the distillation term next to cross-entropy")
+    weight: float = Field(100.0, ge=0.0, description="lambda: weight of the distillation term next to cross-entropy")
     target: Literal[("logits", *FEATURE_LAYERS)] = Field(
         "conv_2c", description="logits (the paper's), or a layer's feature map (conv_2c, mixed_5c, ...) through a "
                                "trained 1x1x1 projection")

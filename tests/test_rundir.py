@@ -89,7 +89,8 @@ def test_a_change_to_a_started_stages_settings_is_refused_naming_the_stage(tmp_p
     run.event("started", stage="student", job_id="1", world_size=2)
     run.event("started", stage="baseline", job_id="2", world_size=2)
 
-    with pytest.raises(SpecChanged, match=rf"student.distill.weight: 3.0 -> {spec.student.distill.weight} \(the student started with the old"):
+    old_value = rf"student.distill.weight: 3.0 -> {spec.student.distill.weight} \(the student started with the old"
+    with pytest.raises(SpecChanged, match=old_value):
         RunDir.create(spec)
     with pytest.raises(SpecChanged, match=r"student.epochs: .* \(the baseline and student started with the old"):
         RunDir.create(stronger.with_overrides(**{"student.epochs": 7}))
