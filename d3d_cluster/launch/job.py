@@ -23,7 +23,7 @@ import shutil
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -204,7 +204,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
     from d3d_cluster.metrics import retire_target
     from d3d_cluster.train import checkpoint as checkpoints
     from d3d_cluster.train.engine import autocast_dtype, initialize
-    from d3d_cluster.train.loop import Checkpointing, train
+    from d3d_cluster.train.loop import Checkpointing, TrainSummary, train
     from d3d_cluster.train.stages import EXPORT_NAME, build_network, build_stage, with_precomputed_teacher
 
     started = time.time()
@@ -248,6 +248,15 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
         network = build_network(spec, stage.settings, stage.modality, num_classes, initialised)
         seed_model_randomness(spec.seed, rank.rank)
         micro_steps = len(loader) * stage.settings.epochs
+        finished = stage_dir / SUMMARY_NAME
+        if resume and resume.step >= micro_steps and finished.is_file() and (stage_dir / EXPORT_NAME).is_file():
+            loader.close()  # submitted again after it finished: its network and the figures of its training stay
+            kept = json.loads(finished.read_text())
+            if rank.rank == 0:
+                run.event("finished", stage=stage_name, job_id=rank.job_id)
+                print(f"[{stage_name}] already finished at step {resume.step}; kept its network and summary",
+                      flush=True)
+            return TrainSummary(**{field.name: kept[field.name] for field in fields(TrainSummary)})
         universal = resume is not None and checkpoints.needs_universal(resume, rank.world)
         engine = initialize(stage.trainable(network).to(rank.device), stage.settings.optimizer, spec.deepspeed,
                             spec.data.batch_size, spec.grad_accumulation, max(1, micro_steps // spec.grad_accumulation),

@@ -8,6 +8,7 @@ that exits with submitit's requeue code is started again, as `scontrol requeue` 
 import json
 import os
 import random
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -97,6 +98,18 @@ def test_a_stage_stopped_by_a_signal_at_a_random_step_requeues_and_ends_with_the
     assert logged_losses(run) == logged_losses(uninterrupted)
     reference = _weights(uninterrupted)
     assert all(torch.equal(value, reference[key]) for key, value in _weights(run).items())
+
+
+@pytest.mark.integration
+def test_a_finished_stage_submitted_again_keeps_its_network_summary_and_log(tmp_path, uninterrupted):
+    run = RunDir(shutil.copytree(uninterrupted.path, tmp_path / "run"))
+    outputs = (EXPORT_NAME, "summary.json", "train_log.jsonl")
+    kept = {name: (run.path / "teacher" / name).read_bytes() for name in outputs}
+    before = len(run.events())
+
+    assert run_stage(run, "teacher", echo=lambda line: None) == json.loads(kept["summary.json"])
+    assert {name: (run.path / "teacher" / name).read_bytes() for name in outputs} == kept
+    assert [e["event"] for e in run.events()[before:] if e["stage"] == "teacher"][-2:] == ["started", "finished"]
 
 
 @pytest.mark.integration
