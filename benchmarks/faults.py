@@ -137,6 +137,8 @@ class Pipeline:
     def check_alive(self) -> None:
         """Raise at once, with what the run recorded, when one of its jobs ended in a way the soak cannot undo."""
         for name, job_id in self.job_ids.items():
+            if name in STAGES and self.finished(name):
+                continue  # and Slurm forgets a completed job MinJobAge (300 s) after it ends: nothing to ask
             shown = self.cluster.run("scontrol", "-o", "show", "job", job_id)
             state = shown.split("JobState=", 1)[1].split()[0] if "JobState=" in shown else "UNKNOWN"
             if state in ENDED_BADLY:

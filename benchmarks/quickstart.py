@@ -13,7 +13,8 @@ training view is a function of seed, epoch and sample), so their difference is d
 the spec it trained. A seed whose run an earlier invocation finished with the same spec is not trained again
 (nor a probe made with the same settings), so the same command resumes an interrupted benchmark, and adding
 `--probe` afterwards only probes; another setting needs runs of its own (`--set name=...`, or another
-`--workdir`), and `--reuse EARLIER_WORKDIR` copies into them the stages it does not change (the report lists them). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
+`--workdir`), and `--reuse EARLIER_WORKDIR` copies into them the stages it does not change (the report lists
+them). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
 """
 
 from __future__ import annotations
