@@ -146,8 +146,7 @@ def main() -> None:
     started = time.time()
     subprocess.run([sys.executable, "-m", "d3d_cluster.cli", "prep", "-c", str(spec_path)], check=True)
     prep_seconds = time.time() - started
-    probe_settings = (ProbeSpec.model_validate({**spec.probe.model_dump(), "epochs": args.probe_epochs})
-                      if args.probe_epochs else spec.probe)
+    probe_settings = (spec.with_overrides(**{"probe.epochs": args.probe_epochs}) if args.probe_epochs else spec).probe
 
     runs, probes, reused = {}, {}, {}
     for seed in args.seeds:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from d3d_cluster.spec import ProbeSpec, Spec, SpecError, load_spec, parse_assignment
+from d3d_cluster.spec import Spec, SpecError, load_spec, parse_assignment
 
 console = Console(highlight=False)
 
@@ -505,9 +505,8 @@ def probe(run_dir: str, stage: str, epochs: int | None) -> None:
     from d3d_cluster.train.probe import PROBE_NAME, run_probe
 
     try:
-        settings = RunDir(run_dir).spec().probe
-        if epochs is not None:
-            settings = ProbeSpec.model_validate({**settings.model_dump(), "epochs": epochs})
+        spec = RunDir(run_dir).spec()
+        settings = (spec.with_overrides(**{"probe.epochs": epochs}) if epochs is not None else spec).probe
         result = run_probe(run_dir, stage, settings)
     except (FileNotFoundError, ValueError, MemoryError) as error:
         raise click.ClickException(str(error)) from None
