@@ -112,6 +112,18 @@ def mirrored_labels(manifest: Manifest, shard_dir, data: DataSpec) -> np.ndarray
     return mirrored
 
 
+def min_clips_per_rank(train: bool) -> int:
+    """Clips a rank needs in a step: BatchNorm in training mode cannot normalise one."""
+    return 2 if train else 1
+
+
+def training_epoch_steps(manifest: Manifest, data: DataSpec, world: int) -> int:
+    """Global micro-steps of a training epoch, known from the manifest before a loader opens (a resubmitted stage
+    compares its last checkpoint with the stage's length before it builds anything); the training loader's length."""
+    samples = sum(shard.samples for shard in manifest.splits["train"].shards)  # what the loader's SampleTable holds
+    return len(global_steps(samples, world, data.batch_size, min_clips_per_rank(True)))
+
+
 class _Planned(NamedTuple):
     epoch: int
     end: int  # world position after this step
@@ -311,8 +323,7 @@ class ClipLoader:
 
     @property
     def min_per_rank(self) -> int:
-        """Clips a rank needs in a step: BatchNorm in training mode cannot normalise one."""
-        return 2 if self.train else 1
+        return min_clips_per_rank(self.train)
 
     def steps(self, position: int = 0) -> int:
         """Steps of an epoch from a world position; the same on every rank."""

@@ -197,7 +197,7 @@ def _check_world(spec, run_path: Path, rank: Rank) -> None:
 
 
 def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[], bool]):
-    from d3d_cluster.data.pipeline import ClipLoader
+    from d3d_cluster.data.pipeline import ClipLoader, training_epoch_steps
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import replace_atomically, write_json_atomically
     from d3d_cluster.rundir import SUMMARY_NAME, TRAIN_LOG_NAME, RunDir
@@ -205,7 +205,8 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
     from d3d_cluster.train import checkpoint as checkpoints
     from d3d_cluster.train.engine import autocast_dtype, initialize
     from d3d_cluster.train.loop import Checkpointing, TrainSummary, train
-    from d3d_cluster.train.stages import EXPORT_NAME, build_network, build_stage, with_precomputed_teacher
+    from d3d_cluster.train.stages import (EXPORT_NAME, build_network, build_stage, stage_settings,
+                                          with_precomputed_teacher)
 
     started = time.time()
     run = RunDir(run_path)
@@ -215,6 +216,17 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
     checkpoint_dir = stage_dir / checkpoints.CHECKPOINTS
     log_path = stage_dir / TRAIN_LOG_NAME
     resume = checkpoints.choose(checkpoint_dir)
+    shards = spec.path(spec.data.shards)
+    manifest = Manifest.load(shards)
+    steps_per_epoch = training_epoch_steps(manifest, spec.data, rank.world)
+    micro_steps = steps_per_epoch * stage_settings(spec, stage_name).epochs
+    finished = stage_dir / SUMMARY_NAME
+    if resume and resume.step >= micro_steps and finished.is_file() and (stage_dir / EXPORT_NAME).is_file():
+        kept = json.loads(finished.read_text())  # submitted again after it finished: its network and figures stay
+        if rank.rank == 0:
+            run.event("finished", stage=stage_name, job_id=rank.job_id)
+            print(f"[{stage_name}] already finished at step {resume.step}; kept its network and summary", flush=True)
+        return TrainSummary(**{field.name: kept[field.name] for field in fields(TrainSummary)})
     steps_lost = _forget_steps_after(log_path, resume.step if resume else 0) if rank.rank == 0 else 0
     if rank.rank == 0 and rank.cluster == "slurm":
         from d3d_cluster.launch.requeue import count_slurm_requeues
@@ -227,8 +239,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
                   **({"resumed_from": resume.tag, "step": resume.step, "steps_lost": steps_lost,
                      "saved_by_ranks": resume.world_size} if resume else {}))
     torch.manual_seed(spec.seed)  # the network's initial weights: the same on every rank
-    shards = spec.path(spec.data.shards)
-    num_classes = len(Manifest.load(shards).classes)
+    num_classes = len(manifest.classes)
     stage = build_stage(spec, stage_name, run.path, num_classes, rank.device)
     device_id = rank.device.index if rank.device.type == "cuda" else None
 
@@ -247,20 +258,10 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
 
         network = build_network(spec, stage.settings, stage.modality, num_classes, initialised)
         seed_model_randomness(spec.seed, rank.rank)
-        micro_steps = len(loader) * stage.settings.epochs
-        finished = stage_dir / SUMMARY_NAME
-        if resume and resume.step >= micro_steps and finished.is_file() and (stage_dir / EXPORT_NAME).is_file():
-            loader.close()  # submitted again after it finished: its network and the figures of its training stay
-            kept = json.loads(finished.read_text())
-            if rank.rank == 0:
-                run.event("finished", stage=stage_name, job_id=rank.job_id)
-                print(f"[{stage_name}] already finished at step {resume.step}; kept its network and summary",
-                      flush=True)
-            return TrainSummary(**{field.name: kept[field.name] for field in fields(TrainSummary)})
         universal = resume is not None and checkpoints.needs_universal(resume, rank.world)
         engine = initialize(stage.trainable(network).to(rank.device), stage.settings.optimizer, spec.deepspeed,
                             spec.data.batch_size, spec.grad_accumulation, max(1, micro_steps // spec.grad_accumulation),
-                            max(1, len(loader) // spec.grad_accumulation), autocast_to=autocast_dtype(rank.device),
+                            max(1, steps_per_epoch // spec.grad_accumulation), autocast_to=autocast_dtype(rank.device),
                             compile=spec.model.compile, load_universal=universal)
         if resume:
             _restore(engine, resume, universal, stage_name, rank)
@@ -276,7 +277,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
                                                     saved),
                         stop_requested=stop, max_nonfinite_steps=spec.deepspeed.max_nonfinite_steps,
                         log_path=log_path if rank.rank == 0 else None,
-                        print_every=max(1, len(loader) // 2) if rank.rank == 0 else 0,
+                        print_every=max(1, steps_per_epoch // 2) if rank.rank == 0 else 0,
                         report_every=spec.metrics.report_every_steps)
         loader.close()
         if summary.stopped:

@@ -122,15 +122,19 @@ def load_frozen_teacher(spec: Spec, teacher_dir: Path, num_classes: int, device:
     return teacher
 
 
+def stage_settings(spec: Spec, name: str) -> StageSpec:
+    """The spec section a stage trains with: the baseline trains as the student does, without its teacher."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r} (expected one of {', '.join(STAGES)})")
+    return spec.teacher if name == "teacher" else spec.student
+
+
 def build_stage(spec: Spec, name: str, run_dir: Path, num_classes: int, device: torch.device) -> Stage:
-    if name == "teacher":
-        return Stage(name, STAGE_INPUT[name], spec.teacher)
-    if name == "baseline":
-        return Stage(name, STAGE_INPUT[name], spec.student)
+    settings = stage_settings(spec, name)
     if name == "student":
         teacher = load_frozen_teacher(spec, run_dir / "teacher", num_classes, device)
-        return Stage(name, STAGE_INPUT[name], spec.student, spec.student.distill, teacher)
-    raise ValueError(f"unknown stage {name!r} (expected one of {', '.join(STAGES)})")
+        return Stage(name, STAGE_INPUT[name], settings, spec.student.distill, teacher)
+    return Stage(name, STAGE_INPUT[name], settings)
 
 
 def with_precomputed_teacher(stage: Stage, spec: Spec, run_dir: Path, rank: int, world: int,
