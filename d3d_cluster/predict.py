@@ -69,8 +69,8 @@ class ExportedModel:
         out = []
         for view in eval_views(geometry, len(frames), count, 1):
             top, left, side = int(view.top), int(view.left), data.crop_size
-            end = view.start + (data.clip_frames - 1) * data.frame_stride + 1
-            clip = frames[view.start: end: data.frame_stride, top: top + side, left: left + side]
+            last = view.start + geometry.reach
+            clip = frames[view.start: last + 1: geometry.stride, top: top + side, left: left + side]
             out.append(((clip.astype(np.float32) - mean) / std).transpose(3, 0, 1, 2))
         return torch.from_numpy(np.stack(out))
 

@@ -77,10 +77,16 @@ class Geometry:
     stride: int  # temporal stride between the frames of a clip
     crop: int  # output side: clips are crop x crop
 
+    @property
+    def reach(self) -> int:
+        """How far a clip's last frame lies after its first: it covers reach + 1 frames, and its flow looks one
+        further (DataSpec.clip_span, reach + 2, is what a video must hold)."""
+        return (self.clip_frames - 1) * self.stride
+
     def max_start(self, video_frames: int) -> int:
         """The last start frame whose clip, and the flow after its last frame, lie inside a video of
         `video_frames` RGB frames (flow has one fewer)."""
-        last = video_frames - 2 - (self.clip_frames - 1) * self.stride
+        last = video_frames - 2 - self.reach
         if last < 0:
             raise ValueError(f"a video of {video_frames} frames cannot hold a {self.clip_frames}-frame clip at "
                              f"stride {self.stride} (flow lies between frames)")

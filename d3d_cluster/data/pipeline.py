@@ -371,10 +371,10 @@ class ClipLoader:
         if "flow" in modalities:
             columns.append([np.array([(-1.0 if v.flip else 1.0) * side / v.width, side / v.height],
                                      dtype=np.float32).reshape(2, 1, 1, 1) for v in views])
-        span = (self.geometry.clip_frames - 1) * self.geometry.stride
         for modality in modalities:
             ext = RGB_EXT if modality == "rgb" else FLOW_EXT
-            cut = [self._clip_stream(self.table.read(s, ext), v.start, span) for s, v in zip(planned.samples, views)]
+            cut = [self._clip_stream(self.table.read(s, ext), v.start, self.geometry.reach)
+                   for s, v in zip(planned.samples, views)]
             columns += [[np.array(start, dtype=np.int32) for start, _ in cut], [stream for _, stream in cut]]
         return tuple(columns)
 
