@@ -37,12 +37,10 @@ def tiny_spec(workdir: Path, **sections) -> Spec:
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
-    from dataprep.prepare import prepare_dataset
-    from dataprep.sources import load_source
+    from d3d_cluster.launch.prep import prepare_locally
 
-    workdir = tmp_path_factory.mktemp("tiny")
-    spec = tiny_spec(workdir)
-    prepare_dataset(spec.prep, load_source(spec.prep, workdir), spec.path(spec.data.shards), progress=False)
+    spec = tiny_spec(tmp_path_factory.mktemp("tiny"))
+    prepare_locally(spec, progress=False)
     return spec.path(spec.data.shards)
 
 
