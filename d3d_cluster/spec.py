@@ -246,7 +246,8 @@ class CheckpointSpec(_Section):
 
 
 SBATCH_OPTION = re.compile(r"[a-z][a-z0-9-]*")
-# sbatch options a job of ours is given from elsewhere: not to be set again through cluster.sbatch_options.
+# sbatch options a job of ours is given from elsewhere: not to be set again through cluster.sbatch_options
+# (a test renders our batch scripts and checks that every option they carry is listed here).
 SBATCH_OPTIONS_SET_HERE = {
     **{name.replace("_", "-"): f"by cluster.{name}" for name in (
         "nodes", "cpus_per_task", "partition", "account", "qos", "constraint", "gpus_per_node", "mem", "exclusive")},

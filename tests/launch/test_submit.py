@@ -1,6 +1,7 @@
 """`d3dc submit` before anything is queued: flags to spec keys, --time, the dry run's scripts, the job plan."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from d3d_cluster.cli import main
 from d3d_cluster.launch.pipeline import plan_jobs
 from d3d_cluster.launch.executor import parse_time
 from d3d_cluster.launch.submit import dry_run, flag_overrides
-from d3d_cluster.spec import Spec
+from d3d_cluster.spec import SBATCH_OPTIONS_SET_HERE, Spec
 
 GOLDEN = Path(__file__).parent / "golden"
 EVERY_FLAG = ["--cluster", "slurm", "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "8", "--mem", "200G",
@@ -197,3 +198,16 @@ def test_with_the_local_executor_submit_runs_the_jobs_in_the_foreground(tmp_path
     assert json.loads((run / "results.json").read_text())["models"].keys() == {"teacher"}
     result = CliRunner().invoke(main, ["cancel", str(run)])
     assert result.exit_code == 0 and "here: no live job to cancel" in result.output
+
+
+def test_every_sbatch_option_our_scripts_carry_is_one_cluster_sbatch_options_refuses(tmp_path):
+    """SBATCH_OPTIONS_SET_HERE says which options the executor sets itself; a new one the scripts carry must join it,
+    or a site's sbatch_options could set it a second time."""
+    spec = _spec_file(tmp_path, deepspeed={"global_batch_size": 16})
+    result = CliRunner().invoke(main, ["submit", "pipeline", "-c", str(spec), "--dry-run", *EVERY_FLAG])
+    prep = CliRunner().invoke(main, ["submit", "prep", "-c", str(_spec_file(tmp_path)), "--dry-run", "--cluster",
+                                     "slurm", "--array", "2", "--partition", "cpu"])
+    assert result.exit_code == 0 and prep.exit_code == 0, result.output + prep.output
+    carried = set(re.findall(r"^#SBATCH --([a-z-]+)", result.output + prep.output, flags=re.MULTILINE))
+    assert {"nodes", "gpus-per-node", "dependency", "array", "signal"} <= carried
+    assert carried - set(SBATCH_OPTIONS_SET_HERE) == set()
