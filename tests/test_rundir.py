@@ -98,3 +98,17 @@ def test_a_change_to_a_started_stages_settings_is_refused_naming_the_stage(tmp_p
     with pytest.raises(SpecChanged) as refused:  # the student's target changes with its teacher
         RunDir.create(teacher_only)
     assert "teacher.epochs" in str(refused.value) and "precompute" not in str(refused.value)
+
+
+def test_every_stage_has_the_settings_its_network_is_trained_with():
+    """rundir stays importable without torch, so it names the stages again; they must be train.stages' stages, each
+    covering the spec section it trains with."""
+    from d3d_cluster.rundir import STAGE_SETTINGS, trained_with
+    from d3d_cluster.spec import Spec
+    from d3d_cluster.train.stages import STAGES, stage_settings
+
+    assert sorted(STAGE_SETTINGS) == sorted(STAGES)
+    spec = Spec()
+    for stage in STAGES:
+        section = "teacher" if stage_settings(spec, stage) is spec.teacher else "student"
+        assert f"{section}.epochs" in trained_with(spec, stage)
