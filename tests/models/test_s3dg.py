@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from d3d_cluster.models import S3DG
-from d3d_cluster.models.s3dg import SelfGating, scaled_channels
+from d3d_cluster.models.s3dg import MaxPool3d, SelfGating, scaled_channels
 
 # Inception-v1 / I3D widths, restated here so the tests do not trust the model's table:
 # (b0, b1_reduce, b1_out, b2_reduce, b2_out, b3) for Mixed_3b .. Mixed_5c.
@@ -111,6 +111,38 @@ def test_backward_reaches_every_parameter():
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 3])).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert missing == []
+
+
+POOLS = [  # (kernel, stride, padding, ceil_mode): every pool S3D-G has, and odd sizes for the ceil rule
+    ((1, 3, 3), (1, 2, 2), (0, 1, 1), False),
+    (3, 1, 1, False),
+    (3, 2, 1, False),
+    (2, 2, 0, True),
+]
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("shape", [(2, 5, 8, 14, 14), (1, 3, 7, 9, 11)])
+@pytest.mark.parametrize("kernel, stride, padding, ceil_mode", POOLS)
+def test_separable_max_pool_gives_max_pool3d_values_and_gradients(kernel, stride, padding, ceil_mode, shape,
+                                                                 channels_last):
+    x = torch.randn(shape, dtype=torch.float64)  # no ties: the gradient's route is unique
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = MaxPool3d(kernel, stride, padding, ceil_mode)(ours)
+    expected = torch.nn.MaxPool3d(kernel, stride, padding, ceil_mode=ceil_mode)(reference)
+    assert out.shape == expected.shape and torch.equal(out, expected)
+    upstream = torch.randn(expected.shape, dtype=torch.float64)
+    out.backward(upstream)
+    expected.backward(upstream)
+    assert torch.equal(ours.grad != 0, reference.grad != 0)  # the same inputs receive gradient
+    torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-12, atol=1e-12)  # summed in another order
+
+
+def test_every_pool_of_the_network_is_the_separable_one():
+    pools = [m for m in S3DG(3, width=0.25).modules() if isinstance(m, torch.nn.MaxPool3d)]
+    assert len(pools) == 13 and all(type(m) is MaxPool3d for m in pools)
 
 
 def test_batchnorm_uses_tf_epsilon():
