@@ -24,7 +24,7 @@ from d3d_cluster.data.pipeline import RGB_MEAN, RGB_STD
 from d3d_cluster.models import S3DG
 from d3d_cluster.models.weights import load_s3dg
 from d3d_cluster.spec import Spec
-from d3d_cluster.train.engine import autocast
+from d3d_cluster.train.engine import autocast, prepare_device
 
 
 @dataclass
@@ -51,6 +51,7 @@ class ExportedModel:
         load_s3dg(network, directory / info["weights"]["torch"])
         if device is None:
             device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        prepare_device(device, spec.model.precision)  # predictions in the precision the network was trained in
         return cls(network.to(device).eval(), list(info["classes"]), spec, device)
 
     def clips(self, frames: np.ndarray, fps: float, count: int) -> torch.Tensor:

@@ -152,6 +152,10 @@ class ModelSpec(_Section):
     gating: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     compile: bool = Field(False, description="torch.compile the trained network (slow to start; for long GPU runs)")
+    precision: Literal["auto", "fp32"] = Field(
+        "auto", description="auto: bf16 autocast on a GPU (fp32 weights, BatchNorm statistics, gradients and "
+                            "optimizer), fp32 on a CPU; fp32: fp32 on every device, TF32 convolutions off too: "
+                            "the reference bf16 is checked against")
 
 
 class OptimizerSpec(_Section):

@@ -47,7 +47,7 @@ class Check:
 def node_report(spec: Spec) -> dict:
     """Every check on this node for a stage of `spec`, as JSON-able data; `ok` is false when one failed."""
     cluster = spec.cluster
-    stage, device = _guarded("stage", lambda: check_stage(cluster))
+    stage, device = _guarded("stage", lambda: check_stage(spec))
     sample = _vp9_sample()
     checks = [
         _guarded("python", check_python),
@@ -135,13 +135,14 @@ def check_nccl(device) -> Check:
     return Check("nccl", OK, version + ("" if needed else "; stages here use gloo"))
 
 
-def check_stage(cluster: ClusterSpec):
+def check_stage(spec: Spec):
     """What a stage's first rank would use here: `launch.job`'s own choice, the process group and the precision."""
     import torch
 
     from d3d_cluster.launch.job import DeviceUnavailable, compute_device
     from d3d_cluster.train.engine import autocast_dtype
 
+    cluster = spec.cluster
     try:
         device = compute_device(cluster, local_rank=0)
     except DeviceUnavailable as error:
@@ -150,7 +151,7 @@ def check_stage(cluster: ClusterSpec):
         return Check("stage", FAIL, str(error), fix), None
     backend = "nccl" if device.type == "cuda" else "gloo"
     available = torch.distributed.is_nccl_available() if backend == "nccl" else torch.distributed.is_gloo_available()
-    dtype = autocast_dtype(device)
+    dtype = autocast_dtype(device, spec.model.precision)
     precision = f"{str(dtype).removeprefix('torch.')} autocast, fp32 weights" if dtype else "fp32"
     ranks = cluster.tasks_per_node
     devices = f"cuda:0..cuda:{ranks - 1}" if device.type == "cuda" and ranks > 1 else str(device)

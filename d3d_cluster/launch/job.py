@@ -31,7 +31,7 @@ import torch
 
 from d3d_cluster.collectives import barrier
 from d3d_cluster.data.pipeline import CorruptStep
-from d3d_cluster.spec import ClusterSpec
+from d3d_cluster.spec import ClusterSpec, Spec
 from d3d_cluster.train.engine import init_process_group, prepare_device
 from d3d_cluster.train.loop import NonFiniteLoss
 
@@ -91,17 +91,17 @@ def seed_model_randomness(seed: int, rank: int) -> None:
 
 
 @contextlib.contextmanager
-def distributed(cluster: ClusterSpec):
+def distributed(spec: Spec):
     """The process group of a job's ranks, from Slurm's (or the local executor's) environment: NCCL on GPUs,
-    gloo on CPUs."""
+    gloo on CPUs; the rank's device prepared for the spec's precision."""
     import submitit
 
     env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    device = compute_device(cluster, env.local_rank)
+    device = compute_device(spec.cluster, env.local_rank)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    prepare_device(device)
-    init_process_group(device, datetime.timedelta(seconds=cluster.collective_timeout_s))
+    prepare_device(device, spec.model.precision)
+    init_process_group(device, datetime.timedelta(seconds=spec.cluster.collective_timeout_s))
     job = submitit.JobEnvironment()
     try:
         yield Rank(env.rank, env.world_size, env.local_rank, device, job.job_id, f"{env.master_addr}:{env.master_port}",
@@ -141,7 +141,7 @@ class StageJob:
 
         stop = StopSignals()
         run_path = Path(self.run_dir)
-        with failures_recorded(run_path, self.stage), distributed(RunDir(run_path).spec().cluster) as rank:
+        with failures_recorded(run_path, self.stage), distributed(RunDir(run_path).spec()) as rank:
             summary = _train_stage(run_path, self.stage, rank, stop)
             if summary.stopped:
                 from d3d_cluster.launch.requeue import requeue_stopped
@@ -185,7 +185,7 @@ class EvalJob:
         from d3d_cluster.rundir import RunDir
 
         run_path = Path(self.run_dir)
-        with failures_recorded(run_path, "eval"), distributed(RunDir(run_path).spec().cluster) as rank:
+        with failures_recorded(run_path, "eval"), distributed(RunDir(run_path).spec()) as rank:
             return _evaluate_run(run_path, self.stages, rank)
 
 

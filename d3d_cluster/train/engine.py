@@ -6,7 +6,9 @@ casts the module itself to bf16 and keeps fp32 master weights in the optimizer: 
 would then be stored and updated in bf16 (8 bits of mantissa), and the frozen teacher, which runs outside the
 engine, would not be covered. Under autocast the weights, BatchNorm statistics, gradients, all-reduces and
 optimizer stay fp32 while the convolutions run in bf16 on tensor cores. The 8M-parameter S3D-G makes fp32
-weights and gradient all-reduces cheap next to its convolutions. The CPU runs fp32.
+weights and gradient all-reduces cheap next to its convolutions. The CPU runs fp32, and so does a GPU with
+`model.precision: fp32`. Precision is set for the whole process (`prepare_device`), as torch's TF32 switch it
+includes is.
 
 Two autocast contexts are needed, for one reason: on CUDA, DeepSpeed's forward *turns off* an autocast opened outside
 it unless its own ``torch_autocast`` section is enabled (`deepspeed/runtime/torch_autocast.py`). So the engine
@@ -31,12 +33,19 @@ from torch import nn
 from d3d_cluster.spec import DeepSpeedSpec, OptimizerSpec
 
 
-def prepare_device(device: torch.device) -> None:
+_precision = "auto"  # this process's `model.precision`, set by `prepare_device`
+
+
+def prepare_device(device: torch.device, precision: str) -> None:
     """Make `device` this process's GPU, and let cuDNN time its 3D convolution algorithms once per input shape and
-    keep the fastest: a stage's clips all have one shape, so the timing pays from the second step. Nothing on CPU."""
+    keep the fastest: a stage's clips all have one shape, so the timing pays from the second step. `precision`
+    (`model.precision`) holds for the process: fp32 turns off autocast and cuDNN's TF32 convolutions."""
+    global _precision
+    _precision = precision
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
 
 
 def init_process_group(device: torch.device, timeout: datetime.timedelta) -> None:
@@ -51,9 +60,10 @@ def init_process_group(device: torch.device, timeout: datetime.timedelta) -> Non
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False, timeout=timeout)
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 on a CUDA device; None (fp32) elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else None
+def autocast_dtype(device: torch.device, precision: str | None = None) -> torch.dtype | None:
+    """bf16 on a CUDA device unless the precision (default: the process's, from `prepare_device`) is fp32; None
+    (fp32) elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" and (precision or _precision) == "auto" else None
 
 
 def autocast(device: torch.device):

@@ -40,7 +40,7 @@ from d3d_cluster.rundir import RunDir
 from d3d_cluster.models import S3DG
 from d3d_cluster.models.weights import load_s3dg
 from d3d_cluster.spec import ProbeSpec
-from d3d_cluster.train.engine import autocast
+from d3d_cluster.train.engine import autocast, prepare_device
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, build_model
 
 PROBE_NAME = "probe.json"
@@ -186,6 +186,7 @@ def run_probe(run_dir: str | Path, stage: str, settings: ProbeSpec | None = None
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: no exported network; train the {stage} stage first")
     device = device or (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    prepare_device(device, spec.model.precision)  # the features in the precision the network was trained in
     shards = spec.path(spec.data.shards)
     manifest = Manifest.load(shards)
     modality = STAGE_INPUT[stage]

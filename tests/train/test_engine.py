@@ -95,6 +95,20 @@ def test_autocast_is_bf16_on_cuda_and_fp32_on_cpu():
         assert not torch.is_autocast_enabled("cpu")
 
 
+def test_fp32_precision_turns_off_gpu_autocast_for_the_process_and_auto_restores_it():
+    from d3d_cluster.train.engine import autocast_dtype, prepare_device
+
+    gpu = torch.device("cuda", 0)
+    assert autocast_dtype(gpu, "fp32") is None and autocast_dtype(gpu, "auto") == torch.bfloat16
+    try:
+        prepare_device(torch.device("cpu"), "fp32")
+        assert autocast_dtype(gpu) is None  # what a stage's loop, teacher and evaluation then run in
+        assert autocast_dtype(gpu, "auto") == torch.bfloat16  # an explicit precision (d3dc doctor's) wins
+    finally:
+        prepare_device(torch.device("cpu"), "auto")
+    assert autocast_dtype(gpu) == torch.bfloat16
+
+
 def test_a_cpu_process_group_starts_without_building_any_extension_at_run_time(tmp_path):
     """A run-time C++ build at start costs minutes on a fresh machine and, killed midway, leaves a lock that every
     later job waits at forever: starting a CPU rank must compile nothing."""
