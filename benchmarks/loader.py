@@ -11,6 +11,10 @@ reported.
 prepared shards instead of making them, and `--no-baseline` times DALI alone (the GPU machine has no PyAV):
 
     python -m benchmarks.loader --device-id 0 --shards .kit/bench --frames 80 --clip-frames 64 --crop 224 --no-baseline
+
+`--layouts 1x8 2x4 2x8` times DALI alone in each layout PIPELINESxTHREADS, rounds alternating between them: that many
+loaders at once on the device, each a rank of a world of that size with its own pipeline of that many threads. It
+says whether the decoder's feed is limited per pipeline (two pipelines of 4 threads beat one of 8) or per device.
 `--smoke`: 12 videos of 12 frames at 32 px, 8-frame clips cropped to 24 px, batches of 2, 2 per round, 1 round.
 """
 
@@ -18,10 +22,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import platform
+import re
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -112,24 +119,49 @@ class PyAVClips(Dataset):
         return clips, self.table.label(sample)
 
 
-def time_dali(shards: Path, data: DataSpec, modalities, batches: int, device_id: int | None) -> float:
-    loader = ClipLoader(shards, "train", data, modalities=modalities, rank=0, world=1, seed=0, train=True,
-                        device_id=device_id, epochs=10**6)
-    epoch, clips, started = 0, 0, None
-    while clips < batches * data.batch_size:
-        for batch in loader.epoch(epoch):
-            if started is None:  # the first batch pays for building the pipeline
-                started, clips = time.perf_counter(), 0
-                continue
-            clips += len(batch.labels)
-            if clips >= batches * data.batch_size:
-                break
-        epoch += 1
-    if device_id is not None:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    loader.close()
-    return clips / seconds
+def _batches(loader: ClipLoader):
+    for epoch in itertools.count():
+        yield from loader.epoch(epoch)
+
+
+def time_dali(shards: Path, data: DataSpec, modalities, batches: int, device_id: int | None,
+              pipelines: int = 1) -> float:
+    """Clips/s of `pipelines` loaders reading at once, `batches` batches each after their first (which pays for
+    building the pipeline): the clock starts when every loader has its first batch."""
+    built, lock = threading.Barrier(pipelines), threading.Lock()
+    started: list[float] = []
+    finished: list[tuple[float, int]] = []
+    errors: list[BaseException] = []
+
+    def read(rank: int) -> None:
+        loader = None
+        try:
+            loader = ClipLoader(shards, "train", data, modalities=modalities, rank=rank, world=pipelines, seed=0,
+                                train=True, device_id=device_id, epochs=10**6)
+            stream = _batches(loader)
+            next(stream)
+            built.wait()
+            with lock:
+                started.append(started[0] if started else time.perf_counter())
+            clips = sum(len(batch.labels) for batch in itertools.islice(stream, batches))
+            if device_id is not None:
+                torch.cuda.synchronize()
+            finished.append((time.perf_counter(), clips))
+        except BaseException as error:  # the first error is raised; the other loaders stop at the barrier
+            errors.append(error)
+            built.abort()
+        finally:
+            if loader is not None:
+                loader.close()
+
+    threads = [threading.Thread(target=read, args=(rank,), name=f"loader-{rank}") for rank in range(pipelines)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return sum(clips for _, clips in finished) / (max(end for end, _ in finished) - started[0])
 
 
 def time_pyav(shards: Path, data: DataSpec, modalities, batches: int, workers: int) -> float:
@@ -161,7 +193,12 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, help="prepared shards to read (default: make them under --workdir)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the PyAV DataLoader")
+    parser.add_argument("--layouts", nargs="+", metavar="PIPELINESxTHREADS",
+                        help="time DALI alone in each layout (1x8 2x4 2x8), instead of against the baseline")
     args = parse_args(parser, SMOKE)
+    bad = [layout for layout in args.layouts or [] if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", layout)]
+    if bad:
+        parser.error(f"--layouts: {bad[0]!r} is not PIPELINESxTHREADS (2x4)")
 
     shards = args.shards or make_shards(Path(args.workdir), args.frames, args.size, args.videos)
     data = DataSpec(clip_frames=args.clip_frames, crop_size=args.crop, batch_size=args.batch,
@@ -169,14 +206,28 @@ def main() -> None:
     torch.set_num_threads(1)
     results = {}
     for modalities in (("rgb",), ("rgb", "flow")):
+        name = "+".join(modalities)
+        # Decoded frames: every modality's clip is its own stream of clip_frames frames.
+        frames_per_clip = args.clip_frames * len(modalities)
+        if args.layouts:
+            layouts = {layout: tuple(int(n) for n in layout.split("x")) for layout in args.layouts}
+            rates = {layout: [] for layout in layouts}
+            for _ in range(args.rounds):
+                for layout, (pipelines, threads) in layouts.items():
+                    rates[layout].append(time_dali(shards, data.model_copy(update={"reader_threads": threads}),
+                                                   modalities, args.batches, args.device_id, pipelines))
+            results[name] = {layout: {"dali_clips_per_second": r, "dali_median": statistics.median(r),
+                                      "dali_frames_per_second": statistics.median(r) * frames_per_clip}
+                             for layout, r in rates.items()}
+            print(f"{name}: " + ", ".join(f"{layout} {entry['dali_median']:.1f} clips/s "
+                                          f"({entry['dali_frames_per_second']:.0f} frames/s)"
+                                          for layout, entry in results[name].items()), flush=True)
+            continue
         dali, pyav = [], []
         for _ in range(args.rounds):
             dali.append(time_dali(shards, data, modalities, args.batches, args.device_id))
             if args.baseline:
                 pyav.append(time_pyav(shards, data, modalities, args.batches, args.cores))
-        name = "+".join(modalities)
-        # Decoded frames: every modality's clip is its own stream of clip_frames frames.
-        frames_per_clip = args.clip_frames * len(modalities)
         results[name] = {"dali_clips_per_second": dali, "dali_median": statistics.median(dali),
                          "dali_frames_per_second": statistics.median(dali) * frames_per_clip}
         line = (f"{name}: DALI {results[name]['dali_median']:.1f} clips/s "
@@ -186,7 +237,8 @@ def main() -> None:
                                  ratio=statistics.median(dali) / statistics.median(pyav))
             line += f", PyAV DataLoader {results[name]['pyav_median']:.1f} clips/s, ratio {results[name]['ratio']:.2f}"
         print(line, flush=True)
-    report = {"args": {**vars(args), "shards": str(shards)}, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    report = {"args": {**vars(args), "shards": str(shards)}, "machine": platform.processor() or platform.machine(),
+              "cores": os.cpu_count(),
               "decoder": "mixed" if args.device_id is not None else "cpu", "date": time.strftime("%Y-%m-%d"),
               "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
