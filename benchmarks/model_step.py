@@ -13,15 +13,16 @@ divided by time and by the peak (default: H100 SXM dense bf16, 989 TFLOP/s).
     python -m benchmarks.model_step --shapes 1.0:64:224:8 --precisions bf16 fp32 \\
         --out benchmarks/results/model_step_h100.json                                            # GPU
 
-A shape is WIDTH:FRAMES:SIZE:BATCH (clips per step). `--profile` (GPU) adds, per step kind and precision, the
-kernels that took most of the device's time over 3 profiled steps (torch profiler), to say where the time goes. `--smoke`: shape 0.25:8:32:2, 1 warm-up and 1 timed step, on
-one thread (beside other work, spinning OpenMP threads made a tiny step some 70 times slower).
+A shape is WIDTH:FRAMES:SIZE:BATCH (clips per step). `--pooling 3d` is the baseline of the network's separable
+max-pooling (`models.s3dg.MaxPool3d`): every pool replaced by torch's `nn.MaxPool3d` of the same size, the same
+values. `--profile` (GPU) adds, per step kind and precision, the kernels that took most of the device's time over
+3 profiled steps (torch profiler), to say where the time goes. `--smoke`: shape 0.25:8:32:2, 1 warm-up and 1 timed
+step, on one thread (beside other work, spinning OpenMP threads made a tiny step some 70 times slower).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ import torch
 from benchmarks import parse_args
 from d3d_cluster.data.pipeline import Batch
 from d3d_cluster.models import S3DG
+from d3d_cluster.models.s3dg import MaxPool3d
 from d3d_cluster.models.info import model_info
 from d3d_cluster.spec import DistillSpec, Spec
 from d3d_cluster.train.engine import autocast, build_optimizer, prepare_device
@@ -42,6 +44,15 @@ from d3d_cluster.train.stages import Stage
 CLASSES = 400
 CPU_SHAPES = ["0.25:16:64:8", "1.0:16:112:4"]
 SMOKE = {"shapes": ["0.25:8:32:2"], "steps": 1, "warmup": 1, "threads": 1}
+
+
+def _with_3d_pooling(network: torch.nn.Module) -> torch.nn.Module:
+    for parent in list(network.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, MaxPool3d):
+                setattr(parent, name, torch.nn.MaxPool3d(child.kernel_size, child.stride, child.padding,
+                                                         ceil_mode=child.ceil_mode))
+    return network
 
 
 def _synchronize(device: torch.device) -> None:
@@ -56,7 +67,7 @@ def _step_seconds(stage: Stage, network: torch.nn.Module, batch: Batch, device: 
     for i in range(warmup + steps):
         _synchronize(device)
         started = time.perf_counter()
-        with autocast(device) if precision == "bf16" else contextlib.nullcontext():
+        with autocast(device):
             loss = stage.loss(network(stage.inputs(batch)), batch)
         loss.total.backward()
         optimizer.step()
@@ -82,7 +93,8 @@ def _top_kernels(stage: Stage, network: torch.nn.Module, batch: Batch, device: t
 
 
 def measure(width: float, frames: int, size: int, batch_size: int, precision: str, device: torch.device,
-            warmup: int, steps: int, peak_flops: float, compile: bool, profile: bool = False) -> dict:
+            warmup: int, steps: int, peak_flops: float, compile: bool, profile: bool = False,
+            pooling: str = "separable") -> dict:
     if precision == "bf16" and device.type != "cuda":
         raise SystemExit("bf16 is the GPU path (autocast on CUDA); the CPU trains in fp32")
     torch.manual_seed(0)
@@ -93,21 +105,23 @@ def measure(width: float, frames: int, size: int, batch_size: int, precision: st
     teacher_net = S3DG(CLASSES, in_channels=2, width=width).to(device)
     frozen = S3DG(CLASSES, in_channels=2, width=width).to(device).eval().requires_grad_(False)
     student_net = S3DG(CLASSES, in_channels=3, width=width).to(device)
+    if pooling == "3d":
+        teacher_net, frozen, student_net = (_with_3d_pooling(m) for m in (teacher_net, frozen, student_net))
     if compile:
         teacher_net, frozen, student_net = (torch.compile(m) for m in (teacher_net, frozen, student_net))
     settings = Spec().student
     teacher_stage = Stage("teacher", "flow", settings)
     paper = DistillSpec(weight=1.0, target="logits")  # the paper's loss: the whole teacher runs each step
     student_stage = Stage("student", "rgb", settings, paper, frozen)
-    if precision == "fp32" and device.type == "cuda":  # true fp32: no TF32 in matmuls or convolutions
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    prepare_device(device, "auto" if precision == "bf16" else "fp32")  # as a stage does: cuDNN's algorithm timing on
 
     macs_teacher = model_info(CLASSES, 2, frames, size, width).multiply_adds
     macs_student = model_info(CLASSES, 3, frames, size, width).multiply_adds
     flops = {"teacher": 3 * 2 * macs_teacher * batch_size,
              "student": (3 * 2 * macs_student + 2 * macs_teacher) * batch_size}
     result = {"width": width, "frames": frames, "size": size, "batch": batch_size, "precision": precision,
-              "compile": compile, "gmacs_per_clip": {"teacher": macs_teacher / 1e9, "student": macs_student / 1e9}}
+              "compile": compile, "pooling": pooling,
+              "gmacs_per_clip": {"teacher": macs_teacher / 1e9, "student": macs_student / 1e9}}
     for name, stage, network in (("teacher", teacher_stage, teacher_net), ("student", student_stage, student_net)):
         times = _step_seconds(stage, network, batch, device, precision, warmup, steps)
         median = statistics.median(times)
@@ -137,13 +151,14 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM dense bf16)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
     parser.add_argument("--profile", action="store_true", help="GPU: the top kernels of each step kind")
+    parser.add_argument("--pooling", choices=["separable", "3d"], default="separable",
+                        help="3d: torch's nn.MaxPool3d in place of the network's separable pools (the baseline)")
     parser.add_argument("--out", default="benchmarks/results/model_step.json")
     args = parse_args(parser, SMOKE)
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda", 0) if gpu else torch.device("cpu")
     torch.set_num_threads(args.threads)
-    prepare_device(device)  # as a stage does: cuDNN's algorithm timing on
     shapes = args.shapes or (CPU_SHAPES + ["1.0:64:224:8"] if gpu else CPU_SHAPES)
     precisions = args.precisions or (["bf16", "fp32"] if gpu else ["fp32"])
     results = []
@@ -151,7 +166,7 @@ def main() -> None:
         width, frames, size, batch_size = shape.split(":")
         for precision in precisions:
             row = measure(float(width), int(frames), int(size), int(batch_size), precision, device, args.warmup,
-                          args.steps, args.peak_tflops * 1e12, args.compile, args.profile)
+                          args.steps, args.peak_tflops * 1e12, args.compile, args.profile, args.pooling)
             print(json.dumps(row), flush=True)
             results.append(row)
     if gpu and "bf16" in precisions and "fp32" in precisions:
