@@ -105,6 +105,11 @@ class DataSpec(_Section):
     # learn at all (top-1 at chance), with 16 it did; there is no SyncBatchNorm on CPU (gloo).
     batch_size: int = Field(16, ge=1, description="clips per rank per micro-step (BatchNorm sees this many)")
     reader_threads: int = Field(1, ge=1)
+    decoder: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="DALI's video decoder on a GPU rank. gpu: NVDEC (DALI's mixed decoder), which decodes no "
+                            "VP9 frame smaller than 128x128; cpu: DALI's CPU decoder, the clips then go to the GPU; "
+                            "auto: NVDEC where the stored frames allow it, else the CPU decoder. A CPU rank always "
+                            "decodes on the CPU")
     eval_clips: int = Field(1, ge=1, description="temporal clips per validation video; softmax scores averaged")
     eval_crops: Literal[1, 3] = Field(1, description="spatial crops per validation clip: centre, or 3 along the long side")
     mirror: bool = Field(True, description="mirror half the training clips; false where a mirror turns one class into "

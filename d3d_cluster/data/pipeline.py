@@ -1,8 +1,9 @@
 """One DALI pipeline per rank: encoded clips in, augmented float clips on the device out.
 
 The loader chooses the items and their views (`order`) and feeds the encoded bytes through
-`external_source`; DALI decodes (on the GPU with NVDEC when `device_id` is set, else on the CPU) from the
-chosen start frame with the chosen stride, resizes the chosen box to the crop size, mirrors and normalizes.
+`external_source`; DALI decodes (on the GPU with NVDEC when `device_id` is set and `data.decoder` allows it, else on
+the CPU) from the chosen start frame with the chosen stride, resizes the chosen box to the crop size, mirrors and
+normalizes.
 Each stream is first cut to the clip, from the keyframe before its start (`webm.clip_stream`): DALI's CPU decoder
 would otherwise decode every frame before the start (BENCHMARKS).
 RGB and flow of a sample share one view. Flow is a displacement in pixels, so it is scaled with the box
@@ -46,6 +47,9 @@ from d3d_cluster.spec import DataSpec
 RGB_MEAN = (110.2, 100.6, 96.0)
 RGB_STD = (58.1, 56.5, 55.3)
 MODALITIES = ("rgb", "flow")
+# NVDEC decodes no VP9 frame with a side under this (cuvidGetDecoderCaps's minimum on the H100 here; DALI refuses
+# smaller frames at the first batch).
+NVDEC_MIN_SIDE = 128
 # Batches whose members the reader thread reads beyond those DALI has taken (DALI itself asks for its
 # prefetch_queue_depth batches ahead of the one `run()` returns): slack for a slow read, a few MB of memory.
 READ_AHEAD = 2
@@ -96,6 +100,17 @@ def clip_geometry(manifest: Manifest, shard_dir, data: DataSpec) -> Geometry:
         raise ValueError(f"{shard_dir}: data.crop_size = {data.crop_size} exceeds the stored "
                          f"{manifest.height}x{manifest.width} frames")
     return Geometry(manifest.height, manifest.width, data.clip_frames, data.frame_stride, data.crop_size)
+
+
+def decodes_on_gpu(manifest: Manifest, shard_dir, data: DataSpec) -> bool:
+    """Whether a GPU rank decodes these shards with NVDEC (`data.decoder`); gpu asked for frames NVDEC cannot decode
+    is refused, with the shard directory named."""
+    small = min(manifest.height, manifest.width) < NVDEC_MIN_SIDE
+    if data.decoder == "gpu" and small:
+        raise ValueError(f"{shard_dir}: data.decoder gpu: NVDEC decodes no VP9 frame smaller than "
+                         f"{NVDEC_MIN_SIDE}x{NVDEC_MIN_SIDE}, and the stored frames are {manifest.height}x"
+                         f"{manifest.width}; use data.decoder auto or cpu (DALI's CPU decoder)")
+    return data.decoder == "gpu" or (data.decoder == "auto" and not small)
 
 
 def mirrored_labels(manifest: Manifest, shard_dir, data: DataSpec) -> np.ndarray:
@@ -181,12 +196,13 @@ class _BatchSource:
 
 
 def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, threads: int, device_id: int | None,
-                    seed: int, resize: bool) -> Pipeline:
-    """`resize`: boxes may differ from the crop size (random resized crops); otherwise they are cropped as they are."""
+                    seed: int, resize: bool, gpu_decode: bool = True) -> Pipeline:
+    """`resize`: boxes may differ from the crop size (random resized crops); otherwise they are cropped as they are.
+    With a `device_id`, the clips come out on that GPU, decoded there unless `gpu_decode` is off."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
-    decoder = "cpu" if device_id is None else "mixed"
+    decoder = "mixed" if device_id is not None and gpu_decode else "cpu"
     pipe = Pipeline(batch_size=max_batch, num_threads=threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=2)
     with pipe:
@@ -214,6 +230,8 @@ def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, thre
         for modality, start, blob in zip(modalities, streams[0::2], streams[1::2]):
             video = fn.decoders.video(blob, device=decoder, start_frame=start, stride=geometry.stride,
                                       sequence_length=geometry.clip_frames)
+            if device_id is not None and decoder == "cpu":
+                video = video.gpu()
             if modality == "rgb":
                 outputs.append(fn.crop_mirror_normalize(cut(video), mean=list(RGB_MEAN), std=list(RGB_STD), **finish))
             else:
@@ -284,6 +302,12 @@ class ClipLoader:
         self.resizes = train and data.crop_area is not None
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.device_id, self.first_epoch, self.end_epoch = device_id, first_epoch, first_epoch + epochs
+        self.gpu_decode = device_id is not None and decodes_on_gpu(manifest, shard_dir, data)
+        if device_id is not None and not self.gpu_decode and rank == 0:
+            why = "data.decoder cpu" if data.decoder == "cpu" else (f"the stored {manifest.height}x{manifest.width} "
+                                                                     f"frames are under NVDEC's minimum side, "
+                                                                     f"{NVDEC_MIN_SIDE}")
+            print(f"loader: DALI's CPU decoder, clips copied to cuda:{device_id} ({why})", file=sys.stderr, flush=True)
         position = 0
         if resume is not None:
             self._check_resumable(resume, shard_dir, split)
@@ -388,7 +412,8 @@ class ClipLoader:
     def _start_pipeline(self) -> None:
         self._source = _BatchSource(self, self._plan(*self._consumed))
         self.pipe = _build_pipeline(self._source, self.geometry, self.modalities, self.data.batch_size + 1,
-                                    self.data.reader_threads, self.device_id, self.seed, self.resizes)
+                                    self.data.reader_threads, self.device_id, self.seed, self.resizes,
+                                    self.gpu_decode)
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Epochs must be read in order: the pipeline prefetches across their boundary."""

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from d3d_cluster.data.pipeline import clip_geometry, mirrored_labels
+from d3d_cluster.data.pipeline import clip_geometry, decodes_on_gpu, mirrored_labels
 from d3d_cluster.data.schema import SPLITS, Manifest
 from d3d_cluster.launch.executor import check_cluster, make_executor
 from d3d_cluster.launch.job import EvalJob, StageJob
@@ -68,6 +68,7 @@ def check_ready(spec: Spec, *stages: str) -> None:
         manifest.shard_paths(shards, split)
     clip_geometry(manifest, shards, spec.data)
     mirrored_labels(manifest, shards, spec.data)
+    decodes_on_gpu(manifest, shards, spec.data)
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r} (expected one of {', '.join(STAGES)})")

@@ -6,6 +6,7 @@ import re
 import shutil
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import numpy as np
@@ -16,7 +17,7 @@ from d3d_cluster.data import index
 from d3d_cluster.data.index import ShardReadError
 from d3d_cluster.data.order import View
 from d3d_cluster.data.pipeline import (ClipLoader, LoaderState, _Planned, _build_pipeline, _to_torch,
-                                       training_epoch_steps)
+                                       decodes_on_gpu, training_epoch_steps)
 from d3d_cluster.data.schema import FLOW_EXT, RGB_EXT, Manifest, frame_to_flow
 from d3d_cluster.spec import DataSpec
 
@@ -458,6 +459,13 @@ def test_left_and_right_classes_stay_apart_without_mirroring_or_with_their_pair_
     share = sum(agree) / len(agree)
     assert len(agree) == 48
     assert (share == 1.0) if separable else (0.25 < share < 0.75), share
+
+
+@pytest.mark.parametrize("side, decoder, on_gpu", [(128, "auto", True), (256, "gpu", True), (112, "auto", False),
+                                                   (256, "cpu", False), (64, "cpu", False)])
+def test_a_gpu_rank_decodes_with_nvdec_where_the_frames_and_data_decoder_allow(side, decoder, on_gpu):
+    manifest = SimpleNamespace(height=side, width=2 * side)
+    assert decodes_on_gpu(manifest, "shards", DATA.model_copy(update={"decoder": decoder})) is on_gpu
 
 
 def test_mirror_pairs_naming_an_unknown_class_are_refused_naming_it(left_right_shards):

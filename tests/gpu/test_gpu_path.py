@@ -38,15 +38,16 @@ def gpu_shards(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("gpu-shards"), frames=32, size=128, videos=32)
 
 
-def _clips(shards: Path, device_id: int | None, batches: int) -> list:
+def _clips(shards: Path, device_id: int | None, batches: int, decoder: str = "auto") -> list:
     from d3d_cluster.data.pipeline import ClipLoader
     from d3d_cluster.spec import DataSpec
 
-    loader = ClipLoader(shards, "train", DataSpec(**STAGE_DATA), modalities=("rgb", "flow"), rank=0, world=1,
-                        seed=0, train=True, device_id=device_id)
+    loader = ClipLoader(shards, "train", DataSpec(**STAGE_DATA, decoder=decoder), modalities=("rgb", "flow"), rank=0,
+                        world=1, seed=0, train=True, device_id=device_id)
     try:
         out = []
         for batch in loader.epoch(0):
+            assert batch.rgb.device == batch.flow.device == loader.device
             out.append((batch.rgb.cpu().numpy(), batch.flow.cpu().numpy(), batch.samples.numpy()))
             if len(out) == batches:
                 return out
@@ -69,6 +70,17 @@ def test_the_mixed_decoder_gives_the_cpu_decoders_rgb_and_flow(gpu_shards):
     assert all(np.array_equal(g[2], c[2]) for g, c in zip(gpu, cpu))
     assert rgb_levels.mean() <= 1.0 and np.percentile(rgb_levels, 99) <= 6.0
     assert flow_levels.max() <= 1.0 + 1e-3
+
+
+def test_a_gpu_rank_with_the_cpu_decoder_gets_the_cpu_decoders_clips_on_its_gpu(gpu_shards):
+    """data.decoder cpu, and auto on frames NVDEC cannot decode (the quickstart's 64 px): decoded on the CPU, the
+    rest of the pipeline on the GPU."""
+    gpu, cpu = _clips(gpu_shards, 0, batches=2, decoder="cpu"), _clips(gpu_shards, None, batches=2)
+    assert len(gpu) == len(cpu) == 2
+    for (g_rgb, g_flow, g_samples), (c_rgb, c_flow, c_samples) in zip(gpu, cpu):
+        assert np.array_equal(g_samples, c_samples)
+        np.testing.assert_allclose(g_rgb, c_rgb, atol=1e-4)  # the same bytes, normalised on another device
+        np.testing.assert_allclose(g_flow, c_flow, atol=1e-4)
 
 
 def test_a_bf16_autocast_step_has_a_finite_loss_close_to_fp32_and_trains_as_fp32_does():

@@ -180,6 +180,14 @@ def test_one_clip_a_rank_is_refused_before_queueing_where_batchnorm_would_see_on
                                                    "prep.short_side": 256, "prep.synthetic.frames": 65}))
 
 
+def test_nvdec_asked_for_frames_it_cannot_decode_is_refused_before_queueing(tmp_path, tiny_shards):
+    spec = _spec_file(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)})
+    refused = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec), "--set", "data.decoder=gpu"])
+    assert refused.exit_code != 0 and not (tmp_path / "work" / "runs").exists()
+    assert (f"{tiny_shards}: data.decoder gpu: NVDEC decodes no VP9 frame smaller than 128x128, and the stored frames "
+            "are 32x32; use data.decoder auto or cpu") in " ".join(refused.output.split())
+
+
 @pytest.mark.integration
 def test_with_the_local_executor_submit_runs_the_jobs_in_the_foreground(tmp_path, tiny_shards):
     spec = _spec_file(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)}, teacher={"epochs": 1})
