@@ -14,7 +14,9 @@ the spec it trained. A seed whose run an earlier invocation finished with the sa
 (nor a probe made with the same settings), so the same command resumes an interrupted benchmark, and adding
 `--probe` afterwards only probes; another setting needs runs of its own (`--set name=...`, or another
 `--workdir`), and `--reuse EARLIER_WORKDIR` copies into them the stages it does not change (the report lists
-them). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
+them). `--shards DIR` trains on shards prepared elsewhere, as `d3dc prep` of the same spec wrote them (the GPU
+machine cannot prepare: it lacks PyAV). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of
+`benchmarks.SMOKE_SPEC`.
 """
 
 from __future__ import annotations
@@ -134,17 +136,20 @@ def main() -> None:
     parser.add_argument("--reuse", type=Path, metavar="WORKDIR",
                         help="an earlier benchmark's workdir: its finished stages trained with the same settings as "
                              "this spec's, seed by seed, are copied instead of trained again")
+    parser.add_argument("--shards", type=Path, help="prepared shards to train on (default: `d3dc prep` them)")
     parser.add_argument("--out", default="benchmarks/results/quickstart.json")
     args = parse_args(parser, SMOKE)
 
     changes = dict(parse_assignment(override) for override in args.overrides)
-    spec = load_spec(args.spec, {**(SMOKE_SPEC if args.smoke else {}), **changes, "workdir": args.workdir,
-                                 "cluster.executor": "local"})
+    prepared = {"data.shards": str(args.shards.resolve())} if args.shards else {}
+    spec = load_spec(args.spec, {**(SMOKE_SPEC if args.smoke else {}), **changes, **prepared,
+                                 "workdir": args.workdir, "cluster.executor": "local"})
     spec_path = Path(args.workdir) / "benchmark-spec.yaml"  # what `d3dc prep` reads: the spec trained below
     spec_path.parent.mkdir(parents=True, exist_ok=True)
     spec_path.write_text(spec.to_yaml())
     started = time.time()
-    subprocess.run([sys.executable, "-m", "d3d_cluster.cli", "prep", "-c", str(spec_path)], check=True)
+    if not args.shards:
+        subprocess.run([sys.executable, "-m", "d3d_cluster.cli", "prep", "-c", str(spec_path)], check=True)
     prep_seconds = time.time() - started
     probe_settings = (spec.with_overrides(**{"probe.epochs": args.probe_epochs}) if args.probe_epochs else spec).probe
 

@@ -31,11 +31,15 @@ def test_the_kit_packs_parts_that_each_fit_a_command_and_the_check_joins_them_ba
     (base / "wheels" / "small-1.0-py3-none-any.whl").write_bytes(os.urandom(300_000))
     wheel = tmp_path / "nvidia_dali_cuda130-9.9-py3-none-manylinux_2_28_x86_64.whl"
     wheel.write_bytes(os.urandom(2_500_000))
+    quickstart = tmp_path / "quickstart-shards"
+    quickstart.mkdir()
+    (quickstart / "shard-000000.tar").write_bytes(os.urandom(200_000))
     part_bytes = 1 << 20
 
-    parts = kit.pack(base, wheel, tmp_path / "kit", part_bytes)
+    parts = kit.pack(base, wheel, quickstart, tmp_path / "kit", part_bytes)
 
-    assert len(parts) == 3  # 2.8 MB in parts of 1 MiB, the first shared by the base and the wheel's first chunk
+    assert len(parts) == 4  # 2.8 MB in parts of 1 MiB, the first shared by the base and the wheel's first chunk,
+    assert [f.name for f in parts[-1].iterdir() if f.name != "kit.json"] == ["quickstart.tar"]  # then the quickstart
     for part in parts:
         assert sum(f.stat().st_size for f in part.iterdir() if f.name != "kit.json") <= part_bytes
     repo, store = tmp_path / "repo", tmp_path / "store"
@@ -46,7 +50,8 @@ def test_the_kit_packs_parts_that_each_fit_a_command_and_the_check_joins_them_ba
         shutil.copytree(part, repo / ".kit" / part.name)
         stored = check.receive()
     description = json.loads((store / "parts" / "kit.json").read_text())
-    assert set(description["dali"]["chunks"]) | {"base.tar", "kit.json"} == set(stored)
+    assert set(description["dali"]["chunks"]) | {"base.tar", "kit.json", "quickstart.tar"} == set(stored)
+    assert check.sha256(store / "parts" / "quickstart.tar") == description["quickstart"]["sha256"]
     joined = check.join_dali(store / "parts", description)
     assert joined is not None and joined.read_bytes() == wheel.read_bytes()
 
@@ -75,3 +80,22 @@ def test_gpu_check_dry_run_runs_every_tier_on_the_cpu_and_skips_only_the_gpu_par
     if not report["preflight"]["torch"]["available"]:  # the GPU tests skip themselves without CUDA
         suite = ElementTree.parse(tmp_path / "gpu-tests.xml").getroot().find("testsuite")
         assert int(suite.get("tests")) >= 4 and suite.get("skipped") == suite.get("tests")
+
+
+@pytest.mark.integration
+def test_gpu_check_accuracy_dry_run_trains_the_quickstart_in_both_precisions_and_pairs_the_seeds(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPTS / "gpu-check"), "--dry-run", "--accuracy"],
+                          env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert {name: step["status"] for name, step in report["steps"].items()} == {
+        "preflight": "ok", "install": "skipped", "quickstart_auto_seed0": "ok", "quickstart_fp32_seed0": "ok",
+        "accuracy": "ok"}
+    trained = {precision: json.loads((tmp_path / f"quickstart_{precision}.json").read_text())["spec"]
+               for precision in ("auto", "fp32")}
+    assert {precision: spec["model"]["precision"] for precision, spec in trained.items()} == {"auto": "auto",
+                                                                                             "fp32": "fp32"}
+    assert trained["fp32"]["data"]["shards"].endswith("/accuracy-auto/shards")  # prepared once, by the first run
+    paired = report["accuracy"]["paired"]
+    assert set(paired) >= {"teacher", "student", "baseline"} and all(len(rows) == 1 for rows in paired.values())
+    assert all(row["bf16_minus_fp32"] == row["bf16"] - row["fp32"] for rows in paired.values() for row in rows)
