@@ -12,9 +12,11 @@ prepared shards instead of making them, and `--no-baseline` times DALI alone (th
 
     python -m benchmarks.loader --device-id 0 --shards .kit/bench --frames 80 --clip-frames 64 --crop 224 --no-baseline
 
-`--layouts 1x8 2x4 2x8` times DALI alone in each layout PIPELINESxTHREADS, rounds alternating between them: that many
-loaders at once on the device, each a rank of a world of that size with its own pipeline of that many threads. It
-says whether the decoder's feed is limited per pipeline (two pipelines of 4 threads beat one of 8) or per device.
+`--layouts 1x8 2x4 2x8 1x16cpu` times DALI alone in each layout PIPELINESxTHREADS, rounds alternating between them:
+that many loaders at once on the device, each a rank of a world of that size with its own pipeline of that many
+threads. It says whether the decoder's feed is limited per pipeline (two pipelines of 4 threads beat one of 8) or
+per device; a layout ending in `cpu` decodes with DALI's CPU decoder on a GPU rank (`data.decoder: cpu`), the
+machine's cores against NVDEC.
 `--smoke`: 12 videos of 12 frames at 32 px, 8-frame clips cropped to 24 px, batches of 2, 2 per round, 1 round.
 """
 
@@ -193,12 +195,13 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, help="prepared shards to read (default: make them under --workdir)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the PyAV DataLoader")
-    parser.add_argument("--layouts", nargs="+", metavar="PIPELINESxTHREADS",
-                        help="time DALI alone in each layout (1x8 2x4 2x8), instead of against the baseline")
+    parser.add_argument("--layouts", nargs="+", metavar="PIPELINESxTHREADS[cpu]",
+                        help="time DALI alone in each layout (1x8 2x4 1x16cpu), instead of against the baseline")
     args = parse_args(parser, SMOKE)
-    bad = [layout for layout in args.layouts or [] if not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", layout)]
+    layouts = {layout: re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)(cpu)?", layout) for layout in args.layouts or []}
+    bad = [layout for layout, parsed in layouts.items() if parsed is None]
     if bad:
-        parser.error(f"--layouts: {bad[0]!r} is not PIPELINESxTHREADS (2x4)")
+        parser.error(f"--layouts: {bad[0]!r} is not PIPELINESxTHREADS, with cpu after it for the CPU decoder (2x4)")
 
     shards = args.shards or make_shards(Path(args.workdir), args.frames, args.size, args.videos)
     data = DataSpec(clip_frames=args.clip_frames, crop_size=args.crop, batch_size=args.batch,
@@ -209,13 +212,14 @@ def main() -> None:
         name = "+".join(modalities)
         # Decoded frames: every modality's clip is its own stream of clip_frames frames.
         frames_per_clip = args.clip_frames * len(modalities)
-        if args.layouts:
-            layouts = {layout: tuple(int(n) for n in layout.split("x")) for layout in args.layouts}
+        if layouts:
             rates = {layout: [] for layout in layouts}
             for _ in range(args.rounds):
-                for layout, (pipelines, threads) in layouts.items():
-                    rates[layout].append(time_dali(shards, data.model_copy(update={"reader_threads": threads}),
-                                                   modalities, args.batches, args.device_id, pipelines))
+                for layout, parsed in layouts.items():
+                    pipelines, threads, cpu = int(parsed[1]), int(parsed[2]), parsed[3] is not None
+                    settings = data.model_copy(update={"reader_threads": threads, "decoder": "cpu" if cpu else "auto"})
+                    rates[layout].append(time_dali(shards, settings, modalities, args.batches, args.device_id,
+                                                   pipelines))
             results[name] = {layout: {"dali_clips_per_second": r, "dali_median": statistics.median(r),
                                       "dali_frames_per_second": statistics.median(r) * frames_per_clip}
                              for layout, r in rates.items()}

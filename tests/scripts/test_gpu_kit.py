@@ -71,8 +71,8 @@ def test_gpu_check_dry_run_runs_every_tier_on_the_cpu_and_skips_only_the_gpu_par
     for name in ("model_step.json", "model_step_pool3d.json", "loader.json", "gpu-tests.xml"):
         assert (tmp_path / name).is_file(), name
     layouts = json.loads((tmp_path / "loader.json").read_text())["results"]  # one pipeline against two, same run
-    assert {name: sorted(by_layout) for name, by_layout in layouts.items()} == {"rgb": ["1x1", "2x1"],
-                                                                                "rgb+flow": ["1x1", "2x1"]}
+    assert {name: sorted(by_layout) for name, by_layout in layouts.items()} == {"rgb": ["1x1", "1x1cpu", "2x1"],
+                                                                                "rgb+flow": ["1x1", "1x1cpu", "2x1"]}
     assert all(entry["dali_median"] > 0 for by_layout in layouts.values() for entry in by_layout.values())
     stages = json.loads((tmp_path / "data_wait.json").read_text())["results"]  # the one benchmark only this runs
     assert set(stages) == {"teacher", "student"}
