@@ -113,7 +113,8 @@ def measure(width: float, frames: int, size: int, batch_size: int, precision: st
     teacher_stage = Stage("teacher", "flow", settings)
     paper = DistillSpec(weight=1.0, target="logits")  # the paper's loss: the whole teacher runs each step
     student_stage = Stage("student", "rgb", settings, paper, frozen)
-    prepare_device(device, "auto" if precision == "bf16" else "fp32")  # as a stage does: cuDNN's algorithm timing on
+    # As a stage does: cuDNN's algorithm timing on, and fp32 true fp32 (no TF32 convolutions).
+    prepare_device(device, "auto" if precision == "bf16" else "fp32")
 
     macs_teacher = model_info(CLASSES, 2, frames, size, width).multiply_adds
     macs_student = model_info(CLASSES, 3, frames, size, width).multiply_adds
