@@ -3,9 +3,12 @@ RGB and flow and runs the frozen teacher), each one rank through the real job pa
 DALI loader: on the GPU machine its mixed decoder), on prepared shards. From rank 0's train log, after the first
 `--settle` steps (cuDNN's algorithm timing, DALI's warm-up): the median step time, clips/s and the share of the
 step time spent waiting for the batch.
+`--pipelines 1 2` runs both stages once per number of DALI pipelines a rank (`data.pipelines`), each in a run of its
+own, stage by stage in turn (the teachers, then the students), writing the figures after every stage (keyed
+PIPELINESxTHREADS, as `benchmarks.loader`'s layouts): a run cut short still has the pairs it finished.
 
     python -m benchmarks.data_wait --shards .kit/bench --clip-frames 64 --crop 224 --batch 8 --width 1.0 \\
-        --out benchmarks/results/data_wait_h100.json
+        --pipelines 1 2 --out benchmarks/results/data_wait_h100.json
 
 `--smoke`: tiny shards made here (PyAV), 8-frame clips at 24 px on the CPU.
 """
@@ -29,7 +32,7 @@ from d3d_cluster.rundir import TRAIN_LOG_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.curves import read_train_log
 
-SMOKE = {"clip_frames": 8, "crop": 24, "batch": 2, "width": 0.25, "steps": 4, "settle": 1}
+SMOKE = {"clip_frames": 8, "crop": 24, "batch": 2, "width": 0.25, "steps": 4, "settle": 1, "pipelines": [1, 2]}
 
 
 def stage_figures(run: RunDir, stage: str, settle: int) -> dict:
@@ -50,7 +53,8 @@ def main() -> None:
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8, help="clips per step (one rank)")
     parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--reader-threads", type=int, default=4)
+    parser.add_argument("--reader-threads", type=int, default=4, help="threads of each DALI pipeline")
+    parser.add_argument("--pipelines", type=int, nargs="+", default=[1], help="DALI pipelines a rank: one run each")
     parser.add_argument("--steps", type=int, default=24, help="steps per stage, at least")
     parser.add_argument("--settle", type=int, default=4, help="first steps left out of the figures")
     parser.add_argument("--out", default="benchmarks/results/data_wait.json")
@@ -65,24 +69,27 @@ def main() -> None:
     # Whole epochs of at least --steps steps (the last step of an epoch may be short).
     manifest = Manifest.load(shards)
     epochs = -(-args.steps * args.batch // manifest.splits["train"].samples)
-    run = RunDir.create(Spec.model_validate({
-        "name": "data-wait", "workdir": str(workdir), "prep": {"short_side": min(manifest.height, manifest.width), "synthetic": {"frames": manifest.min_frames}},
+    runs = {pipelines: RunDir.create(Spec.model_validate({
+        "name": f"data-wait-{pipelines}-pipelines", "workdir": str(workdir),
+        "prep": {"short_side": min(manifest.height, manifest.width), "synthetic": {"frames": manifest.min_frames}},
         "data": {"shards": str(shards.resolve()), "clip_frames": args.clip_frames, "crop_size": args.crop,
-                 "batch_size": args.batch, "reader_threads": args.reader_threads},
+                 "batch_size": args.batch, "reader_threads": args.reader_threads, "pipelines": pipelines},
         "model": {"width": args.width}, "teacher": {"epochs": epochs}, "student": {"epochs": epochs},
         "deepspeed": {"global_batch_size": args.batch}, "checkpoint": {"every_steps": 10**6},
-        "cluster": {"executor": "local", "tasks_per_node": 1}}))
-    results = {}
-    for stage in ("teacher", "student"):
-        run_stage(run, stage, echo=lambda line: None)
-        results[stage] = stage_figures(run, stage, args.settle)
-        print(f"{stage}: {json.dumps(results[stage])}", flush=True)
+        "cluster": {"executor": "local", "tasks_per_node": 1}})) for pipelines in args.pipelines}
     gpu = torch.cuda.is_available()
     report = {"date": time.strftime("%Y-%m-%d"), "args": {**vars(args), "shards": str(shards), "workdir": str(workdir)},
               "machine": f"{platform.node()}, " + (torch.cuda.get_device_name(0) if gpu else "CPU"),
-              "decoder": "mixed" if gpu else "cpu", "results": results}
+              "decoder": "mixed" if gpu else "cpu", "results": {}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for stage in ("teacher", "student"):
+        for pipelines, run in runs.items():
+            run_stage(run, stage, echo=lambda line: None)
+            figures = stage_figures(run, stage, args.settle)
+            layout = f"{pipelines}x{args.reader_threads}"  # PIPELINESxTHREADS, as benchmarks.loader's layouts
+            report["results"].setdefault(layout, {})[stage] = figures
+            print(f"{stage}, {layout}: {json.dumps(figures)}", flush=True)
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

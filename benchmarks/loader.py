@@ -13,10 +13,10 @@ prepared shards instead of making them, and `--no-baseline` times DALI alone (th
     python -m benchmarks.loader --device-id 0 --shards .kit/bench --frames 80 --clip-frames 64 --crop 224 --no-baseline
 
 `--layouts 1x8 2x4 2x8 1x16cpu` times DALI alone in each layout PIPELINESxTHREADS, rounds alternating between them:
-that many loaders at once on the device, each a rank of a world of that size with its own pipeline of that many
-threads. It says whether the decoder's feed is limited per pipeline (two pipelines of 4 threads beat one of 8) or
-per device; a layout ending in `cpu` decodes with DALI's CPU decoder on a GPU rank (`data.decoder: cpu`), the
-machine's cores against NVDEC.
+one rank whose loader runs that many pipelines (`data.pipelines`) of that many threads each (`data.reader_threads`).
+It says whether the decoder's feed is limited per pipeline (two pipelines of 4 threads beat one of 8) or per device;
+a layout ending in `cpu` decodes with DALI's CPU decoder on a GPU rank (`data.decoder: cpu`), the machine's cores
+against NVDEC.
 `--smoke`: 12 videos of 12 frames at 32 px, 8-frame clips cropped to 24 px, batches of 2, 2 per round, 1 round.
 """
 
@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -126,42 +125,22 @@ def _batches(loader: ClipLoader):
         yield from loader.epoch(epoch)
 
 
-def time_dali(shards: Path, data: DataSpec, modalities, batches: int, device_id: int | None,
-              pipelines: int = 1) -> float:
-    """Clips/s of `pipelines` loaders reading at once, `batches` batches each after their first (which pays for
-    building the pipeline): the clock starts when every loader has its first batch."""
-    started: list[float] = []
-    built = threading.Barrier(pipelines, action=lambda: started.append(time.perf_counter()))
-    finished: list[tuple[float, int]] = []
-    errors: list[BaseException] = []
-
-    def read(rank: int) -> None:
-        loader = None
-        try:
-            loader = ClipLoader(shards, "train", data, modalities=modalities, rank=rank, world=pipelines, seed=0,
-                                train=True, device_id=device_id, epochs=10**6)
-            stream = _batches(loader)
+def time_dali(shards: Path, data: DataSpec, modalities, batches: int, device_id: int | None) -> float:
+    """Clips/s of one rank's loader over `batches` batches after the first of each of its pipelines (which pays for
+    building it)."""
+    loader = ClipLoader(shards, "train", data, modalities=modalities, rank=0, world=1, seed=0, train=True,
+                        device_id=device_id, epochs=10**6)
+    try:
+        stream = _batches(loader)
+        for _ in range(data.pipelines):
             next(stream)
-            built.wait()
-            clips = sum(len(batch.labels) for batch in itertools.islice(stream, batches))
-            if device_id is not None:
-                torch.cuda.synchronize()
-            finished.append((time.perf_counter(), clips))
-        except BaseException as error:  # the first error is raised; the other loaders stop at the barrier
-            errors.append(error)
-            built.abort()
-        finally:
-            if loader is not None:
-                loader.close()
-
-    threads = [threading.Thread(target=read, args=(rank,), name=f"loader-{rank}") for rank in range(pipelines)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return sum(clips for _, clips in finished) / (max(end for end, _ in finished) - started[0])
+        started = time.perf_counter()
+        clips = sum(len(batch.labels) for batch in itertools.islice(stream, batches))
+        if device_id is not None:
+            torch.cuda.synchronize()
+        return clips / (time.perf_counter() - started)
+    finally:
+        loader.close()
 
 
 def time_pyav(shards: Path, data: DataSpec, modalities, batches: int, workers: int) -> float:
@@ -215,9 +194,9 @@ def main() -> None:
             for _ in range(args.rounds):
                 for layout, parsed in layouts.items():
                     pipelines, threads, cpu = int(parsed[1]), int(parsed[2]), parsed[3] is not None
-                    settings = data.model_copy(update={"reader_threads": threads, "decoder": "cpu" if cpu else "auto"})
-                    rates[layout].append(time_dali(shards, settings, modalities, args.batches, args.device_id,
-                                                   pipelines))
+                    settings = data.model_copy(update={"pipelines": pipelines, "reader_threads": threads,
+                                                       "decoder": "cpu" if cpu else "auto"})
+                    rates[layout].append(time_dali(shards, settings, modalities, args.batches, args.device_id))
             results[name] = {layout: {"dali_clips_per_second": r, "dali_median": statistics.median(r),
                                       "dali_frames_per_second": statistics.median(r) * frames_per_clip}
                              for layout, r in rates.items()}

@@ -22,8 +22,8 @@ TRAIN_LOG_NAME = "train_log.jsonl"  # rank 0's record of every step of a stage
 # on different things. The keys listed as free change how or where, not what, and may change like any other section:
 # the clips per rank among them, which follow the number of nodes when the global batch stays (`batch_plan`).
 WHAT_IS_TRAINED = ("seed", "prep.", "data.", "model.")
-FREE_TO_CHANGE = {"prep.workers", "data.reader_threads", "data.eval_clips", "data.eval_crops", "data.batch_size",
-                  "model.compile", "student.distill.precompute"}
+FREE_TO_CHANGE = {"prep.workers", "data.reader_threads", "data.pipelines", "data.eval_clips", "data.eval_crops",
+                  "data.batch_size", "model.compile", "student.distill.precompute"}
 # What else each stage's training follows: a stage that has started resumes its checkpoints, so changing these under
 # it would continue, and report as the new setting's, a network trained with the old one. The baseline is the
 # student's recipe without distillation; the student's target is the teacher it was distilled from.

@@ -104,7 +104,10 @@ class DataSpec(_Section):
     # BatchNorm statistics are per rank: with 8 clips per rank the RGB student of the quickstart did not
     # learn at all (top-1 at chance), with 16 it did; there is no SyncBatchNorm on CPU (gloo).
     batch_size: int = Field(16, ge=1, description="clips per rank per micro-step (BatchNorm sees this many)")
-    reader_threads: int = Field(1, ge=1)
+    reader_threads: int = Field(1, ge=1, description="DALI threads of each of a rank's pipelines")
+    pipelines: int = Field(1, ge=1, description="DALI pipelines per rank, delivering its batches in turn: each decodes "
+                                                "on a CUDA stream of its own (the mixed decoder waits on its stream "
+                                                "after every frame); the batches are the same whatever their number")
     decoder: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="DALI's video decoder on a GPU rank. gpu: NVDEC (DALI's mixed decoder), which decodes no "
                             "VP9 frame smaller than 128x128; cpu: DALI's CPU decoder, the clips then go to the GPU; "

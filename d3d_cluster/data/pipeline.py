@@ -1,4 +1,4 @@
-"""One DALI pipeline per rank: encoded clips in, augmented float clips on the device out.
+"""DALI pipelines per rank: encoded clips in, augmented float clips on the device out.
 
 The loader chooses the items and their views (`order`) and feeds the encoded bytes through
 `external_source`; DALI decodes (on the GPU with NVDEC when `device_id` is set and `data.decoder` allows it, else on
@@ -10,11 +10,15 @@ RGB and flow of a sample share one view. Flow is a displacement in pixels, so it
 (a box resized by k moves k times as far) and its x component is negated when mirrored. Half the training clips
 are mirrored unless `data.mirror` is off; a mirrored clip of a class in `data.mirror_pairs` takes its pair's label.
 
+A rank runs `data.pipelines` pipelines, which deliver its batches in turn, each with its own CUDA stream and
+`data.reader_threads` threads: DALI's mixed decoder waits for each decoded frame on its pipeline's one stream
+(BENCHMARKS), so one pipeline decodes about a frame at a time. The batches are the same whatever their number.
+
 Resume: the loader's `state()` (epoch, items the world consumed, seed, shard-list hash) is all it needs
 to continue after the last batch it handed out, on any number of ranks (DALI's own checkpointing cannot
 hold a video decoder: NOTES). A sample DALI cannot decode is skipped, named and counted in `skipped`:
 DALI has no skip option and a failed pipeline is dead, so the loader finds the culprit by decoding the
-suspects one by one and rebuilds the pipeline after it. A shard the OS cannot read (`ShardReadError`) fails the
+suspects one by one and rebuilds the pipelines after it. A shard the OS cannot read (`ShardReadError`) fails the
 step instead: skipping would drop sound samples, and the precompute pass would record them as unusable for good.
 
 Reading: DALI calls `external_source`'s callback on the thread that calls `pipe.run()`, the training thread. So
@@ -147,44 +151,57 @@ class _Planned(NamedTuple):
 
 
 class _BatchSource:
-    """DALI's external source: the encoded members and view parameters of the planned batches, in order.
+    """DALI's external sources: the encoded members and view parameters of the planned batches, in order, dealt in
+    turn to the loader's pipelines (batch i to pipeline i mod `pipelines`, which the loader runs in that turn).
 
-    DALI calls it from `pipe.run()` on the training thread; the members are read on a reader thread of their own,
-    `read_ahead` batches ahead of DALI's calls, so a call only waits when reading falls behind. The plan is
-    followed in order on the calling thread, and what it raises (the end of the stream, a step whose samples are
-    all corrupt) is raised at that batch's turn, never earlier. What was handed to DALI, or failed to be read for
-    it, is remembered in `inflight` until the loader takes the batch out, so a failure can be traced back to the
-    samples DALI was working on. `close()` before the loader's shards are closed.
+    Each pipeline's DALI calls its `feed` from `run()` on the training thread; the members are read on a reader
+    thread of their own, in the plan's order, `read_ahead` batches beyond those the pipelines have taken (more where
+    a pipeline asks for one further ahead), so a call only waits when reading falls behind. The plan is followed in
+    order on the calling thread, and what it raises (the end of the stream, a step whose samples are all corrupt) is
+    raised when the pipeline whose turn that batch was asks for it, never earlier. What was handed to a pipeline, or
+    failed to be read for it, is remembered in its `inflight` until the loader takes the batch out, so a failure can
+    be traced back to the samples DALI was working on. `close()` before the loader's shards are closed.
     """
 
-    def __init__(self, loader: "ClipLoader", plan: Iterator[_Planned], read_ahead: int = READ_AHEAD):
-        self.loader, self.plan, self.inflight = loader, plan, deque()
-        self.read_ahead = read_ahead
-        self._reads: deque[tuple[_Planned | None, Future | None, BaseException | None]] = deque()
+    def __init__(self, loader: "ClipLoader", plan: Iterator[_Planned], pipelines: int = 1,
+                 read_ahead: int = READ_AHEAD):
+        self.loader, self.plan, self.read_ahead = loader, plan, read_ahead
+        self.inflight: list[deque[_Planned]] = [deque() for _ in range(pipelines)]
+        self._reads: list[deque[tuple[_Planned | None, Future | None, BaseException | None]]] = [
+            deque() for _ in range(pipelines)]
+        self._dealt = 0  # planned batches dealt to the pipelines
         self._planning = True  # until the plan ended or raised
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"shard-reader-rank{loader.rank}")
 
-    def _read_ahead(self) -> None:
-        while self._planning and len(self._reads) <= self.read_ahead:
+    def feed(self, pipeline: int):
+        """The callback for `pipeline`'s external source."""
+        return lambda: self._next(pipeline)
+
+    def _read_ahead(self, wanted: int | None = None) -> None:
+        """Plan and start reading until `read_ahead` batches wait beyond those taken, and one waits for `wanted`."""
+        while self._planning and (sum(map(len, self._reads)) <= self.read_ahead
+                                  or wanted is not None and not self._reads[wanted]):
+            reads = self._reads[self._dealt % len(self._reads)]
+            self._dealt += 1
             try:
                 planned = next(self.plan)
             except StopIteration as end:
                 self._planning = False
-                self._reads.append((None, None, end))
-            except Exception as error:  # CorruptStep: raised when DALI asks for that batch
+                reads.append((None, None, end))
+            except Exception as error:  # CorruptStep: raised when its pipeline asks for that batch
                 self._planning = False
-                self._reads.append((None, None, error))
+                reads.append((None, None, error))
             else:
-                self._reads.append((planned, self._reader.submit(self.loader.columns, planned), None))
+                reads.append((planned, self._reader.submit(self.loader.columns, planned), None))
 
-    def __call__(self):
-        self._read_ahead()
-        if not self._reads:
-            raise StopIteration  # asked again after the end
-        planned, read, error = self._reads.popleft()
+    def _next(self, pipeline: int):
+        self._read_ahead(pipeline)
+        if not self._reads[pipeline]:
+            raise StopIteration  # the plan ended on another pipeline's turn, or this one asked again after its end
+        planned, read, error = self._reads[pipeline].popleft()
         if planned is None:
             raise error
-        self.inflight.append(planned)
+        self.inflight[pipeline].append(planned)
         columns = read.result()  # what reading a damaged shard raised is raised here
         self._read_ahead()  # the next batch's read starts now, not at DALI's next call
         return columns
@@ -192,7 +209,8 @@ class _BatchSource:
     def close(self) -> None:
         """Stop reading; a read under way finishes first (the shards stay open until then)."""
         self._reader.shutdown(wait=True, cancel_futures=True)
-        self._reads.clear()
+        for reads in self._reads:
+            reads.clear()
 
 
 def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, threads: int, device_id: int | None,
@@ -316,7 +334,7 @@ class ClipLoader:
         self._next_epoch = first_epoch
         self.skipped: list[dict] = []  # corrupt samples: key, shard, modality, error
         self._corrupt: set[int] = set(skip)  # samples known unusable before reading (`skip`) or found corrupt
-        self._start_pipeline()
+        self._start_pipelines()
 
     def _check_resumable(self, state: LoaderState, shard_dir, split: str) -> None:
         if state.shards != self.shard_hash:
@@ -409,11 +427,13 @@ class ClipLoader:
         cut = clip_stream(blob, start, start + span)
         return (start, blob) if cut is None else (cut[1], cut[0])
 
-    def _start_pipeline(self) -> None:
-        self._source = _BatchSource(self, self._plan(*self._consumed))
-        self.pipe = _build_pipeline(self._source, self.geometry, self.modalities, self.data.batch_size + 1,
-                                    self.data.reader_threads, self.device_id, self.seed, self.resizes,
-                                    self.gpu_decode)
+    def _start_pipelines(self) -> None:
+        self._source = _BatchSource(self, self._plan(*self._consumed), self.data.pipelines)
+        self._turn = 0  # the pipeline that delivers the next batch
+        self.pipes = [_build_pipeline(self._source.feed(pipeline), self.geometry, self.modalities,
+                                      self.data.batch_size + 1, self.data.reader_threads, self.device_id, self.seed,
+                                      self.resizes, self.gpu_decode)
+                      for pipeline in range(self.data.pipelines)]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """Epochs must be read in order: the pipeline prefetches across their boundary."""
@@ -423,8 +443,7 @@ class ClipLoader:
         self._next_epoch += 1
         position = self._consumed[1] if self._consumed[0] == epoch else 0
         for _ in range(self.steps(position)):
-            outputs = self._run()
-            planned = self._source.inflight.popleft()
+            outputs, planned = self._run()
             self._consumed = (planned.epoch, planned.end)
             labels, samples, views, *videos = outputs
             tensors = dict(zip(self.modalities, (_to_torch(v, self.device) for v in videos)))
@@ -432,14 +451,17 @@ class ClipLoader:
             yield Batch(tensors.get("rgb"), tensors.get("flow"), _to_host(labels, pins(self.device)), _to_host(samples),
                         _to_host(views), planned.epoch)
 
-    def _run(self):
+    def _run(self) -> tuple[tuple, _Planned]:
+        """The next batch's outputs, from the pipeline whose turn it is, and its plan."""
+        turn = self._turn
         try:
-            return self.pipe.run()
+            outputs = self.pipes[turn].run()
         except ShardReadError:  # the OS failed, not the data: the step fails, nothing is skipped
             raise
         except Exception:  # DALI's own errors, and whatever reading a damaged shard raised in the source
             self._source.close()  # nothing reads while the suspects are decoded, and the plan is made again
-            suspects = sorted({s for planned in self._source.inflight for s in planned.samples} - self._corrupt)
+            suspects = sorted({s for inflight in self._source.inflight for planned in inflight for s in planned.samples}
+                              - self._corrupt)
             corrupt = {s: reason for s in suspects if (reason := self._decode_error(s)) is not None}
             if not corrupt:
                 raise
@@ -450,9 +472,11 @@ class ClipLoader:
                 print(f"loader rank {self.rank}: skipping corrupt sample {record['key']} ({modality}) in {shard}: "
                       f"{reason}", file=sys.stderr, flush=True)
             self._corrupt.update(corrupt)
-            del self.pipe
-            self._start_pipeline()
+            del self.pipes
+            self._start_pipelines()
             return self._run()
+        self._turn = (turn + 1) % len(self.pipes)
+        return outputs, self._source.inflight[turn].popleft()
 
     def _decode_error(self, sample: int) -> tuple[str, str] | None:
         """Decode one sample alone, each modality on its own, on the CPU: which one fails, and why."""
@@ -471,5 +495,5 @@ class ClipLoader:
 
     def close(self) -> None:
         self._source.close()
-        del self.pipe
+        del self.pipes
         self.table.close()

@@ -74,6 +74,35 @@ def test_evaluation_reads_every_view_of_every_video_once_across_ranks(tiny_shard
         loader.close()
 
 
+def _fields(batches) -> list[tuple]:
+    return [(b.rgb, b.flow, b.labels, b.samples, b.views, b.epoch) for b in batches]
+
+
+def _assert_same_batches(got, want) -> None:
+    assert len(got) == len(want)
+    for step, (got_batch, want_batch) in enumerate(zip(_fields(got), _fields(want))):
+        for name, a, b in zip(("rgb", "flow", "labels", "samples", "views", "epoch"), got_batch, want_batch):
+            assert (a == b if isinstance(a, int) else torch.equal(a, b)), f"step {step}: {name}"
+
+
+@pytest.mark.parametrize("pipelines", [2, 3])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_several_pipelines_a_rank_deliver_the_batches_one_pipeline_does(tiny_shards, pipelines, split):
+    def batches(data):
+        loader = _loader(tiny_shards, split=split, train=split == "train", epochs=2,
+                         data=data.model_copy(update={"eval_clips": 2}))
+        read = [b for epoch in range(2) for b in loader.epoch(epoch)]
+        state = loader.state()
+        loader.close()
+        return read, state
+
+    one, one_state = batches(DATA)
+    several, several_state = batches(DATA.model_copy(update={"pipelines": pipelines, "reader_threads": 2}))
+    assert len(one) > 2 * pipelines  # every pipeline delivers more than its prefetched batches
+    _assert_same_batches(several, one)
+    assert several_state == one_state
+
+
 def test_epochs_must_be_read_in_order(tiny_shards):
     loader = _loader(tiny_shards, epochs=2)
     with pytest.raises(ValueError, match="epoch 1 requested; the loader is at epoch 0"):
@@ -81,9 +110,10 @@ def test_epochs_must_be_read_in_order(tiny_shards):
     loader.close()
 
 
-def _interrupted(shards, world, stop_after, resumed_world, epochs=2):
+def _interrupted(shards, world, stop_after, resumed_world, epochs=2, pipelines=1, resumed_pipelines=1):
     """Keys read before an interruption after `stop_after` steps, and after resuming on `resumed_world` ranks."""
-    loaders = [_loader(shards, rank=r, world=world, epochs=epochs) for r in range(world)]
+    loaders = [_loader(shards, rank=r, world=world, epochs=epochs, data=DATA.model_copy(update={"pipelines": pipelines}))
+               for r in range(world)]
     before, steps = [], 0
     for epoch in range(epochs):
         iterators = [loader.epoch(epoch) for loader in loaders]
@@ -99,7 +129,8 @@ def _interrupted(shards, world, stop_after, resumed_world, epochs=2):
     state = LoaderState.from_dict(states.pop().to_dict())
     for loader in loaders:
         loader.close()
-    resumed = [_loader(shards, rank=r, world=resumed_world, epochs=epochs, resume=state)
+    resumed = [_loader(shards, rank=r, world=resumed_world, epochs=epochs, resume=state,
+                       data=DATA.model_copy(update={"pipelines": resumed_pipelines}))
                for r in range(resumed_world)]
     after = []
     for epoch in range(state.epoch, epochs):
@@ -115,6 +146,14 @@ def test_a_resumed_loader_continues_with_the_next_unseen_samples_in_the_same_ord
     uninterrupted, rest = _interrupted(tiny_shards, 2, 10**6, 2)
     assert rest == []
     before, after = _interrupted(tiny_shards, 2, stop_after, 2)
+    assert before + after == uninterrupted
+
+
+@pytest.mark.parametrize("pipelines, resumed_pipelines", [(2, 2), (3, 1), (1, 2)])
+def test_a_loader_of_several_pipelines_stops_and_resumes_where_one_pipeline_would(tiny_shards, pipelines,
+                                                                                   resumed_pipelines):
+    uninterrupted, _ = _interrupted(tiny_shards, 2, 10**6, 2)
+    before, after = _interrupted(tiny_shards, 2, 5, 2, pipelines=pipelines, resumed_pipelines=resumed_pipelines)
     assert before + after == uninterrupted
 
 
@@ -138,7 +177,9 @@ def test_resuming_on_changed_shards_is_refused(tiny_shards):
         _loader(tiny_shards, resume=state)
 
 
-def test_a_corrupt_sample_is_skipped_named_and_counted_and_nothing_else_is_lost(tiny_shards, tmp_path, capfd):
+@pytest.mark.parametrize("pipelines", [1, 2])
+def test_a_corrupt_sample_is_skipped_named_and_counted_and_nothing_else_is_lost(tiny_shards, tmp_path, capfd,
+                                                                                pipelines):
     shards = tmp_path / "shards"
     shutil.copytree(tiny_shards, shards)
     manifest = Manifest.load(shards)
@@ -150,7 +191,7 @@ def test_a_corrupt_sample_is_skipped_named_and_counted_and_nothing_else_is_lost(
     with open(tar, "r+b") as handle:  # same length, so every offset in the index still holds
         handle.seek(member.offset)
         handle.write(b"\x00garbage" * (member.size // 8))
-    loader = _loader(shards, modalities=("rgb", "flow"), epochs=2)
+    loader = _loader(shards, modalities=("rgb", "flow"), epochs=2, data=DATA.model_copy(update={"pipelines": pipelines}))
     victim_key = loader.table.keys[victim]
     for epoch in range(2):
         keys = _keys(loader, list(loader.epoch(epoch)))
@@ -177,8 +218,10 @@ def test_shards_are_read_ahead_on_a_reader_thread_not_on_the_thread_that_runs_th
     assert not any(t.is_alive() for t in threads)  # closing the loader ends its reader
 
 
-def test_a_sample_that_cannot_be_read_is_skipped_named_and_counted_and_nothing_else_is_lost(tiny_shards, capfd):
-    loader = _loader(tiny_shards, modalities=("rgb",), epochs=2)
+@pytest.mark.parametrize("pipelines", [1, 2])
+def test_a_sample_that_cannot_be_read_is_skipped_named_and_counted_and_nothing_else_is_lost(tiny_shards, capfd,
+                                                                                            pipelines):
+    loader = _loader(tiny_shards, modalities=("rgb",), epochs=2, data=DATA.model_copy(update={"pipelines": pipelines}))
     victim, read = 3, loader.table.read
 
     def failing(sample, ext):  # on the reader thread, a batch or two ahead of the one DALI decodes

@@ -38,12 +38,12 @@ def gpu_shards(tmp_path_factory) -> Path:
     return make_shards(tmp_path_factory.mktemp("gpu-shards"), frames=32, size=128, videos=32)
 
 
-def _clips(shards: Path, device_id: int | None, batches: int, decoder: str = "auto") -> list:
+def _clips(shards: Path, device_id: int | None, batches: int, decoder: str = "auto", pipelines: int = 1) -> list:
     from d3d_cluster.data.pipeline import ClipLoader
     from d3d_cluster.spec import DataSpec
 
-    loader = ClipLoader(shards, "train", DataSpec(**STAGE_DATA, decoder=decoder), modalities=("rgb", "flow"), rank=0,
-                        world=1, seed=0, train=True, device_id=device_id)
+    loader = ClipLoader(shards, "train", DataSpec(**STAGE_DATA, decoder=decoder, pipelines=pipelines),
+                        modalities=("rgb", "flow"), rank=0, world=1, seed=0, train=True, device_id=device_id)
     try:
         out = []
         for batch in loader.epoch(0):
@@ -70,6 +70,15 @@ def test_the_mixed_decoder_gives_the_cpu_decoders_rgb_and_flow(gpu_shards):
     assert all(np.array_equal(g[2], c[2]) for g, c in zip(gpu, cpu))
     assert rgb_levels.mean() <= 1.0 and np.percentile(rgb_levels, 99) <= 6.0
     assert flow_levels.max() <= 1.0 + 1e-3
+
+
+def test_two_mixed_decoder_pipelines_on_their_own_streams_give_one_pipelines_clips(gpu_shards):
+    one, two = _clips(gpu_shards, 0, batches=6), _clips(gpu_shards, 0, batches=6, pipelines=2)
+    assert len(one) == len(two) == 6
+    for (o_rgb, o_flow, o_samples), (t_rgb, t_flow, t_samples) in zip(one, two):
+        assert np.array_equal(o_samples, t_samples)
+        np.testing.assert_allclose(t_rgb, o_rgb, atol=1e-5)  # the same decoder and kernels, on another stream
+        np.testing.assert_allclose(t_flow, o_flow, atol=1e-5)
 
 
 def test_a_gpu_rank_with_the_cpu_decoder_gets_the_cpu_decoders_clips_on_its_gpu(gpu_shards):
