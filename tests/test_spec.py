@@ -8,8 +8,9 @@ from d3d_cluster.spec import Spec, SpecError, load_spec, parse_spec
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_job_file_is_the_embedded_default():
+def test_quickstart_job_file_is_the_embedded_default_with_every_setting_written_out():
     assert load_spec(REPO / "jobs" / "quickstart.yaml") == Spec()
+    assert yaml.safe_load((REPO / "jobs" / "quickstart.yaml").read_text()) == Spec().model_dump(mode="json")
 
 
 def test_default_spec_accumulates_nothing_at_two_ranks():
