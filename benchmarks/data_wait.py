@@ -1,6 +1,6 @@
 """How much of a real stage's time goes to waiting for data: a teacher stage and then a student stage (which reads
-RGB and flow and runs the frozen teacher), each one rank through the real job path (local executor, DeepSpeed, the
-DALI loader: on the GPU machine its mixed decoder), on prepared shards. From rank 0's train log, after the first
+RGB and flow and runs the frozen teacher), each `--ranks` ranks (one by default) through the real job path (local
+executor, DeepSpeed, the DALI loader: on the GPU machine its mixed decoder), on prepared shards. From rank 0's train log, after the first
 `--settle` steps (cuDNN's algorithm timing, DALI's warm-up): the median step time, clips/s and the share of the
 step time spent waiting for the batch.
 `--pipelines 1 2` runs both stages once per number of DALI pipelines a rank (`data.pipelines`), each in a run of its
@@ -51,7 +51,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, help="where the run goes (default: a temporary folder)")
     parser.add_argument("--clip-frames", type=int, default=64)
     parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=8, help="clips per step (one rank)")
+    parser.add_argument("--batch", type=int, default=8, help="clips per step and rank")
+    parser.add_argument("--ranks", type=int, default=1, help="ranks on this machine (the quickstart's CPU runs 2)")
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--reader-threads", type=int, default=4, help="threads of each DALI pipeline")
     parser.add_argument("--pipelines", type=int, nargs="+", default=[1], help="DALI pipelines a rank: one run each")
@@ -68,15 +69,15 @@ def main() -> None:
         shards = make_shards(workdir / "data", frames=12, size=32, videos=12)
     # Whole epochs of at least --steps steps (the last step of an epoch may be short).
     manifest = Manifest.load(shards)
-    epochs = -(-args.steps * args.batch // manifest.splits["train"].samples)
+    epochs = -(-args.steps * args.batch * args.ranks // manifest.splits["train"].samples)
     runs = {pipelines: RunDir.create(Spec.model_validate({
         "name": f"data-wait-{pipelines}-pipelines", "workdir": str(workdir),
         "prep": {"short_side": min(manifest.height, manifest.width), "synthetic": {"frames": manifest.min_frames}},
         "data": {"shards": str(shards.resolve()), "clip_frames": args.clip_frames, "crop_size": args.crop,
                  "batch_size": args.batch, "reader_threads": args.reader_threads, "pipelines": pipelines},
         "model": {"width": args.width}, "teacher": {"epochs": epochs}, "student": {"epochs": epochs},
-        "deepspeed": {"global_batch_size": args.batch}, "checkpoint": {"every_steps": 10**6},
-        "cluster": {"executor": "local", "tasks_per_node": 1}})) for pipelines in args.pipelines}
+        "deepspeed": {"global_batch_size": args.batch * args.ranks}, "checkpoint": {"every_steps": 10**6},
+        "cluster": {"executor": "local", "tasks_per_node": args.ranks}})) for pipelines in args.pipelines}
     gpu = torch.cuda.is_available()
     report = {"date": time.strftime("%Y-%m-%d"), "args": {**vars(args), "shards": str(shards), "workdir": str(workdir)},
               "machine": f"{platform.node()}, " + (torch.cuda.get_device_name(0) if gpu else "CPU"),
