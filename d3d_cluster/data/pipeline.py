@@ -36,7 +36,7 @@ import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -214,13 +214,13 @@ class _BatchSource:
 
 
 def _build_pipeline(source, geometry: Geometry, modalities, max_batch: int, threads: int, device_id: int | None,
-                    seed: int, resize: bool, gpu_decode: bool = True) -> Pipeline:
+                    seed: int, resize: bool, decoder: Literal["mixed", "cpu"] = "cpu") -> Pipeline:
     """`resize`: boxes may differ from the crop size (random resized crops); otherwise they are cropped as they are.
-    With a `device_id`, the clips come out on that GPU, decoded there unless `gpu_decode` is off."""
+    With a `device_id`, the clips come out on that GPU, decoded there by the `mixed` decoder (NVDEC) or on the CPU
+    and copied there."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
-    decoder = "mixed" if device_id is not None and gpu_decode else "cpu"
     pipe = Pipeline(batch_size=max_batch, num_threads=threads, device_id=device_id, seed=seed,
                     prefetch_queue_depth=2)
     with pipe:
@@ -320,8 +320,8 @@ class ClipLoader:
         self.resizes = train and data.crop_area is not None
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.device_id, self.first_epoch, self.end_epoch = device_id, first_epoch, first_epoch + epochs
-        self.gpu_decode = device_id is not None and decodes_on_gpu(manifest, shard_dir, data)
-        if device_id is not None and not self.gpu_decode and rank == 0:
+        self.decoder = "mixed" if device_id is not None and decodes_on_gpu(manifest, shard_dir, data) else "cpu"
+        if device_id is not None and self.decoder == "cpu" and rank == 0:
             why = "data.decoder cpu" if data.decoder == "cpu" else (f"the stored {manifest.height}x{manifest.width} "
                                                                      f"frames are under NVDEC's minimum side, "
                                                                      f"{NVDEC_MIN_SIDE}")
@@ -432,7 +432,7 @@ class ClipLoader:
         self._turn = 0  # the pipeline that delivers the next batch
         self.pipes = [_build_pipeline(self._source.feed(pipeline), self.geometry, self.modalities,
                                       self.data.batch_size + 1, self.data.reader_threads, self.device_id, self.seed,
-                                      self.resizes, self.gpu_decode)
+                                      self.resizes, self.decoder)
                       for pipeline in range(self.data.pipelines)]
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
