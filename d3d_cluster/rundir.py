@@ -1,10 +1,20 @@
-"""The run directory: the single source of truth for a run (resolved spec, events, stages, results)."""
+"""The run directory: the single source of truth for a run (resolved spec, events, stages, results).
+
+The events log is one JSON line per event, appended by many writers at once (the teacher and the baseline, every
+rank of a failing job, exit hooks) from different nodes, usually over NFS, where O_APPEND is not atomic across
+clients. So each event is written under an exclusive POSIX lock on the log (`fcntl.lockf`, which NFS serves through
+its lock manager) at the end of file read under that lock, and fsynced before the lock is released; readers take a
+shared lock, so they never see a line half written. One file rather than one per writer: every reader, and every
+tool that reads events.jsonl itself, sees one order, the order the decisions were taken in.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +53,9 @@ def trained_with(spec: Spec, stage: str) -> dict:
             if key.startswith(prefixes) and key not in FREE_TO_CHANGE}
 
 
+# POSIX record locks belong to a process, and closing any descriptor of the file drops them: threads of one process
+# take turns at the events log under this lock instead.
+_EVENTS_LOG = threading.Lock()
 # Damaged events lines already reported by this process, as (path, line number).
 _REPORTED_DAMAGE: set[tuple[str, int]] = set()
 
@@ -115,30 +128,40 @@ class RunDir:
         return self.path / "metrics" / "targets"
 
     def event(self, event: str, **fields) -> None:
-        """Append one line to the events log in one `write` on an O_APPEND descriptor, so that concurrent writers
-        (the teacher and the baseline, the ranks' exit hooks) never interleave within a line. A last line left
-        without its newline (a writer killed mid-write, a full disk) is closed first, so it damages only itself."""
+        """Append one line to the events log, under an exclusive lock, at the end of file as read under it (taking
+        the lock makes an NFS client fetch the file's size afresh), fsynced before the lock is released: writers on
+        other nodes wait rather than overwrite the line. A last line left without its newline (a writer killed
+        mid-write, a full disk) is closed first, so it damages only itself."""
         record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}
         line = (json.dumps(record) + "\n").encode()
-        descriptor = os.open(self.path / EVENTS_NAME, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            size = os.fstat(descriptor).st_size
-            if size and os.pread(descriptor, 1, size - 1) != b"\n":
-                line = b"\n" + line
-            written = os.write(descriptor, line)
-            if written != len(line):
-                raise OSError(f"{self.path / EVENTS_NAME}: only {written} of {len(line)} bytes of an event written")
-        finally:
-            os.close(descriptor)
+        path = self.path / EVENTS_NAME
+        with _EVENTS_LOG:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                _lock(descriptor, fcntl.LOCK_EX, path)
+                end = os.fstat(descriptor).st_size
+                if end and os.pread(descriptor, 1, end - 1) != b"\n":
+                    line = b"\n" + line
+                written = 0
+                while written < len(line):
+                    written += os.pwrite(descriptor, line[written:], end + written)
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)  # releases the lock
 
     def events(self) -> list[dict]:
-        """The events in order. A damaged line (torn by a crash, cut by a full disk) is skipped and reported on
-        stderr with its line number: one bad line must not stop status, a stage's start or a requeue decision."""
+        """The events in the order they were written. A damaged line (torn by a crash, cut by a full disk) is skipped
+        and reported on stderr with its line number: one bad line must not stop status, a stage's start or a requeue
+        decision."""
         path = self.path / EVENTS_NAME
-        if not path.exists():
+        try:
+            with _EVENTS_LOG, open(path, "rb") as log:
+                _lock(log.fileno(), fcntl.LOCK_SH, path)
+                data = log.read()
+        except FileNotFoundError:
             return []
         events = []
-        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        for number, line in enumerate(data.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -154,3 +177,10 @@ class RunDir:
         return events
 
 
+def _lock(descriptor: int, operation: int, path: Path) -> None:
+    """Wait for a lock on the whole events log; a filesystem that offers none is an error naming the log."""
+    try:
+        fcntl.lockf(descriptor, operation)
+    except OSError as error:
+        raise OSError(error.errno, f"{path}: cannot lock the events log ({error.strerror}); put the run directory on "
+                                   "a filesystem with working locks (on NFS: NFSv4, or NFSv3 with lockd)") from error

@@ -1,15 +1,22 @@
-"""The events log survives what a cluster does to it: writers appending at once, and a line torn by a crash."""
+"""The events log survives what a cluster does to it: writers on many nodes appending at once (each waits for the
+log's lock, as NFS's lock manager makes writers on other nodes wait), and a line torn by a crash."""
 
+import errno
+import fcntl
 import json
 import multiprocessing
+import os
+import re
+from pathlib import Path
 
+import pytest
 from conftest import tiny_spec
 
 from d3d_cluster.launch.requeue import last_run_failures
 from d3d_cluster.rundir import EVENTS_NAME, RunDir
 from d3d_cluster.launch.status import run_status
 
-WRITERS, EVENTS_EACH = 4, 150
+WRITERS, EVENTS_EACH = 8, 200
 
 
 def _append(path: str, writer: int) -> None:
@@ -19,19 +26,69 @@ def _append(path: str, writer: int) -> None:
         run.event("progress", stage="teacher", job_id=str(writer), number=number, note="x" * (20_000 * (number % 7 == 0)))
 
 
-def test_events_appended_by_several_processes_at_once_are_all_whole_while_a_reader_reads(tmp_path):
+def test_events_appended_by_several_processes_at_once_are_all_whole_while_a_reader_reads(tmp_path, capsys):
     run = RunDir.create(tiny_spec(tmp_path))
     writers = [multiprocessing.get_context("fork").Process(target=_append, args=(str(run.path), w))
                for w in range(WRITERS)]
     for writer in writers:
         writer.start()
     while any(writer.is_alive() for writer in writers):
-        run.events()  # a reader at any moment sees whole events only (it may miss the line being written)
+        run.events()  # under its shared lock, a reader never sees a line half written
     assert all(writer.exitcode == 0 for writer in writers)
+    assert "damaged" not in capsys.readouterr().err
     events = run.events()
     assert len(events) == WRITERS * EVENTS_EACH
     for writer in range(WRITERS):
         assert [e["number"] for e in events if e["job_id"] == str(writer)] == list(range(EVENTS_EACH))
+
+
+def _hold_the_lock(path: str, pipe) -> None:
+    """A writer on another node, as the lock manager sees it: it holds the log's lock until told to let go."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.lockf(descriptor, fcntl.LOCK_EX)
+    pipe.send("held")
+    pipe.recv()
+    os.close(descriptor)
+
+
+def _waits_for_a_lock(pid: int, path: Path) -> bool:
+    """Whether `pid` is queued for a lock on `path`: /proc/locks lists each waiter after "->"."""
+    inode = f":{path.stat().st_ino}"
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and fields[-4] == str(pid) and fields[-3].endswith(inode):
+            return True
+    return False
+
+
+def test_an_event_waits_while_another_writer_holds_the_logs_lock(tmp_path):
+    run = RunDir.create(tiny_spec(tmp_path))
+    log = run.path / EVENTS_NAME
+    fork = multiprocessing.get_context("fork")
+    ours, theirs = fork.Pipe()
+    holder = fork.Process(target=_hold_the_lock, args=(str(log), theirs), daemon=True)
+    holder.start()
+    assert ours.recv() == "held"
+    writer = fork.Process(target=run.event, args=("requeued",), kwargs={"stage": "teacher", "job_id": "7"}, daemon=True)
+    writer.start()
+    while writer.exitcode is None and not _waits_for_a_lock(writer.pid, log):
+        writer.join(0.01)
+    assert writer.exitcode is None and log.read_text() == ""  # queued behind the holder, nothing written
+    ours.send("let go")
+    holder.join()
+    writer.join()
+    assert writer.exitcode == 0 and [e["event"] for e in run.events()] == ["requeued"]
+
+
+def test_a_filesystem_without_locks_is_an_error_naming_the_events_log(tmp_path, monkeypatch):
+    run = RunDir.create(tiny_spec(tmp_path))
+
+    def no_lock_manager(descriptor, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "lockf", no_lock_manager)  # NFSv3 mounted without its lock daemon
+    with pytest.raises(OSError, match=re.escape(f"{run.path / EVENTS_NAME}: cannot lock the events log")):
+        run.event("submitted", stage="teacher", job_id="1")
 
 
 def test_a_line_torn_by_a_crash_is_skipped_and_reported_and_the_next_event_is_whole(tmp_path, capsys):

@@ -2,7 +2,10 @@
 
 Two ways:
 - told to stop (USR2 before the time limit or on preemption, SIGTERM on preemption): every rank has
-  checkpointed; rank 0 records the decision and requeues (`requeue_stopped`, from inside the job);
+  checkpointed; rank 0 records the decision and requeues (`requeue_stopped`, from inside the job). The cause is
+  read from the job's RunTime and TimeLimit (`scontrol show job`, to the second): "time limit" when the time left
+  is within the warning Slurm was asked for (`cluster.signal_delay_s`) plus the 60 s by which Slurm may send it
+  early (`EARLY_WARNING_S`), else "preemption" (also where the job has no limit or Slurm no longer knows it);
 - died without warning (a killed rank, an out-of-memory kill): the batch script's EXIT trap runs
   `python -m d3d_cluster.launch.requeue RUN JOB EXIT_CODE` after srun has ended (every task is gone: srun runs
   with --kill-on-bad-exit), which requeues the job unless it finished, was cancelled, was already requeued, or
@@ -20,13 +23,13 @@ could be lost and the budget undercounted.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
-from d3d_cluster.launch.executor import parse_time
 from d3d_cluster.rundir import RunDir
 
 # Slurm states in which a job's end is final: a user's decision, not a loss. A cancelled job reads COMPLETING
@@ -35,6 +38,12 @@ FINAL_STATES = ("CANCELLED", "COMPLETED", "COMPLETING")
 # Causes of a requeue, and the spec key that bounds each (None: never bounded).
 BUDGETS = {"preemption": None, "signal": None, "time limit": "max_time_limit_requeues",
            "crash": "max_crash_requeues", "slurm": "max_crash_requeues"}
+# Slurm may send the --signal warning up to this long before the time asked for, its time-limit checks running about
+# once a minute (sbatch(1), --signal). Delivering the signal and checkpointing only shorten the time left, so the
+# warning time plus this is the most a job stopped for its time limit can have left when rank 0 decides.
+EARLY_WARNING_S = 60
+# A duration as `scontrol show job` prints RunTime and TimeLimit: [days-]hours:minutes:seconds.
+_DURATION = re.compile(r"(?:(\d+)-)?(\d+):(\d+):(\d+)")
 
 
 def requeue_counts(events: list[dict]) -> Counter:
@@ -176,23 +185,50 @@ def count_events(events: list[dict], kind: str) -> int:
     return sum(1 for e in events if e["event"] == kind)
 
 
+def _show_job(job_id: str) -> str:
+    """`scontrol -o show job`: one line of Key=Value fields; empty once Slurm has forgotten the job."""
+    return subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
+                          timeout=60).stdout
+
+
+def _field(shown: str, key: str) -> str | None:
+    match = re.search(rf"(?:^|\s){key}=(\S+)", shown)
+    return match.group(1) if match else None
+
+
 def _slurm_state(job_id: str) -> str | None:
-    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True,
-                           timeout=60).stdout
-    return shown.split("JobState=", 1)[1].split()[0] if "JobState=" in shown else None
+    return _field(_show_job(job_id), "JobState")
+
+
+def _duration_s(text: str | None) -> int | None:
+    """Seconds in a duration as scontrol prints it; None for UNLIMITED, INVALID, Partition_Limit or nothing."""
+    match = _DURATION.fullmatch(text or "")
+    if match is None:
+        return None
+    days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def seconds_left(shown: str) -> int | None:
+    """Seconds before the job's time limit, from `scontrol -o show job`'s RunTime and TimeLimit; None where the job
+    has no limit, Slurm shows none, or the job is gone."""
+    limit, run_time = (_duration_s(_field(shown, key)) for key in ("TimeLimit", "RunTime"))
+    return None if limit is None or run_time is None else limit - run_time
+
+
+def stop_cause(left_s: int | None, signal_delay_s: int) -> str:
+    """The cause of a stop: "time limit" when the time left is within the warning Slurm sends before the limit (a
+    preemption that close to it would have lost little), else "preemption"."""
+    if left_s is not None and left_s <= signal_delay_s + EARLY_WARNING_S:
+        return "time limit"
+    return "preemption"
 
 
 def _stop_reason(rank, signal_delay_s: int) -> str:
-    """On Slurm, "time limit" when the job is within its warning time of the limit, else "preemption"."""
+    """Why a job was told to stop: on Slurm, from the time it has left; elsewhere only "signal" is known."""
     if rank.cluster != "slurm":
         return "signal"
-    left = subprocess.run(["squeue", "-h", "-j", rank.job_id, "-o", "%L"], capture_output=True, text=True,
-                          timeout=60).stdout.strip()
-    try:
-        minutes = parse_time(left)
-    except ValueError:  # UNLIMITED, or the job already gone from the queue
-        return "preemption"
-    return "time limit" if minutes * 60 <= signal_delay_s + 60 else "preemption"
+    return stop_cause(seconds_left(_show_job(rank.job_id)), signal_delay_s)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Requeue decisions per cause, recorded before Slurm is asked, with Slurm's commands played by a stand-in that
-answers as `scontrol` and `squeue` would (the real ones are exercised in tests/integration/test_slurm_requeue.py)."""
+answers as `scontrol` would (the real ones are exercised in tests/integration/test_slurm_requeue.py)."""
 
 import subprocess
 
@@ -15,10 +15,10 @@ JOB = "41"
 
 
 class FakeSlurm:
-    """`scontrol requeue` (failing when told to), `scontrol show job` (RUNNING) and `squeue -o %L` (time left)."""
+    """`scontrol requeue` (failing when told to) and `scontrol -o show job` (RUNNING, with its run time and limit)."""
 
-    def __init__(self, run: RunDir, time_left: str = "5:00:00", refuse_requeue: bool = False):
-        self.run, self.time_left, self.refuse_requeue = run, time_left, refuse_requeue
+    def __init__(self, run: RunDir, run_time: str = "01:00:00", refuse_requeue: bool = False):
+        self.run, self.run_time, self.refuse_requeue = run, run_time, refuse_requeue
         self.requeued_with_events: list[list[str]] = []
 
     def __call__(self, command, **kwargs):
@@ -28,9 +28,8 @@ class FakeSlurm:
                 raise subprocess.CalledProcessError(1, command, stderr="Requested operation is presently disabled")
             return subprocess.CompletedProcess(command, 0, "", "")
         if command[:2] == ["scontrol", "-o"]:
-            return subprocess.CompletedProcess(command, 0, f"JobId={JOB} JobState=RUNNING", "")
-        if command[0] == "squeue":
-            return subprocess.CompletedProcess(command, 0, self.time_left + "\n", "")
+            shown = f"JobId={JOB} JobState=RUNNING Reason=None RunTime={self.run_time} TimeLimit=06:00:00 TimeMin=N/A"
+            return subprocess.CompletedProcess(command, 0, shown + "\n", "")
         raise AssertionError(f"unexpected command {command}")
 
 
@@ -64,7 +63,7 @@ def test_preemptions_never_use_up_a_budget_and_time_limits_have_their_own(run, m
         run.event("started", stage="teacher", job_id=JOB)
         with pytest.raises(SystemExit):
             requeue.requeue_stopped(run.path, "teacher", _rank(), "SIGUSR2", step=10)
-    slurm.time_left = "1:00"  # within signal_delay_s (+60 s) of the limit: a time-limit stop
+    slurm.run_time = "05:59:00"  # within signal_delay_s (+60 s) of the limit: a time-limit stop
     run.event("started", stage="teacher", job_id=JOB)
     with pytest.raises(SystemExit):
         requeue.requeue_stopped(run.path, "teacher", _rank(), "SIGUSR2", step=20)
@@ -75,6 +74,32 @@ def test_preemptions_never_use_up_a_budget_and_time_limits_have_their_own(run, m
         "at step 30 after 1 time limit requeues (cluster.max_time_limit_requeues); resubmit the stage to resume " \
         "from its checkpoint"
     assert requeue.requeue_counts(requeue.job_events(run, "teacher", JOB)) == {"preemption": 5, "time limit": 1}
+
+
+@pytest.mark.parametrize("shown, cause", [
+    ("RunTime=00:57:30 TimeLimit=01:00:00", "time limit"),  # the warning (90 s) and Slurm's 60 s early, just inside
+    ("RunTime=00:57:50 TimeLimit=01:00:00", "time limit"),  # 130 s left: whole minutes, rounded up, would read 180
+    ("RunTime=00:57:59 TimeLimit=01:00:00", "time limit"),
+    ("RunTime=00:57:29 TimeLimit=01:00:00", "preemption"),  # 151 s left: just outside
+    ("RunTime=1-23:57:30 TimeLimit=2-00:00:00", "time limit"),
+    ("RunTime=1-23:57:29 TimeLimit=2-00:00:00", "preemption"),
+    ("RunTime=3-04:05:06 TimeLimit=UNLIMITED", "preemption"),
+    ("RunTime=INVALID TimeLimit=01:00:00", "preemption"),
+    ("RunTime=00:59:00 TimeLimit=Partition_Limit", "preemption"),
+    ("", "preemption"),  # the job is gone from Slurm
+])
+def test_a_stop_is_a_time_limit_within_the_warning_and_its_60s_early_margin_to_the_second(shown, cause):
+    line = f"JobId={JOB} JobName=teacher JobState=RUNNING Reason=None {shown} TimeMin=N/A" if shown else ""
+    assert requeue.stop_cause(requeue.seconds_left(line), signal_delay_s=90) == cause
+
+
+def test_a_usr2_130s_before_the_limit_with_a_90s_warning_is_recorded_as_a_time_limit(run, monkeypatch):
+    slurm = FakeSlurm(run, run_time="05:57:50")  # 130 s left: Slurm sent the 90 s warning early
+    monkeypatch.setattr(requeue.subprocess, "run", slurm)
+    with pytest.raises(SystemExit):
+        requeue.requeue_stopped(run.path, "teacher", _rank(), "SIGUSR2", step=10)
+    assert [(e["event"], e.get("reason", e.get("cause"))) for e in run.events()[-2:]] == [
+        ("preempted", "time limit"), ("requeued", "time limit")]
 
 
 def test_a_requeue_slurm_refuses_is_recorded_and_every_rank_still_gets_the_decision(run, monkeypatch):
