@@ -120,3 +120,55 @@ def test_broadcasts_and_barriers_are_told_the_group_device(group_on):
     with pytest.raises(Handed):
         collectives.barrier()
     assert handed["barrier"][1]["device_ids"] == [1]
+
+
+def test_a_rank_that_never_publishes_to_the_store_exchange_fails_the_others_naming_it():
+    from datetime import timedelta
+
+    from d3d_cluster.monitor import free_port
+
+    store = collectives.rendezvous_store("127.0.0.1", free_port(), 0, 3, timedelta(seconds=1))
+    store.set("check/1", '"rank 1 was here"')
+    with pytest.raises(TimeoutError, match=r"^check: rank\(s\) 2 of 3 published nothing within 0:00:01 "):
+        collectives.gather_over_store(store, "check", 0, 3, "rank 0")
+
+
+def _rank_after_the_store(rank: int, port: int, outcomes) -> None:
+    """One rank: the exchange on its own store, then torch's env:// rendezvous (how DeepSpeed starts the process group)
+    on the same MASTER_PORT, used at once."""
+    import os
+    from datetime import timedelta
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        store = collectives.rendezvous_store("127.0.0.1", port, rank, 2, timedelta(seconds=30))
+        seen = collectives.gather_over_store(store, "check", rank, 2, {"rank": rank})
+        group_store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=2, timeout=timedelta(seconds=30)))
+        group_store.set(f"group/{rank}", str(rank))
+        group_store.wait(["group/0", "group/1"])
+        outcomes.put((rank, seen, [group_store.get(f"group/{other}").decode() for other in range(2)]))
+    except Exception as error:  # noqa: BLE001 - the test shows what the rank met
+        outcomes.put((rank, f"{type(error).__name__}: {error}", None))
+
+
+def test_the_process_groups_rendezvous_after_the_store_exchange_shares_its_server_on_the_master_port():
+    """Rank 0 opens the store on MASTER_PORT before torch's env:// rendezvous does: the rendezvous must share it,
+    not fail to bind the port or leave peers on a server about to close. A rank stuck over a minute fails the test."""
+    import multiprocessing
+
+    from d3d_cluster.monitor import free_port
+
+    context = multiprocessing.get_context("fork")
+    outcomes = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=_rank_after_the_store, args=(rank, port, outcomes)) for rank in range(2)]
+    for process in ranks:
+        process.start()
+    try:
+        results = sorted(outcomes.get(timeout=60) for _ in ranks)
+    finally:
+        for process in ranks:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    assert results == [(rank, [{"rank": 0}, {"rank": 1}], ["0", "1"]) for rank in range(2)]

@@ -113,8 +113,9 @@ def check_gpus(cluster: ClusterSpec) -> Check:
         why = _short(caught[-1].message) if caught else ("torch is built without CUDA" if torch.version.cuda is None
                                                           else "CUDA finds no device")
         detail = f"none visible ({where}; {why})"
-    if cluster.wants_gpu and count < cluster.tasks_per_node:
-        return Check("gpus", FAIL, f"{detail}; the spec's {cluster.tasks_per_node} ranks a node need one each",
+    if cluster.device != "cpu" and ((cluster.wants_gpu and not count) or 1 < count < cluster.tasks_per_node):
+        return Check("gpus", FAIL, f"{detail}; the spec's {cluster.tasks_per_node} ranks a node need one each: every "
+                     "GPU of the node visible to each rank, or one bound to each",
                      "run on a node with the GPUs (a GPU partition), with the NVIDIA driver loaded")
     if cluster.device == "cpu":
         return Check("gpus", OK, f"{detail}; stages use none (cluster.device: cpu)")
@@ -139,12 +140,13 @@ def check_stage(spec: Spec):
     """What a stage's first rank would use here: `launch.job`'s own choice, the process group and the precision."""
     import torch
 
-    from d3d_cluster.launch.job import DeviceUnavailable, compute_device
+    from d3d_cluster.launch.devices import DeviceUnavailable, DevicesSeen, compute_device
     from d3d_cluster.train.engine import autocast_dtype
 
     cluster = spec.cluster
+    seen = DevicesSeen.here(cluster)
     try:
-        device = compute_device(cluster, local_rank=0)
+        device = compute_device(cluster, 0, seen)
     except DeviceUnavailable as error:
         fix = ("this torch is a CPU build: install torch's CUDA build (README: Installing on GPU nodes)"
                if torch.version.cuda is None else "")
@@ -154,17 +156,19 @@ def check_stage(spec: Spec):
     dtype = autocast_dtype(device, spec.model.precision)
     precision = f"{str(dtype).removeprefix('torch.')} autocast, fp32 weights" if dtype else "fp32"
     ranks = cluster.tasks_per_node
-    devices = f"cuda:0..cuda:{ranks - 1}" if device.type == "cuda" and ranks > 1 else str(device)
-    detail = f"device {devices} for the node's {ranks} rank{'s' if ranks > 1 else ''}, process group {backend}, " \
-             f"precision {precision}"
+    bound = device.type == "cuda" and seen.count < ranks  # one GPU seen by the node's several ranks
+    devices = f"cuda:0..cuda:{ranks - 1}" if device.type == "cuda" and ranks > 1 and not bound else str(device)
+    detail = f"device {devices} for {'each of ' if bound else ''}the node's {ranks} rank{'s' if ranks > 1 else ''}, " \
+             f"process group {backend}, precision {precision}"
     if not available:
         return Check("stage", FAIL, f"{detail}; this torch has no {backend}", "install a torch build with it"), device
     if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
         return Check("stage", WARN, f"{detail}; this GPU has no native bf16, autocast will be slow"), device
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device.type == "cpu" and cluster.device == "auto" and visible:
-        return Check("stage", WARN, f"{detail}: {visible} GPU(s) visible, fewer than the node's {ranks} ranks",
-                     f"set cluster.tasks_per_node (and gpus_per_node) to {visible} to train on them"), device
+    if bound:
+        return Check("stage", WARN, f"{detail}: one GPU seen here, taken as the one Slurm binds to each task; ranks "
+                     "that all see this same GPU fail (NCCL runs one rank a GPU), and the local executor gives them "
+                     "none (they train on the CPU)", "bind one GPU to each task (cluster.sbatch_options gpus-per-task: "
+                     "1), or set cluster.tasks_per_node to the node's GPUs"), device
     return Check("stage", OK, detail), device
 
 

@@ -19,7 +19,6 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import signal
 import socket
 import time
@@ -31,18 +30,15 @@ import torch
 
 from d3d_cluster.collectives import barrier
 from d3d_cluster.data.pipeline import CorruptStep
-from d3d_cluster.spec import ClusterSpec, Spec
+from d3d_cluster.launch.devices import DeviceClaim, DevicesSeen, DeviceUnavailable, agree_on_device, compute_device
+from d3d_cluster.spec import Spec
 from d3d_cluster.train.engine import init_process_group, prepare_device
 from d3d_cluster.train.loop import NonFiniteLoss
 
 
-class DeviceUnavailable(RuntimeError):
-    """The spec asks for GPUs and this node has none that CUDA can see."""
-
-
 # Failures a requeue would only repeat: bad input found on the node, a diverged run, a step that does not fit in
-# the GPU's memory, a node without the GPUs the spec asks for. Anything else (a lost peer, an NCCL timeout, an I/O
-# error) may go differently next time.
+# the GPU's memory, a node without the GPUs the spec asks for (or ranks that disagree on theirs). Anything else (a lost
+# peer, an NCCL timeout, an I/O error) may go differently next time.
 class RequeueBudgetSpent(RuntimeError):
     """Slurm requeued the job itself more often than `cluster.max_crash_requeues` allows."""
 
@@ -64,25 +60,6 @@ class Rank:
     cluster: str  # "slurm" or "local": how the job requeues
 
 
-def compute_device(cluster: ClusterSpec, local_rank: int) -> torch.device:
-    """This rank's GPU where the spec allows GPUs and every rank of the node has one (the whole world must agree on
-    NCCL or gloo), else the CPU. A job that asks for GPUs (`cluster.device: cuda`, or `gpus_per_node`) and finds
-    too few stops here, naming the node and what it saw, instead of training every rank on CPUs."""
-    visible = torch.cuda.device_count() if cluster.device != "cpu" and torch.cuda.is_available() else 0
-    if visible >= cluster.tasks_per_node:
-        return torch.device("cuda", local_rank)
-    if not cluster.wants_gpu:
-        return torch.device("cpu")
-    asked = "cluster.device is cuda" if cluster.device == "cuda" else f"cluster.gpus_per_node is {cluster.gpus_per_node}"
-    smi = shutil.which("nvidia-smi")
-    raise DeviceUnavailable(
-        f"{socket.gethostname()}: {asked}, but the node's {cluster.tasks_per_node} ranks find {visible} CUDA "
-        f"device(s) (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}, "
-        f"nvidia-smi {smi or 'not found'}, torch {torch.__version__} "
-        f"{'built for CUDA ' + torch.version.cuda if torch.version.cuda else 'built without CUDA'}); "
-        "submit to a GPU partition, or set cluster.device: cpu")
-
-
 def seed_model_randomness(seed: int, rank: int) -> None:
     """After the network is built from `seed` on every rank (the same weights everywhere): each rank its own
     stream for what the model draws while training (dropout), so that ranks do not drop the same units. The
@@ -93,15 +70,26 @@ def seed_model_randomness(seed: int, rank: int) -> None:
 @contextlib.contextmanager
 def distributed(spec: Spec):
     """The process group of a job's ranks, from Slurm's (or the local executor's) environment: NCCL on GPUs,
-    gloo on CPUs; the rank's device prepared for the spec's precision."""
+    gloo on CPUs, once every rank agrees on which; the rank's device prepared for the spec's precision. submitit
+    leaves CUDA_VISIBLE_DEVICES as Slurm (or the local executor) set it: the device follows what each task sees."""
     import submitit
 
+    from d3d_cluster.collectives import rendezvous_store
+
     env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    device = compute_device(spec.cluster, env.local_rank)
+    timeout = datetime.timedelta(seconds=spec.cluster.collective_timeout_s)
+    seen = DevicesSeen.here(spec.cluster)
+    try:
+        device = compute_device(spec.cluster, env.local_rank, seen)
+        claim = DeviceClaim.of(env.rank, seen, device)
+    except DeviceUnavailable as refusal:  # shown to the peers first (then raised), so that they fail naming it
+        claim = DeviceClaim.refused(env.rank, seen, refusal)
+    store = rendezvous_store(env.master_addr, env.master_port, env.rank, env.world_size, timeout)
+    agree_on_device(claim, env.world_size, store)
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     prepare_device(device, spec.model.precision)
-    init_process_group(device, datetime.timedelta(seconds=spec.cluster.collective_timeout_s))
+    init_process_group(device, timeout)  # its rendezvous shares the server of `store`, which is still open
     job = submitit.JobEnvironment()
     try:
         yield Rank(env.rank, env.world_size, env.local_rank, device, job.job_id, f"{env.master_addr}:{env.master_port}",

@@ -169,3 +169,29 @@ def test_a_check_that_raises_is_a_failed_line_not_a_crashed_doctor():
 
     assert doctor._guarded("torch", broken) == doctor.Check(
         "torch", "fail", "the check itself failed: OSError: [Errno 5] input/output error")
+
+
+@pytest.mark.parametrize("visible, status, stage", [
+    (1, "warn", "device cuda:0 for each of the node's 4 ranks, process group nccl, precision bfloat16 autocast, fp32 "
+                "weights: one GPU seen here, taken as the one Slurm binds to each task"),
+    (4, "ok", "device cuda:0..cuda:3 for the node's 4 ranks, process group nccl, precision bfloat16 autocast, fp32 "
+              "weights"),
+    (2, "fail", f"{socket.gethostname()}: each of the node's 4 ranks sees 2 CUDA device(s)"),
+], ids=["one-bound-to-each", "the-nodes-four", "two-for-four-ranks"])
+def test_the_stage_line_gives_each_rank_the_gpu_bound_to_it_or_its_local_ranks_and_refuses_other_counts(
+        monkeypatch, visible, status, stage):
+    """No GPU on this machine: CUDA's answers are stand-ins, the device choice and its report are what is checked."""
+    from types import SimpleNamespace
+
+    from d3d_cluster.spec import Spec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(name="H100", total_memory=2**36))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    cluster = ClusterSpec(tasks_per_node=4, gpus_per_node=4)
+    check, device = doctor.check_stage(Spec(cluster=cluster.model_dump(), deepspeed={"global_batch_size": 64}))
+    assert check.status == status and check.detail.startswith(stage)
+    assert device == (None if status == "fail" else torch.device("cuda", 0))
+    assert doctor.check_gpus(cluster).status == ("fail" if status == "fail" else "ok")

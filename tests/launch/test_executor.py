@@ -90,7 +90,7 @@ def test_a_request_no_node_can_satisfy_is_refused_before_anything_is_queued(tmp_
     (2, {}, 2),                                   # auto, and a GPU for each of the 2 ranks
     (1, {}, 0),                                   # auto, but not one each: every rank on the CPU, none mixed
     (2, {"device": "cpu"}, 0),                    # never a GPU
-    (1, {"device": "cuda"}, 0),                   # too few: the ranks stop and say so (launch.job.compute_device)
+    (1, {"device": "cuda"}, 0),                   # too few: the ranks stop and say so (launch.devices.compute_device)
 ])
 def test_a_local_job_is_given_one_gpu_per_rank_where_the_machine_has_them_and_the_spec_allows(visible, cluster, given,
                                                                                            tmp_path, monkeypatch):

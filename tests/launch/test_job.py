@@ -1,5 +1,5 @@
-"""What a job's ranks do before and after training: choose their device (never a silent CPU run where GPUs were
-asked for) and record any rank's failure with its rank, host and whether a requeue can help."""
+"""What a job's ranks do before and after training: record any rank's failure with its rank, host and whether a
+requeue can help, and never run silently on CPUs where GPUs were asked for."""
 
 import errno
 import signal
@@ -11,50 +11,12 @@ import torch.distributed as dist
 from conftest import TINY, tiny_spec
 
 from d3d_cluster.data.pipeline import CorruptStep
-from d3d_cluster.launch.job import (DeviceUnavailable, StopSignals, compute_device, failures_recorded,
-                                    seed_model_randomness)
+from d3d_cluster.launch.devices import DeviceUnavailable
+from d3d_cluster.launch.job import StopSignals, failures_recorded, seed_model_randomness
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.launch.requeue import requeue_lost
 from d3d_cluster.rundir import RunDir
-from d3d_cluster.spec import ClusterSpec
 from d3d_cluster.train.loop import NonFiniteLoss
-
-
-@pytest.fixture
-def node_without_gpus(monkeypatch):
-    """What CUDA reports on a CPU node (the real answer on CI; pinned so that the test means the same on a GPU
-    machine)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-
-
-@pytest.mark.parametrize("cluster", [{"gpus_per_node": 2}, {"device": "cuda"}])
-def test_a_rank_asked_to_use_a_gpu_on_a_node_without_one_stops_naming_the_node_and_what_it_saw(cluster,
-                                                                                               node_without_gpus):
-    with pytest.raises(DeviceUnavailable) as error:
-        compute_device(ClusterSpec(**cluster), local_rank=0)
-    message = str(error.value)
-    assert message.startswith(f"{socket.gethostname()}: ")
-    assert "ranks find 0 CUDA device(s) (CUDA_VISIBLE_DEVICES=, nvidia-smi " in message
-    assert f"torch {torch.__version__}" in message and message.endswith("or set cluster.device: cpu")
-
-
-def test_gpus_for_only_some_ranks_of_a_node_are_refused_or_left_unused_never_mixed_with_cpu_ranks(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert compute_device(ClusterSpec(gpus_per_node=2, tasks_per_node=2), local_rank=1) == torch.device("cuda", 1)
-    with pytest.raises(DeviceUnavailable, match="the node's 4 ranks find 2 CUDA device"):
-        compute_device(ClusterSpec(gpus_per_node=4, tasks_per_node=4), local_rank=0)
-    assert {compute_device(ClusterSpec(tasks_per_node=4), rank) for rank in range(4)} == {torch.device("cpu")}
-
-
-def test_without_a_request_for_gpus_a_cpu_node_trains_on_its_cpus_and_device_cpu_never_uses_a_gpu(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert compute_device(ClusterSpec(), local_rank=0) == torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    assert compute_device(ClusterSpec(), local_rank=3) == torch.device("cuda", 3)
-    assert compute_device(ClusterSpec(device="cpu"), local_rank=3) == torch.device("cpu")
 
 
 @pytest.fixture
