@@ -120,6 +120,41 @@ def prep(spec_path: str | None, workdir: str | None, workers: int | None, cluste
 
 
 @main.command()
+@click.argument("shard_dir", type=click.Path(exists=True, file_okay=False))
+@spec_option
+@workdir_option
+@click.option("--workers", type=click.IntRange(min=1), help="Processes per machine (default: its cores).")
+@click.option("--cluster", type=click.Choice(["local", "slurm"]), help="Where to run (default: cluster.executor).")
+@click.option("--array", "tasks", type=click.IntRange(min=1), help="Slurm array tasks (with --cluster slurm).")
+@click.option("--wait/--no-wait", default=True, help="Follow the Slurm array until every task has reported.")
+@click.option("--reports", type=click.Path(exists=True, file_okay=False),
+              help="Read the reports an earlier --no-wait array wrote, instead of verifying.")
+@set_option
+def verify(shard_dir: str, spec_path: str | None, workdir: str | None, workers: int | None, cluster: str | None,
+           tasks: int | None, wait: bool, reports: str | None, sets: dict) -> None:
+    """Check every shard against its manifest (SHA-256, each member's checksum); exit 1 if any is damaged."""
+    import os
+
+    from d3d_cluster.data.verify import summary_text
+    from d3d_cluster.launch.verify import merged_reports, run_verify
+
+    try:
+        if reports:
+            found = merged_reports(reports)
+        else:
+            spec = _resolved(_spec(spec_path, workdir, sets, **({"cluster.executor": cluster} if cluster else {})))
+            if tasks is not None and spec.cluster.executor != "slurm":
+                raise click.ClickException("--array needs --cluster slurm (locally, --workers sets the parallelism)")
+            found = run_verify(spec, shard_dir, tasks or 1, workers or os.cpu_count() or 1, echo=echo, wait=wait)
+    except (OSError, ValueError) as error:
+        raise click.ClickException(str(error)) from None
+    if found is not None:
+        echo(summary_text(shard_dir, found))
+        if not all(report["ok"] for report in found):
+            raise SystemExit(1)
+
+
+@main.command()
 @click.argument("target", type=click.Choice(["prep", "teacher", "student", "baseline", "eval", "pipeline", "doctor"]))
 @spec_option
 @workdir_option

@@ -190,7 +190,8 @@ def _finish(prep: PrepSpec, dataset: Dataset, jobs: list[ShardJob], sidecars: di
         sidecar = sidecars[job.name]
         if sidecar["samples"]:
             info.shards.append(schema.ShardInfo(f"{job.name}.tar", f"{job.name}.idx", sidecar["samples"],
-                                                sidecar["sha256"], sidecar["frames"]))
+                                                sidecar["sha256"], sidecar["frames"], sidecar["labels"],
+                                                sidecar["checksums"]))
             info.samples += sidecar["samples"]
             for label, count in sidecar["class_counts"].items():
                 info.class_counts[label] += count

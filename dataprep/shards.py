@@ -89,18 +89,22 @@ def encode(record: VideoRecord, job: ShardJob) -> tuple[bytes, bytes, int]:
     return rgb, flow_video, len(frames)
 
 
-def _write_tar(path: Path, samples: list[_Encoded], classes: list[str]) -> None:
+def _members(sample: _Encoded, classes: list[str]) -> dict[str, bytes]:
+    """A sample's members as the tar stores them, by ext."""
+    meta = {"key": sample.key, "label": sample.record.label, "source": sample.source, "frames": sample.frames}
+    return {
+        schema.RGB_EXT: sample.rgb,
+        schema.FLOW_EXT: sample.flow,
+        schema.LABEL_EXT: str(classes.index(sample.record.label)).encode("ascii"),
+        schema.META_EXT: json.dumps(meta).encode(),
+    }
+
+
+def _write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     with open(path, "wb") as handle:
         writer = webdataset.TarWriter(handle, mtime=0)  # a fixed time: the same samples give the same bytes
-        for sample in samples:
-            meta = {"key": sample.key, "label": sample.record.label, "source": sample.source, "frames": sample.frames}
-            writer.write({
-                "__key__": sample.key,
-                schema.RGB_EXT: sample.rgb,
-                schema.FLOW_EXT: sample.flow,
-                schema.LABEL_EXT: str(classes.index(sample.record.label)).encode("ascii"),
-                schema.META_EXT: json.dumps(meta).encode(),
-            })
+        for key, members in samples:
+            writer.write({"__key__": key, **members})
         writer.close()
 
 
@@ -145,9 +149,13 @@ def write_shard(job: ShardJob) -> tuple[str, dict]:
         "rejects": rejects,
     }
     if written:
-        replace_atomically(tar, lambda tmp: _write_tar(tmp, written, job.classes))
+        members = [(sample.key, _members(sample, job.classes)) for sample in written]
+        replace_atomically(tar, lambda tmp: _write_tar(tmp, members))
         replace_atomically(index, lambda tmp: subprocess.run([wds2idx(), tar, tmp], check=True, capture_output=True))
-        sidecar.update(sha256=schema.sha256_of(tar), frames=[sample.frames for sample in written])
+        sidecar.update(sha256=schema.sha256_of(tar), frames=[sample.frames for sample in written],
+                       labels=[job.classes.index(sample.record.label) for sample in written],
+                       checksums={ext: [schema.member_checksum(stored[ext]) for _, stored in members]
+                                  for ext in schema.SAMPLE_EXTS})
     else:
         tar.unlink(missing_ok=True)
         index.unlink(missing_ok=True)

@@ -10,6 +10,10 @@ described by `manifest.json` at the root of the shard directory. Each sample hol
 - `cls`       : the class index, ASCII.
 - `json`      : metadata (`key`, `label`, `source`, `frames`).
 
+Since schema 3 the manifest also lists, per shard and in the shard's order, each sample's label and each member's
+CRC-32 (`member_checksum`): the loader serves labels from memory, and a member whose bytes changed after prep is
+refused on read (VP9 decoders conceal damage instead of failing). Shards of schema 2 still load, unchecked.
+
 Flow i is the motion from RGB frame i to frame i+1, so a clip of RGB frames [s, s+T) pairs with flow
 frames [s, s+T) and a clip may start anywhere in [0, F-1-T]. Videos keep their own length: the manifest lists
 each sample's F per shard, in the shard's (and its index's) order, so clips are cut from the whole of each video.
@@ -23,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,7 +36,8 @@ import numpy as np
 
 from d3d_cluster.files import write_json_atomically
 
-SCHEMA_VERSION = 2  # 2: per-sample frame counts (ShardInfo.frames)
+SCHEMA_VERSION = 3  # 2: per-sample frame counts (ShardInfo.frames); 3: labels and member checksums
+UNCHECKED_VERSION = 2  # the oldest schema that loads: its shards carry no labels or member checksums
 RGB_EXT = "rgb.webm"
 FLOW_EXT = "flow.webm"
 LABEL_EXT = "cls"
@@ -71,6 +78,8 @@ class ShardInfo:
     samples: int
     sha256: str
     frames: list[int]  # RGB frames of each sample, in the shard's order
+    labels: list[int] | None = None  # class index of each sample (None: schema 2)
+    checksums: dict[str, list[int]] | None = None  # per member ext, each sample's `member_checksum` (None: schema 2)
 
 
 @dataclass
@@ -107,10 +116,11 @@ class Manifest:
             raise FileNotFoundError(f"{path}: no shard manifest (run `d3dc prep` first)")
         try:
             raw = json.loads(path.read_text())
-            if raw.get("schema_version") != SCHEMA_VERSION:
-                raise ValueError(f"schema_version {raw.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+            version = raw.get("schema_version")
+            if version not in (UNCHECKED_VERSION, SCHEMA_VERSION):
+                raise ValueError(f"schema_version {version!r}, expected {SCHEMA_VERSION}"
                                  + (" (shards from before per-sample frame counts: run `d3dc prep` again)"
-                                    if raw.get("schema_version") == 1 else ""))
+                                    if version == 1 else ""))
             raw["splits"] = {
                 name: SplitInfo(
                     shards=[ShardInfo(**shard) for shard in split["shards"]],
@@ -121,12 +131,13 @@ class Manifest:
             }
             for name, split in raw["splits"].items():
                 for shard in split.shards:
-                    if len(shard.frames) != shard.samples:
-                        raise ValueError(f"split {name!r} shard {shard.path}: {shard.samples} samples but "
-                                         f"{len(shard.frames)} frame counts")
-            return cls(**raw)
+                    _check_columns(name, shard)
+            manifest = cls(**raw)
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"{path}: malformed manifest: {error}") from error
+        if version == UNCHECKED_VERSION:
+            _warn_unchecked(path)
+        return manifest
 
     def shard_paths(self, directory: str | os.PathLike, split: str) -> tuple[list[Path], list[Path]]:
         """Absolute tar and index paths of a split; a missing file is an error naming it."""
@@ -139,6 +150,33 @@ class Manifest:
         if missing:
             raise FileNotFoundError(f"missing shard files for split {split!r}: {', '.join(missing)}")
         return tars, indexes
+
+
+def _check_columns(split: str, shard: ShardInfo) -> None:
+    """Every per-sample list of a shard has one entry per sample."""
+    columns = {"frame counts": shard.frames, "labels": shard.labels,
+               **{f"{ext} checksums": values for ext, values in (shard.checksums or {}).items()}}
+    for what, values in columns.items():
+        if values is not None and len(values) != shard.samples:
+            raise ValueError(f"split {split!r} shard {shard.path}: {shard.samples} samples but {len(values)} {what}")
+
+
+_warned_unchecked: set[Path] = set()
+
+
+def _warn_unchecked(path: Path) -> None:
+    """Once per manifest and process: the loader, the evaluation and the precompute pass each load it."""
+    if path.resolve() in _warned_unchecked:
+        return
+    _warned_unchecked.add(path.resolve())
+    warnings.warn(f"{path}: shards of schema_version {UNCHECKED_VERSION} carry no member checksums: bytes damaged "
+                  f"after prep go unnoticed, and labels are read from the shards; run `d3dc prep` again to add them",
+                  stacklevel=3)
+
+
+def member_checksum(data) -> int:
+    """CRC-32 of a member's bytes: a few GB/s, and in the standard library."""
+    return zlib.crc32(data)
 
 
 def sha256_of(path: str | os.PathLike) -> str:

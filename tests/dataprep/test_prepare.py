@@ -1,11 +1,12 @@
 import json
 import shutil
+import zlib
 
 import numpy as np
 import pytest
 import webdataset
 
-from d3d_cluster.data.schema import Manifest, frame_to_flow, quantize_flow, sha256_of
+from d3d_cluster.data.schema import SAMPLE_EXTS, Manifest, frame_to_flow, quantize_flow, sha256_of
 from d3d_cluster.spec import PrepSpec, SyntheticSpec
 from dataprep.flow import compute_flow
 from dataprep.prepare import SUMMARY_NAME, MissingShards, finalize, plan_shards, prepare_dataset, run_array_task
@@ -176,3 +177,12 @@ def test_changed_settings_redo_every_shard(prepared, tmp_path):
     before = {path.name: sha256_of(path) for path in copy.glob("*.tar")}
     prepare_dataset(PREP.model_copy(update={"crf": 30}), read_labels_csv(labels), copy, progress=False)
     assert all(sha256_of(copy / name) != digest for name, digest in before.items())
+
+
+def test_manifest_records_each_samples_label_and_member_checksums_in_shard_order(prepared):
+    _, shards, manifest = prepared
+    for split, info in manifest.splits.items():
+        for shard in info.shards:
+            samples = list(webdataset.WebDataset(str(shards / shard.path), shardshuffle=False, empty_check=False))
+            assert shard.labels == [int(sample["cls"]) for sample in samples]
+            assert shard.checksums == {ext: [zlib.crc32(sample[ext]) for sample in samples] for ext in SAMPLE_EXTS}
