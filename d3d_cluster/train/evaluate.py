@@ -8,6 +8,7 @@ results.json (top-1, top-5, per-class accuracy, confusion) is computed from a `P
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,39 +91,84 @@ class Predictions:
                 "per_class": per_class, "confusion": confusion.tolist()}
 
 
+# Softmax scores (float32, 64 MiB) rank 0 takes in one gather at most. Each rank adds up its own views' scores per
+# video and rank 0 adds those sums a block of videos at a time, so it holds one row per video, never every view's
+# logits (Kinetics-700's 35k validation videos x 30 views x 700 classes are 2.9 GB of float32: BENCHMARKS).
+SCORES_PER_GATHER = 1 << 24
+
+
 def gather_predictions(samples: torch.Tensor, views: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
-                       keys: list[str], views_per_video: int, skipped: list[int] = ()) -> Predictions | None:
+                       keys: Sequence[str], views_per_video: int, skipped: list[int] = ()) -> Predictions | None:
     """All ranks call this; rank 0 gets one prediction per video, the others None.
 
     A video's score is the mean softmax over its views (the papers' multi-clip, multi-crop testing), stored as
     its log so that `logits` stays a valid logit array. Every view of every video must arrive exactly once,
     except videos some rank skipped as corrupt, which are left out and counted in the error if views are missing.
+    A video's views may lie on several ranks: only their sums travel (`SCORES_PER_GATHER`), and the ids of every
+    view. Rank 0 checks the ids after the last gather, so no rank is left waiting in one.
     """
-    parts = gather_to_rank0((samples.numpy(), views.numpy(), logits.numpy(), labels.numpy(), list(skipped)))
-    if parts is None:
-        return None
-    all_samples, all_views, all_logits, all_labels = (np.concatenate([p[i] for p in parts]) for i in range(4))
-    skipped_videos = {int(s) for p in parts for s in p[4]}
-    pairs = all_samples * views_per_video + all_views
-    if len(np.unique(pairs)) != len(pairs):
-        raise RuntimeError("evaluation read some views twice")
-    expected = sorted(set(range(len(keys))) - skipped_videos)
-    counts = np.bincount(all_samples, minlength=len(keys))
-    incomplete = [keys[s] for s in expected if counts[s] != views_per_video]
-    if incomplete:
-        raise RuntimeError(f"evaluation is missing views of {len(incomplete)} videos, e.g. {incomplete[:3]}")
-    probabilities = np.zeros((len(keys), all_logits.shape[1]), dtype=np.float64)
-    np.add.at(probabilities, all_samples, softmax(all_logits))
-    label_of = np.zeros(len(keys), dtype=np.int64)
-    label_of[all_samples] = all_labels
-    by_key = sorted(expected, key=lambda s: keys[s])
-    return Predictions(
-        keys=np.array([keys[s] for s in by_key]),
-        logits=np.log(probabilities[by_key] / views_per_video).astype(np.float32),
-        labels=label_of[by_key],
-        views=views_per_video,
-        skipped=np.array(sorted(keys[s] for s in skipped_videos), dtype=str),
-    )
+    ids = gather_to_rank0((samples.numpy(), views.numpy(), labels.numpy(), list(skipped)))
+    scores = None if ids is None else _VideoScores(ids, keys, logits.shape[1])
+    for parts in _gathered_score_sums(samples.numpy(), logits.numpy(), len(keys), views_per_video):
+        if scores is not None:
+            scores.add(parts)
+    return None if scores is None else scores.predictions(views_per_video)
+
+
+def _gathered_score_sums(samples: np.ndarray, logits: np.ndarray, videos: int, views_per_video: int):
+    """For each block of videos, every rank's (videos it has views of, the float32 sum of those views' softmax
+    scores) on rank 0, None on the others; every rank gathers the same blocks. The views of a block are at most
+    block x views_per_video rows over all ranks."""
+    order = np.argsort(samples, kind="stable")
+    ordered = samples[order]
+    block = max(1, SCORES_PER_GATHER // (views_per_video * logits.shape[1]))
+    for first in range(0, videos, block):
+        low, high = np.searchsorted(ordered, (first, first + block))
+        present, starts = np.unique(ordered[low:high], return_index=True)
+        view_scores = softmax(logits[order[low:high]])
+        sums = np.add.reduceat(view_scores, starts, axis=0, dtype=np.float64) if len(starts) else view_scores
+        yield gather_to_rank0((present, sums.astype(np.float32)))
+
+
+class _VideoScores:
+    """Rank 0's side of `gather_predictions`: the views' ids from every rank, and one row of summed scores per
+    video it will report (float64, as the sums of up to views_per_video float32 scores)."""
+
+    def __init__(self, ids: list[tuple], keys: Sequence[str], num_classes: int):
+        self.keys = keys
+        self.samples, self.views, self.labels = (np.concatenate([part[i] for part in ids]) for i in range(3))
+        self.skipped = {int(s) for part in ids for s in part[3]}
+        self.expected = sorted(set(range(len(keys))) - self.skipped)
+        self.by_key = sorted(self.expected, key=lambda s: keys[s])
+        self.row_of = np.full(len(keys), -1, dtype=np.int64)  # -1: a skipped video, not reported
+        self.row_of[self.by_key] = np.arange(len(self.by_key))
+        self.sums = np.zeros((len(self.by_key), num_classes), dtype=np.float64)
+
+    def add(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        for videos, sums in parts:  # a rank's videos are distinct, so one indexed add per rank is exact
+            rows = self.row_of[videos]
+            reported = rows >= 0
+            self.sums[rows[reported]] += sums[reported]
+
+    def predictions(self, views_per_video: int) -> Predictions:
+        keys = self.keys
+        pairs = self.samples * views_per_video + self.views
+        if len(np.unique(pairs)) != len(pairs):
+            raise RuntimeError("evaluation read some views twice")
+        counts = np.bincount(self.samples, minlength=len(keys))
+        incomplete = [keys[s] for s in self.expected if counts[s] != views_per_video]
+        if incomplete:
+            raise RuntimeError(f"evaluation is missing views of {len(incomplete)} videos, e.g. {incomplete[:3]}")
+        label_of = np.zeros(len(keys), dtype=np.int64)
+        label_of[self.samples] = self.labels
+        mean = np.divide(self.sums, views_per_video, out=self.sums)
+        return Predictions(
+            keys=np.array([keys[s] for s in self.by_key]),
+            logits=np.log(mean, out=mean).astype(np.float32),
+            labels=label_of[self.by_key],
+            views=views_per_video,
+            skipped=np.array(sorted(keys[s] for s in self.skipped), dtype=str),
+        )
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

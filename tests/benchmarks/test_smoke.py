@@ -142,3 +142,14 @@ def test_the_fault_soak_runs_at_smoke_size_and_the_faulted_pipeline_ends_as_the_
     corrupted = next(f for f in report["faults"] if f["kind"] == "corrupt_checkpoint")
     assert corrupted["resumed_from"] != corrupted["corrupted"]  # passed over the damaged checkpoint
     assert sum(report["requeues_by_cause"].values()) == len(report["faults"])
+
+
+def test_the_scale_benchmark_runs_at_smoke_size_on_a_split_the_table_reads_and_gathers_before_and_after(tmp_path):
+    report = run_benchmark("scale", tmp_path, "--workdir", str(tmp_path / "work"))
+    assert report["startup"]["samples"] == {"train": 2000, "val": 300} and report["startup"]["total_seconds"] > 0
+    assert report["tables"]["tables_bytes"] > 0 and report["plan"]["train_steps"] == 2000 // (4 * 8)
+    before, after = report["eval"]["before"], report["eval"]["after"]
+    assert before["videos"] == after["videos"] == 300 and before["gathers"] == 1 and after["gathers"] >= 2
+    side = report["side_files"]["targets"]
+    assert side["logits"]["bytes_per_clip"] == 20 * 4 and side["mixed_5c"]["shape"] == [1024, 8, 7, 7]
+    assert set(report["meets"]) == set(report["targets"])

@@ -1,9 +1,14 @@
+import pickle
+import threading
+
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from d3d_cluster.cli import main
+from d3d_cluster.data.order import rank_steps
+from d3d_cluster.train import evaluate
 from d3d_cluster.train.evaluate import Predictions, ensemble, ensemble_report, gather_predictions, softmax
 
 KEYS = ["c", "a", "b"]
@@ -141,3 +146,112 @@ def test_ensemble_cli_prints_members_and_ensemble(two_students, tmp_path):
     unfinished.mkdir(parents=True)
     result = CliRunner().invoke(main, ["ensemble", two_students[0], str(unfinished)])
     assert result.exit_code != 0 and "predictions.npz: no predictions" in result.output
+
+
+class ThreadWorld:
+    """Ranks as threads in one process, with a stand-in for `gather_to_rank0` that hands rank 0 every rank's value
+    through pickle, as torch's gather_object does, and records what each gather brought rank 0. A rank that raises
+    breaks the barrier, so the others fail at their next gather instead of waiting for it."""
+
+    def __init__(self, size: int):
+        self.size, self.barrier, self.local = size, threading.Barrier(size), threading.local()
+        self.values, self.received = [None] * size, []
+
+    def gather_to_rank0(self, value):
+        rank = self.local.rank
+        self.values[rank] = pickle.loads(pickle.dumps(value))
+        self.barrier.wait()
+        gathered = list(self.values) if rank == 0 else None
+        if gathered is not None:
+            self.received.append(gathered)
+        self.barrier.wait()
+        return gathered
+
+    def run(self, work) -> list:
+        """`work(rank)` on every rank at once; each rank's result, or the exception it raised."""
+        results = [None] * self.size
+
+        def rank_main(rank):
+            self.local.rank = rank
+            try:
+                results[rank] = work(rank)
+            except BaseException as error:  # noqa: BLE001 - handed to the test as the rank's result
+                results[rank] = error
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=rank_main, args=(rank,)) for rank in range(self.size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return results
+
+
+VIEWS, CLASSES, VIDEOS = 6, 5, 11
+SPLIT_KEYS = [f"video{(7 * s) % VIDEOS:02d}" for s in range(VIDEOS)]  # key order is not sample order
+
+
+def fabricated_views(seed: int = 0):
+    """Every view's logits (sample-major items, as evaluation's order has them) and each video's label."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(scale=3.0, size=(VIDEOS * VIEWS, CLASSES)).astype(np.float32), rng.integers(0, CLASSES, VIDEOS)
+
+
+def gather_every_view(logits: np.ndarray, labels: np.ndarray, skipped: set[int]) -> Predictions:
+    """Today's scores as the gather of every view's logits on rank 0 computed them: each video's log mean softmax."""
+    probabilities = softmax(logits).astype(np.float64).reshape(VIDEOS, VIEWS, CLASSES).sum(axis=1)
+    kept = sorted(set(range(VIDEOS)) - skipped, key=lambda s: SPLIT_KEYS[s])
+    return Predictions(np.array([SPLIT_KEYS[s] for s in kept]), np.log(probabilities[kept] / VIEWS).astype(np.float32),
+                       labels[kept], VIEWS, np.array(sorted(SPLIT_KEYS[s] for s in skipped)))
+
+
+def evaluate_in(world: ThreadWorld, monkeypatch, logits, labels, skipped_by: dict[int, int], batch_size: int = 2,
+                dropped_view: int | None = None) -> list:
+    """Every rank's gather_predictions over its share of the views as evaluation plans them (`rank_steps`); the
+    rank `skipped_by[video]` finds that video corrupt and drops its own views of it, as the loader does."""
+    monkeypatch.setattr(evaluate, "gather_to_rank0", world.gather_to_rank0)
+
+    def work(rank):
+        steps = rank_steps(np.arange(VIDEOS * VIEWS), 0, rank, world.size, batch_size)
+        items = np.concatenate([items for items, _ in steps])
+        skipped = [video for video, by in skipped_by.items() if by == rank]
+        items = items[~np.isin(items // VIEWS, skipped) & (items != dropped_view)]
+        return gather_predictions(torch.from_numpy(items // VIEWS), torch.from_numpy(items % VIEWS),
+                                  torch.from_numpy(logits[items]), torch.from_numpy(labels[items // VIEWS]),
+                                  SPLIT_KEYS, VIEWS, skipped)
+
+    return world.run(work)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7])  # 7 ranks: more than a video's views, one view a rank
+def test_scores_from_summed_views_are_those_of_gathering_every_view_whatever_the_world_size(size, monkeypatch):
+    logits, labels = fabricated_views(size)
+    skipped_by = {4: size - 1, 9: 0}  # other ranks still decoded some views of these videos
+    results = evaluate_in(ThreadWorld(size), monkeypatch, logits, labels, skipped_by)
+    assert results[1:] == [None] * (size - 1)
+    expected = gather_every_view(logits, labels, set(skipped_by))
+    rank0 = results[0]
+    assert rank0.keys.tolist() == expected.keys.tolist() and rank0.skipped.tolist() == expected.skipped.tolist()
+    assert rank0.labels.tolist() == expected.labels.tolist() and rank0.views == VIEWS
+    np.testing.assert_allclose(rank0.logits, expected.logits, rtol=1e-6, atol=1e-6)
+
+
+def test_rank0_takes_at_most_scores_per_gather_scores_in_one_gather_and_one_row_per_video(monkeypatch):
+    monkeypatch.setattr(evaluate, "SCORES_PER_GATHER", 2 * VIEWS * CLASSES)  # blocks of two videos
+    world = ThreadWorld(4)
+    logits, labels = fabricated_views()
+    [predictions, *_] = evaluate_in(world, monkeypatch, logits, labels, {})
+    scores_per_gather = [sum(array.size for part in parts for array in part
+                             if isinstance(array, np.ndarray) and array.dtype.kind == "f") for parts in world.received]
+    assert max(scores_per_gather) <= 2 * VIEWS * CLASSES and sum(scores_per_gather) > 0
+    assert predictions.logits.shape == (VIDEOS, CLASSES)
+    expected = gather_every_view(logits, labels, set())
+    np.testing.assert_allclose(predictions.logits, expected.logits, rtol=1e-6, atol=1e-6)
+
+
+def test_a_missing_view_fails_rank0_only_after_the_last_gather_so_no_rank_waits_in_one(monkeypatch):
+    monkeypatch.setattr(evaluate, "SCORES_PER_GATHER", 2 * VIEWS * CLASSES)
+    logits, labels = fabricated_views()
+    results = evaluate_in(ThreadWorld(3), monkeypatch, logits, labels, {}, dropped_view=5 * VIEWS + 2)
+    assert isinstance(results[0], RuntimeError) and "missing views of 1 videos" in str(results[0])
+    assert str(SPLIT_KEYS[5]) in str(results[0]) and results[1:] == [None, None]
