@@ -89,25 +89,21 @@ class PlainEngine:
 class PreDecoded:
     """What the loop asks of a `ClipLoader`, over batches made once: no decoding, no reading."""
 
-    def __init__(self, batches: list[Batch], epochs: int):
-        self.batches, self.end_epoch, self.skipped = batches, epochs, []
+    def __init__(self, batches: list[Batch]):
+        self._batches, self.end_epoch, self.skipped = batches, 1, []
         self.items = sum(len(batch.labels) for batch in batches)
-        self._state = (0, 0)
-
-    def __len__(self) -> int:
-        return len(self.batches)
+        self.steps_per_epoch = len(batches)
+        self._taken, self._consumed = 0, 0  # batches and clips handed out
 
     def state(self) -> LoaderState:
-        epoch, position = self._state
-        if position == self.items:
-            epoch, position = epoch + 1, 0
-        return LoaderState(epoch, position, 0, "predecoded")
+        return LoaderState(*((1, 0) if self._consumed == self.items else (0, self._consumed)), 0, "predecoded")
 
-    def epoch(self, epoch: int):
-        consumed = 0
-        for batch in self.batches:
-            consumed += len(batch.labels)
-            self._state = (epoch, consumed)
+    def steps_left(self) -> int:
+        return len(self._batches) - self._taken
+
+    def batches(self):
+        for batch in self._batches[self._taken:]:
+            self._taken, self._consumed = self._taken + 1, self._consumed + len(batch.labels)
             yield batch
 
 
@@ -120,7 +116,7 @@ def _batches(steps: int, batch: int, device: torch.device) -> list[Batch]:
         labels = torch.randint(0, CLASSES, (batch,), generator=generator)
         batches.append(Batch(None, torch.randn(batch, *CLIP, generator=generator).to(device),
                              labels.pin_memory() if pin else labels, torch.arange(batch),
-                             torch.zeros(batch, dtype=torch.int64), 0))
+                             torch.zeros(batch, dtype=torch.int64), torch.zeros(batch, dtype=torch.int64)))
     return batches
 
 
@@ -149,7 +145,7 @@ def _loop_seconds(engine: PlainEngine, stage: Stage, batches: list[Batch], log: 
     gc.collect()
     _synchronize(engine.device)
     started = time.perf_counter()
-    summary = train(engine, stage, PreDecoded(batches, 1), metrics, world=1, log_path=log, **options)
+    summary = train(engine, stage, PreDecoded(batches), metrics, world=1, log_path=log, **options)
     _synchronize(engine.device)
     seconds = time.perf_counter() - started
     assert summary.steps == len(batches) and len(log.read_text().splitlines()) == len(batches)

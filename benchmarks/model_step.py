@@ -101,7 +101,8 @@ def measure(width: float, frames: int, size: int, batch_size: int, precision: st
     batch = Batch(rgb=torch.randn(batch_size, 3, frames, size, size, device=device),
                   flow=torch.randn(batch_size, 2, frames, size, size, device=device).clamp(-1, 1),
                   labels=torch.randint(0, CLASSES, (batch_size,), device=device), samples=torch.arange(batch_size),
-                  views=torch.zeros(batch_size, dtype=torch.long), epoch=0)
+                  views=torch.zeros(batch_size, dtype=torch.long),
+                  epochs=torch.zeros(batch_size, dtype=torch.long))
     teacher_net = S3DG(CLASSES, in_channels=2, width=width).to(device)
     frozen = S3DG(CLASSES, in_channels=2, width=width).to(device).eval().requires_grad_(False)
     student_net = S3DG(CLASSES, in_channels=3, width=width).to(device)

@@ -44,6 +44,18 @@ def tiny_shards(tmp_path_factory) -> Path:
     return spec.path(spec.data.shards)
 
 
+@pytest.fixture(scope="session")
+def shards_of_35(tmp_path_factory) -> Path:
+    """A split of 35 training videos: on 2 ranks x 16 clips, an epoch leaves 3 over (the size that crashed)."""
+    from d3d_cluster.launch.prep import prepare_locally
+
+    prep = {**TINY["prep"], "synthetic": {**TINY["prep"]["synthetic"], "classes": 5, "videos_per_class": 8,
+                                          "val_fraction": 0.125}, "shard_samples": 8}
+    spec = tiny_spec(tmp_path_factory.mktemp("thirty-five"), prep=prep)
+    prepare_locally(spec, progress=False)
+    return spec.path(spec.data.shards)
+
+
 EVAL_VIEWS = {"eval_clips": 2, "eval_crops": 3}
 EVALUATED_STAGES = ("teacher", "student")
 

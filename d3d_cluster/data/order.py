@@ -2,14 +2,22 @@
 
 Keeping the order and the augmentation out of DALI makes them reproducible and resumable: an epoch is a
 permutation of the split's items (an item is one view of one video: one clip when training, each of the
-clips x crops of a video when evaluating), consumed front to back by the whole world in global steps. The
-resume position is just how many items of that permutation the world has consumed, whatever the number of
-ranks, so a run may resume on another number of ranks and still see every remaining item exactly once.
+clips x crops of a video when evaluating). Two ways of cutting steps from it:
+- training (`rank_windows`): the epochs' orders, one after another, form one stream, and every step is a full window
+  of world x batch items of it. An epoch's remainder opens the next epoch's first step, so no step is smaller
+  (a small step's loss, BatchNorm statistics and update are noise), every clip is still used once per epoch in order,
+  and only the last epoch's remainder, fewer items than a step, is left out;
+- whole epochs (`rank_steps`: evaluation, the teacher's precompute pass, the probe): every item of an epoch exactly
+  once, the last step smaller, and a remainder of fewer items than ranks joined to the last full step.
+Either way, no rank takes more than `step_capacity(batch)` items in a step, and the resume position is how many
+items of the epoch's order the world has consumed, whatever the number of ranks, so a run may resume on another
+number of ranks (or another batch size) and still see every remaining item exactly once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -21,13 +29,18 @@ def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool) -> np.ndar
     return np.random.default_rng([seed, epoch]).permutation(num_items)
 
 
-def global_steps(remaining: int, world: int, batch_size: int, min_per_rank: int = 1) -> list[int]:
-    """How many items each global step of the rest of an epoch takes: every item exactly once.
+def step_capacity(batch_size: int) -> int:
+    """The most items a rank takes in one step of either plan: its batch, one more where the fewer-than-ranks
+    remainder of a whole epoch joins its last step. The loader's pipelines are built for it."""
+    return batch_size + 1
 
-    Full steps take world x batch items. A remainder of at least `min_per_rank` items per rank makes a last,
-    smaller step; a smaller remainder joins the last full step instead (a rank then gets at most
-    `min_per_rank` clips more than its batch), so no rank ever runs a step with fewer clips and all ranks run
-    the same steps. Training asks for 2: BatchNorm cannot normalise a single clip.
+
+def global_steps(remaining: int, world: int, batch_size: int) -> list[int]:
+    """How many items each global step of the rest of a whole epoch takes: every item exactly once.
+
+    Full steps take world x batch items. A remainder of at least one item per rank makes a last, smaller step; a
+    smaller one joins the last full step instead (a rank then gets one clip more than its batch), so every rank has
+    a clip in every step and all ranks run the same steps.
     """
     if remaining == 0:
         return []
@@ -35,24 +48,48 @@ def global_steps(remaining: int, world: int, batch_size: int, min_per_rank: int 
         raise ValueError(f"{remaining} items cannot be shared among {world} ranks (fewer items than ranks)")
     full, rest = divmod(remaining, world * batch_size)
     sizes = [world * batch_size] * full
-    if rest >= world * min_per_rank or not sizes:
+    if rest >= world or not sizes:
         sizes.append(rest)
     elif rest:
         sizes[-1] += rest
     return sizes
 
 
-def rank_steps(order: np.ndarray, position: int, rank: int, world: int, batch_size: int,
-               min_per_rank: int = 1) -> list[tuple[np.ndarray, int]]:
-    """This rank's items for each remaining global step of an epoch, with the world position after the step.
+def rank_steps(order: np.ndarray, position: int, rank: int, world: int,
+               batch_size: int) -> list[tuple[np.ndarray, int]]:
+    """This rank's items for each remaining global step of a whole epoch, with the world position after the step.
 
     A step's items are dealt round-robin, so ranks' shares differ by at most one item.
     """
     steps, start = [], position
-    for size in global_steps(len(order) - position, world, batch_size, min_per_rank):
+    for size in global_steps(len(order) - position, world, batch_size):
         steps.append((order[start : start + size][rank::world], start + size))
         start += size
     return steps
+
+
+def window_count(items: int, epoch: int, position: int, end_epoch: int, world: int, batch_size: int) -> int:
+    """Full training steps left from (epoch, position) to the end of `end_epoch - 1`."""
+    return max(0, (end_epoch - epoch) * items - position) // (world * batch_size)
+
+
+def rank_windows(orders: Callable[[int], np.ndarray], items: int, epoch: int, position: int, end_epoch: int,
+                 rank: int, world: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[int, int]]]:
+    """This rank's share of each remaining full training step: (each clip's epoch, its item, the world's (epoch,
+    position) after the step). `orders(e)` is epoch e's order; every rank takes exactly `batch_size` items a step."""
+    window = world * batch_size
+    for _ in range(window_count(items, epoch, position, end_epoch, world, batch_size)):
+        epochs, chosen = [], []
+        needed = window
+        while needed:
+            taken = orders(epoch)[position : position + needed]
+            epochs.append(np.full(len(taken), epoch))
+            chosen.append(taken)
+            needed -= len(taken)
+            position += len(taken)
+            if position == items:
+                epoch, position = epoch + 1, 0
+        yield np.concatenate(epochs)[rank::world], np.concatenate(chosen)[rank::world], (epoch, position)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ step instead: skipping would drop sound samples, and the precompute pass would r
 
 Reading: DALI calls `external_source`'s callback on the thread that calls `pipe.run()`, the training thread. So
 the callback only hands over bytes a reader thread has already read from the shards (`_BatchSource`), a few
-batches ahead of what DALI has asked for; the training thread does not wait on the disk while the device idles.
+batches ahead of what DALI has asked for; the training thread does not wait on the disk while the device idles. A
+batch's members are read `MEMBER_READS` at a time (a network filesystem answers each read after a round trip), and
+batches are delivered in the plan's order.
 
 DALI is imported where a pipeline is built: this module's types (`Batch`, `LoaderState`, `CorruptStep`) also serve
 processes that read no data, such as the launcher on a login node and the model benchmark on a bare GPU machine.
@@ -31,18 +33,20 @@ processes that read no data, such as the launcher on a login node and the model 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator, Literal, NamedTuple
+from typing import Callable, Iterable, Iterator, Literal, NamedTuple
 
 import numpy as np
 import torch
 
 from d3d_cluster.data.index import SampleTable, ShardReadError
-from d3d_cluster.data.order import Geometry, View, epoch_order, eval_views, global_steps, rank_steps, train_view
+from d3d_cluster.data.order import (Geometry, View, epoch_order, eval_views, global_steps, rank_steps, rank_windows,
+                                    step_capacity, train_view, window_count)
 from d3d_cluster.data.schema import FLOW_EXT, RGB_EXT, Manifest
 from d3d_cluster.data.webm import clip_stream
 from d3d_cluster.spec import DataSpec
@@ -57,6 +61,9 @@ NVDEC_MIN_SIDE = 128
 # Batches whose members the reader thread reads beyond those DALI has taken (DALI itself asks for its
 # prefetch_queue_depth batches ahead of the one `run()` returns): slack for a slow read, a few MB of memory.
 READ_AHEAD = 2
+# Members of a batch read at once: one pread after another, a batch of 16 RGB + flow clips waits 32 round trips of a
+# network filesystem (1-5 ms each on NFS or Lustre); their order in the batch is kept whatever order they arrive in.
+MEMBER_READS = 8
 
 
 class CorruptStep(RuntimeError):
@@ -69,7 +76,8 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # (N,) int64
     samples: torch.Tensor  # (N,) int64 sample ids in the split's SampleTable
     views: torch.Tensor  # (N,) int64 which of a video's evaluation views (0 when training)
-    epoch: int  # the epoch the batch belongs to: with the sample ids, it names each clip's training view
+    epochs: torch.Tensor  # (N,) int64 each clip's epoch (a training step may span two): with its sample id, it names
+    # the clip's training view
 
 
 @dataclass(frozen=True)
@@ -131,21 +139,20 @@ def mirrored_labels(manifest: Manifest, shard_dir, data: DataSpec) -> np.ndarray
     return mirrored
 
 
-def min_clips_per_rank(train: bool) -> int:
-    """Clips a rank needs in a step: BatchNorm in training mode cannot normalise one."""
-    return 2 if train else 1
-
-
-def training_epoch_steps(manifest: Manifest, data: DataSpec, world: int) -> int:
-    """Global micro-steps of a training epoch, known from the manifest before a loader opens (a resubmitted stage
-    compares its last checkpoint with the stage's length before it builds anything); the training loader's length."""
+def training_steps(manifest: Manifest, data: DataSpec, world: int, epochs: int) -> tuple[int, float]:
+    """A training stage's global micro-steps, and how many make an epoch (a fraction: steps span epochs), known from
+    the manifest before a loader opens; a stage too short for one full step is refused, naming the sizes."""
     samples = sum(shard.samples for shard in manifest.splits["train"].shards)  # what the loader's SampleTable holds
-    return len(global_steps(samples, world, data.batch_size, min_clips_per_rank(True)))
+    steps = window_count(samples, 0, 0, epochs, world, data.batch_size)
+    if steps == 0:
+        raise ValueError(f"the training split has {samples} videos: {epochs} epoch(s) of them make fewer clips than "
+                         f"one step of {world} ranks x data.batch_size {data.batch_size}")
+    return steps, samples / (world * data.batch_size)
 
 
 class _Planned(NamedTuple):
-    epoch: int
-    end: int  # world position after this step
+    epochs: list[int]  # each clip's epoch
+    end: tuple[int, int]  # the world's (epoch, position) after this step
     samples: list[int]
     views: list[int]
 
@@ -193,6 +200,9 @@ class _BatchSource:
                 reads.append((None, None, error))
             else:
                 reads.append((planned, self._reader.submit(self.loader.columns, planned), None))
+                if self.loader.on_plan is not None:
+                    self.loader.on_plan(np.array(planned.epochs, dtype=np.int64),
+                                        np.array(planned.samples, dtype=np.int64))
 
     def _next(self, pipeline: int):
         self._read_ahead(pipeline)
@@ -297,14 +307,19 @@ class ClipLoader:
     """Batches of one split for one rank, epoch after epoch, in the order `order` prescribes.
 
     Training reads one random view per video; evaluation reads every video's `eval_clips` x `eval_crops`
-    views. Every item is read exactly once per epoch by the world, and every rank runs the same number of steps.
+    views. Training steps are full windows over the stream of epochs (`batches()`); evaluation, and training views
+    read with `whole_epochs` (the teacher's precompute pass, the probe), read each epoch whole (`epoch(e)`), every
+    item exactly once. Every rank runs the same number of steps (`order`).
     `skip`: samples known to be unusable before reading starts (the student's precompute pass could not decode
-    their flow); they are left out as found-corrupt ones are, so the steps stay those of the live run.
+    their flow); they are left out as found-corrupt ones are, so the steps stay those of the live run. `on_plan`
+    is told each batch's clips (their epochs and samples, in batch order) as soon as reading them starts, a few
+    batches ahead: the stored teacher outputs are read ahead from it.
     """
 
     def __init__(self, shard_dir, split: str, data: DataSpec, *, modalities: tuple[str, ...], rank: int, world: int,
                  seed: int, train: bool, device_id: int | None = None, first_epoch: int = 0, epochs: int = 1,
-                 resume: LoaderState | None = None, skip: Iterable[int] = ()):
+                 resume: LoaderState | None = None, skip: Iterable[int] = (), whole_epochs: bool = False,
+                 on_plan: Callable[[np.ndarray, np.ndarray], object] | None = None):
         unknown = set(modalities) - set(MODALITIES)
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
@@ -315,7 +330,10 @@ class ClipLoader:
         self.shards = [shard.path for shard in manifest.splits[split].shards]
         self.shard_hash = shard_list_hash(manifest, split)
         self.modalities, self.data, self.rank, self.world = tuple(modalities), data, rank, world
-        self.seed, self.train = seed, train
+        self.seed, self.train, self.on_plan = seed, train, on_plan
+        self.windows = train and not whole_epochs  # training steps: full windows over the stream of epochs
+        self._order = functools.lru_cache(maxsize=2)(self._epoch_order)  # the plan reads an epoch's order per step
+        self._member_reads = ThreadPoolExecutor(MEMBER_READS, thread_name_prefix=f"shard-reader-rank{rank}-member")
         self.views_per_video = 1 if train else data.eval_clips * data.eval_crops
         self.resizes = train and data.crop_area is not None
         self.device = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
@@ -354,38 +372,48 @@ class ClipLoader:
         return len(self.table) * self.views_per_video
 
     def state(self) -> LoaderState:
-        """The resume state after the last batch handed out; an epoch's end reads as the next epoch's start."""
+        """The resume state after the last batch handed out; an epoch's end reads as the next epoch's start, and a
+        training stream with no full step left as the end of its last epoch (its remainder is not read)."""
         epoch, position = self._consumed
-        if position == self.items:
-            epoch, position = epoch + 1, 0
+        if position == self.items or (self.windows and self.steps_left() == 0):
+            epoch, position = (epoch + 1, 0) if not self.windows else (self.end_epoch, 0)
         return LoaderState(epoch, position, self.seed, self.shard_hash)
 
-    def _order(self, epoch: int) -> np.ndarray:
+    def _epoch_order(self, epoch: int) -> np.ndarray:
         return epoch_order(self.items, self.seed, epoch, shuffle=self.train)
 
+    def steps_left(self) -> int:
+        """Steps from the last batch handed out to the loader's end; the same on every rank."""
+        epoch, position = self._consumed
+        if self.windows:
+            return window_count(self.items, epoch, position, self.end_epoch, self.world, self.data.batch_size)
+        return sum(len(global_steps(self.items - (position if e == epoch else 0), self.world, self.data.batch_size))
+                   for e in range(epoch, self.end_epoch))
+
     @property
-    def min_per_rank(self) -> int:
-        return min_clips_per_rank(self.train)
-
-    def steps(self, position: int = 0) -> int:
-        """Steps of an epoch from a world position; the same on every rank."""
-        return len(global_steps(self.items - position, self.world, self.data.batch_size, self.min_per_rank))
-
-    def __len__(self) -> int:
-        """Steps of a whole epoch."""
-        return self.steps()
+    def steps_per_epoch(self) -> float:
+        """A fraction where training steps span epochs."""
+        if self.windows:
+            return self.items / (self.world * self.data.batch_size)
+        return len(global_steps(self.items, self.world, self.data.batch_size))
 
     def _plan(self, epoch: int, position: int) -> Iterator[_Planned]:
+        if self.windows:
+            steps = rank_windows(self._order, self.items, epoch, position, self.end_epoch, self.rank, self.world,
+                                 self.data.batch_size)
+        else:
+            steps = ((np.full(len(items), e), items, (e, end))
+                     for e in range(epoch, self.end_epoch)
+                     for items, end in rank_steps(self._order(e), position if e == epoch else 0, self.rank,
+                                                  self.world, self.data.batch_size))
         views = self.views_per_video
-        for e in range(epoch, self.end_epoch):
-            for items, end in rank_steps(self._order(e), position if e == epoch else 0, self.rank, self.world,
-                                         self.data.batch_size, self.min_per_rank):
-                samples = [int(item) // views for item in items]
-                kept = [(s, int(item) % views) for s, item in zip(samples, items) if s not in self._corrupt]
-                if not kept:
-                    raise CorruptStep(f"rank {self.rank}: every sample of a step is corrupt: "
-                                       f"{[self.table.keys[s] for s in samples]}")
-                yield _Planned(e, end, [s for s, _ in kept], [v for _, v in kept])
+        for epochs, items, end in steps:
+            chosen = [(int(e), int(item) // views, int(item) % views) for e, item in zip(epochs, items)]
+            kept = [clip for clip in chosen if clip[1] not in self._corrupt]
+            if not kept:
+                raise CorruptStep(f"rank {self.rank}: every sample of a step is corrupt: "
+                                  f"{[self.table.keys[s] for _, s, _ in chosen]}")
+            yield _Planned([e for e, _, _ in kept], end, [s for _, s, _ in kept], [v for _, _, v in kept])
 
     def _view(self, epoch: int, sample: int, view: int) -> View:
         frames = self.table.frames[sample]
@@ -397,7 +425,7 @@ class ClipLoader:
 
     def columns(self, planned: _Planned, modalities: tuple[str, ...] | None = None) -> tuple:
         """What `_BatchSource` hands to DALI for one planned batch."""
-        views = [self._view(planned.epoch, s, v) for s, v in zip(planned.samples, planned.views)]
+        views = [self._view(e, s, v) for e, s, v in zip(planned.epochs, planned.samples, planned.views)]
         side = self.geometry.crop
         columns = [
             [np.array(self.mirrored_labels[label] if v.flip else label, dtype=np.int64)
@@ -410,13 +438,14 @@ class ClipLoader:
         if self.resizes:
             columns.append([np.array([v.top + v.height, v.left + v.width], dtype=np.float32) for v in views])
         modalities = modalities or self.modalities
+        exts = [RGB_EXT if modality == "rgb" else FLOW_EXT for modality in modalities]
+        members = iter(self._member_reads.map(lambda read: self.table.read(*read),
+                                              [(s, ext) for ext in exts for s in planned.samples]))
         if "flow" in modalities:
             columns.append([np.array([(-1.0 if v.flip else 1.0) * side / v.width, side / v.height],
                                      dtype=np.float32).reshape(2, 1, 1, 1) for v in views])
-        for modality in modalities:
-            ext = RGB_EXT if modality == "rgb" else FLOW_EXT
-            cut = [self._clip_stream(self.table.read(s, ext), v.start, self.geometry.reach)
-                   for s, v in zip(planned.samples, views)]
+        for _ in modalities:
+            cut = [self._clip_stream(next(members), v.start, self.geometry.reach) for v in views]
             columns += [[np.array(start, dtype=np.int32) for start, _ in cut], [stream for _, stream in cut]]
         return tuple(columns)
 
@@ -430,26 +459,43 @@ class ClipLoader:
     def _start_pipelines(self) -> None:
         self._source = _BatchSource(self, self._plan(*self._consumed), self.data.pipelines)
         self._turn = 0  # the pipeline that delivers the next batch
-        self.pipes = [_build_pipeline(self._source.feed(pipeline), self.geometry, self.modalities,
-                                      self.data.batch_size + 1, self.data.reader_threads, self.device_id, self.seed,
-                                      self.resizes, self.decoder)
+        self.pipes = [self._pipeline(self._source.feed(pipeline), self.modalities, step_capacity(self.data.batch_size),
+                                     self.data.reader_threads)
                       for pipeline in range(self.data.pipelines)]
 
+    def _pipeline(self, source, modalities: tuple[str, ...], max_batch: int, threads: int):
+        """A pipeline on this loader's device with its decoder: its batches' and a suspect's alike (a stream only
+        NVDEC rejects is corrupt for a GPU rank, however well the CPU decodes it)."""
+        return _build_pipeline(source, self.geometry, modalities, max_batch, threads, self.device_id, self.seed,
+                               self.resizes, self.decoder)
+
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Epochs must be read in order: the pipeline prefetches across their boundary."""
+        """One whole epoch's batches (not for training windows, which span epochs: `batches()`). Epochs must be read
+        in order: the pipeline prefetches across their boundary."""
+        if self.windows:
+            raise TypeError("a training loader's steps span epochs: read them with batches(), or build the loader "
+                            "with whole_epochs=True")
         if epoch != self._next_epoch or epoch >= self.end_epoch:
             raise ValueError(f"epoch {epoch} requested; the loader is at epoch {self._next_epoch} of "
                              f"[{self.first_epoch}, {self.end_epoch})")
         self._next_epoch += 1
         position = self._consumed[1] if self._consumed[0] == epoch else 0
-        for _ in range(self.steps(position)):
-            outputs, planned = self._run()
-            self._consumed = (planned.epoch, planned.end)
-            labels, samples, views, *videos = outputs
-            tensors = dict(zip(self.modalities, (_to_torch(v, self.device) for v in videos)))
-            # Labels go on to the device (the loss, the accuracy); sample and view ids are used on the host.
-            yield Batch(tensors.get("rgb"), tensors.get("flow"), _to_host(labels, pins(self.device)), _to_host(samples),
-                        _to_host(views), planned.epoch)
+        for _ in range(len(global_steps(self.items - position, self.world, self.data.batch_size))):
+            yield self._batch()
+
+    def batches(self) -> Iterator[Batch]:
+        """Every remaining batch, to the loader's end."""
+        for _ in range(self.steps_left()):
+            yield self._batch()
+
+    def _batch(self) -> Batch:
+        outputs, planned = self._run()
+        self._consumed = planned.end
+        labels, samples, views, *videos = outputs
+        tensors = dict(zip(self.modalities, (_to_torch(v, self.device) for v in videos)))
+        # Labels go on to the device (the loss, the accuracy); sample, view and epoch ids are used on the host.
+        return Batch(tensors.get("rgb"), tensors.get("flow"), _to_host(labels, pins(self.device)), _to_host(samples),
+                     _to_host(views), torch.tensor(planned.epochs, dtype=torch.int64))
 
     def _run(self) -> tuple[tuple, _Planned]:
         """The next batch's outputs, from the pipeline whose turn it is, and its plan."""
@@ -479,14 +525,13 @@ class ClipLoader:
         return outputs, self._source.inflight[turn].popleft()
 
     def _decode_error(self, sample: int) -> tuple[str, str] | None:
-        """Decode one sample alone, each modality on its own, on the CPU: which one fails, and why."""
-        planned = _Planned(self._consumed[0], 0, [sample], [0])
+        """Decode one sample alone, each modality on its own, with the loader's own decoder (a stream only NVDEC
+        rejects is corrupt for this loader): which one fails, and why."""
+        planned = _Planned([self._consumed[0]], self._consumed, [sample], [0])
         for modality in self.modalities:
             try:
                 columns = self.columns(planned, (modality,))
-                probe = _build_pipeline(lambda: columns, self.geometry, (modality,), 1, 1, None, self.seed,
-                                        self.resizes)
-                probe.run()
+                self._pipeline(lambda: columns, (modality,), 1, 1).run()
             except ShardReadError:
                 raise
             except Exception as error:
@@ -495,5 +540,6 @@ class ClipLoader:
 
     def close(self) -> None:
         self._source.close()
+        self._member_reads.shutdown(wait=True)
         del self.pipes
         self.table.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import os
 import signal
@@ -185,7 +186,7 @@ def _check_world(spec, run_path: Path, rank: Rank) -> None:
 
 
 def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[], bool]):
-    from d3d_cluster.data.pipeline import ClipLoader, training_epoch_steps
+    from d3d_cluster.data.pipeline import ClipLoader, training_steps
     from d3d_cluster.data.schema import Manifest
     from d3d_cluster.files import replace_atomically, write_json_atomically
     from d3d_cluster.rundir import SUMMARY_NAME, TRAIN_LOG_NAME, RunDir
@@ -206,10 +207,11 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
     resume = checkpoints.choose(checkpoint_dir)
     shards = spec.path(spec.data.shards)
     manifest = Manifest.load(shards)
-    steps_per_epoch = training_epoch_steps(manifest, spec.data, rank.world)
-    micro_steps = steps_per_epoch * stage_settings(spec, stage_name).epochs
+    epochs = stage_settings(spec, stage_name).epochs
+    micro_steps, steps_per_epoch = training_steps(manifest, spec.data, rank.world, epochs)
     finished = stage_dir / SUMMARY_NAME
-    if resume and resume.step >= micro_steps and finished.is_file() and (stage_dir / EXPORT_NAME).is_file():
+    # Finished is where the data stands (every epoch read), not a step count: world and batch may change between runs.
+    if resume and resume.loader.epoch >= epochs and finished.is_file() and (stage_dir / EXPORT_NAME).is_file():
         kept = json.loads(finished.read_text())  # submitted again after it finished: its network and figures stay
         if rank.rank == 0:
             run.event("finished", stage=stage_name, job_id=rank.job_id)
@@ -238,7 +240,9 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
         loader = ClipLoader(shards, "train", spec.data, modalities=stage.modalities, train=True,
                             epochs=stage.settings.epochs, rank=rank.rank, world=rank.world, seed=spec.seed,
                             device_id=device_id, resume=resume.loader if resume else None,
-                            skip=stage.unusable_samples)
+                            skip=stage.unusable_samples,
+                            on_plan=functools.partial(stage.precomputed.prefetch, device=rank.device)
+                            if stage.precomputed is not None else None)
         def initialised(report) -> None:
             if rank.rank == 0 and resume is None:  # a resumed stage takes its weights from the checkpoint
                 print(f"[{stage_name}] init: {report.summary()}", flush=True)
@@ -265,7 +269,7 @@ def _train_stage(run_path: Path, stage_name: str, rank: Rank, stop: Callable[[],
                                                     saved),
                         stop_requested=stop, max_nonfinite_steps=spec.deepspeed.max_nonfinite_steps,
                         log_path=log_path if rank.rank == 0 else None,
-                        print_every=max(1, steps_per_epoch // 2) if rank.rank == 0 else 0,
+                        print_every=max(1, int(steps_per_epoch // 2)) if rank.rank == 0 else 0,
                         report_every=spec.metrics.report_every_steps)
         loader.close()
         if summary.stopped:

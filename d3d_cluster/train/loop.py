@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, TextIO
@@ -49,7 +51,7 @@ class TrainSummary:
     skipped_steps: int  # steps not applied because a loss was NaN or infinite
     seconds: float  # wall time of the loop, data loading included
     clips_per_second: float  # world throughput
-    final_loss: float
+    final_loss: float  # the mean loss of the last epoch's worth of steps this run applied (one step's is noise)
     stopped: bool  # told to stop; with checkpointing, a checkpoint at `steps` holds everything to resume from
 
 
@@ -93,11 +95,15 @@ class StepReports:
     them, and rank 0's train log gets one record per step (fields as `curves` and `d3dc results` read them) and
     the printed progress its lines, in step order."""
 
-    def __init__(self, metrics: TrainMetrics, log: TextIO | None, stage: str, print_every: int):
+    def __init__(self, metrics: TrainMetrics, log: TextIO | None, stage: str, print_every: int, final_window: int):
         self.metrics, self.log, self.stage, self.print_every = metrics, log, stage, print_every
         self.pending: list[_Step] = []
-        self.last_loss = float("nan")
+        self.recent_losses: deque[float] = deque(maxlen=final_window)  # of applied steps
         self.flushed_at = time.perf_counter()
+
+    @property
+    def final_loss(self) -> float:
+        return sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else float("nan")
 
     def add(self, step: _Step) -> None:
         self.pending.append(step)
@@ -128,7 +134,8 @@ class StepReports:
             if self.print_every and step.step % self.print_every == 0:
                 print(f"[{self.stage}] epoch {step.epoch:.2f} step {step.step} loss {loss:.4f} "
                       f"lr {step.learning_rate:.2e}", flush=True)
-            self.last_loss = loss
+            if not step.skipped:
+                self.recent_losses.append(loss)
         self.pending = []
         self.metrics.observe_steps(observed)
         if self.log:
@@ -162,20 +169,20 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
           checkpointing: Checkpointing | None = None, stop_requested: Callable[[], bool] = lambda: False,
           max_nonfinite_steps: int = 3, log_path: Path | None = None, print_every: int = 0,
           report_every: int = 1) -> TrainSummary:
-    """Train from the loader's position to its last epoch; `step` is the global step the loader's position
-    corresponds to (0 for a fresh start). Rank 0 passes `log_path` to keep a JSON-lines record of every step.
+    """Train from the loader's position to its end; `step` is the global step the loader's position corresponds to
+    (0 for a fresh start). Rank 0 passes `log_path` to keep a JSON-lines record of every step.
     Metrics, log and printed progress are brought up to date every `report_every` steps, before every checkpoint
     and at the end (see the module docstring)."""
     if report_every < 1:
         raise ValueError(f"report_every must be >= 1, got {report_every}")
     engine.train()
     log = log_path.open("a") if log_path else None
-    reports = StepReports(metrics, log, stage.name, print_every)
+    reports = StepReports(metrics, log, stage.name, print_every, final_window=math.ceil(loader.steps_per_epoch))
     buffers = _Buffers(engine.module)
     clips, skipped, in_a_row, corrupt_reported = 0, 0, 0, 0
     saved_at, stopping = step, False
     started = time.perf_counter()
-    metrics.plan(loader.end_epoch, len(loader))
+    metrics.plan(loader.end_epoch, loader.steps_per_epoch)
 
     def save(reason: str) -> None:
         nonlocal saved_at
@@ -192,60 +199,65 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
     def summary() -> TrainSummary:
         reports.flush()
         seconds = time.perf_counter() - started
-        return TrainSummary(step, clips, skipped, seconds, clips / seconds if seconds > 0 else 0.0, reports.last_loss,
+        return TrainSummary(step, clips, skipped, seconds, clips / seconds if seconds > 0 else 0.0, reports.final_loss,
                             stopping)
 
     try:
-        for epoch in range(loader.state().epoch, loader.end_epoch):
+        waited_from = time.perf_counter()
+        for batch in loader.batches():
+            ready = time.perf_counter()
+            batch = batch._replace(labels=to_device(batch.labels, engine.device))
+            inputs = stage.inputs(batch).to(engine.device, non_blocking=True)
+            buffers.keep()
+            with autocast(engine.device):
+                outputs = engine(inputs)
+                loss = stage.loss(outputs, batch)
+            nonfinite, stop = _agree(loss.total, stop_requested())  # the step's one read from the device
+            stopping = stopping or stop
+            hits = None
+            if log:
+                hits = (stage.logits(outputs).detach().argmax(1) == batch.labels).sum(dtype=torch.float32)
+            figures = loss.total.detach(), loss.cross_entropy.detach(), loss.distillation.detach()
+            grad_norm = None
+            if nonfinite:
+                # A skipped step's graph (every activation its backward would have used) must go before the next
+                # forward pass, or the peak memory doubles exactly when a step is skipped.
+                del outputs, loss, inputs
+                buffers.restore()
+                skipped, in_a_row = skipped + 1, in_a_row + 1
+                metrics.step_skipped()
+                if in_a_row >= max_nonfinite_steps:
+                    raise NonFiniteLoss(
+                        f"stage {stage.name}: {in_a_row} consecutive steps had a NaN or infinite loss (the last "
+                        f"at step {step + 1}); stopping. The last good checkpoint (step {saved_at}) is kept.")
+            else:
+                in_a_row = 0
+                engine.backward(loss.total)
+                del outputs, loss, inputs
+                grad_norm = step_with_grad_norm(engine)
+            done = time.perf_counter()
+            step += 1
+            size = len(batch.labels)
+            clips += size * world
+            position = loader.state()
+            reports.add(_Step(step, position.epoch + position.position / loader.items, engine.get_lr()[0],
+                              nonfinite, done - waited_from, ready - waited_from, size, len(batch.samples),
+                              size * world, *figures, hits, grad_norm))
+            if step % report_every == 0 or reports.overdue:
+                reports.flush()
+            if len(loader.skipped) > corrupt_reported:
+                metrics.corrupt_samples(len(loader.skipped) - corrupt_reported)
+                corrupt_reported = len(loader.skipped)
+            # A stop that lands on the last step is not a stop: the stage has finished, and ends as one.
+            stopping = stopping and loader.steps_left() > 0
+            if _window_closed(engine):
+                due = checkpointing is not None and \
+                    step // checkpointing.every_steps > saved_at // checkpointing.every_steps
+                if checkpointing and (stopping or due and not in_a_row):  # NaN steps keep the last good one
+                    save("signal" if stopping else "periodic")
+                if stopping:
+                    return summary()
             waited_from = time.perf_counter()
-            for batch in loader.epoch(epoch):
-                ready = time.perf_counter()
-                batch = batch._replace(labels=to_device(batch.labels, engine.device))
-                inputs = stage.inputs(batch).to(engine.device, non_blocking=True)
-                buffers.keep()
-                with autocast(engine.device):
-                    outputs = engine(inputs)
-                    loss = stage.loss(outputs, batch)
-                nonfinite, stop = _agree(loss.total, stop_requested())  # the step's one read from the device
-                stopping = stopping or stop
-                grad_norm = None
-                if nonfinite:
-                    buffers.restore()
-                    skipped, in_a_row = skipped + 1, in_a_row + 1
-                    metrics.step_skipped()
-                    if in_a_row >= max_nonfinite_steps:
-                        raise NonFiniteLoss(
-                            f"stage {stage.name}: {in_a_row} consecutive steps had a NaN or infinite loss (the last "
-                            f"at step {step + 1}); stopping. The last good checkpoint (step {saved_at}) is kept.")
-                else:
-                    in_a_row = 0
-                    engine.backward(loss.total)
-                    grad_norm = step_with_grad_norm(engine)
-                done = time.perf_counter()
-                step += 1
-                size = len(batch.labels)
-                clips += size * world
-                position = loader.state()
-                hits = None
-                if log:
-                    hits = (stage.logits(outputs).detach().argmax(1) == batch.labels).sum(dtype=torch.float32)
-                reports.add(_Step(step, position.epoch + position.position / loader.items, engine.get_lr()[0],
-                                  nonfinite, done - waited_from, ready - waited_from, size, len(batch.samples),
-                                  size * world, loss.total.detach(), loss.cross_entropy.detach(),
-                                  loss.distillation.detach(), hits, grad_norm))
-                if step % report_every == 0 or reports.overdue:
-                    reports.flush()
-                if len(loader.skipped) > corrupt_reported:
-                    metrics.corrupt_samples(len(loader.skipped) - corrupt_reported)
-                    corrupt_reported = len(loader.skipped)
-                if _window_closed(engine):
-                    due = checkpointing is not None and \
-                        step // checkpointing.every_steps > saved_at // checkpointing.every_steps
-                    if checkpointing and (stopping or due and not in_a_row):  # NaN steps keep the last good one
-                        save("signal" if stopping else "periodic")
-                    if stopping:
-                        return summary()
-                waited_from = time.perf_counter()
         if checkpointing and saved_at != step:
             save("end")
         return summary()

@@ -117,7 +117,7 @@ class MotionProbe:
                 features, targets = self._features_and_targets(batch)
                 batches.append(({name: f.half() for name, f in features.items()}, targets))
                 if not kept and len(batches) == 1:
-                    self._check_room(batches[0], len(loader) * views)
+                    self._check_room(batches[0], loader.steps_per_epoch * views)
             kept.append(batches)
         return kept
 
@@ -145,7 +145,7 @@ class MotionProbe:
             for features, targets in batches:
                 if optimizer is None:
                     optimizer = torch.optim.Adam(self.decoders.parameters(), lr=lr)
-                    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
+                    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * loader.steps_per_epoch))
                 self.decoders.train()
                 loss = sum(smooth_end_point_error(self.decoders[name](f.float()), targets[name] / self.scales[name])
                            for name, f in features.items())
@@ -198,7 +198,8 @@ def run_probe(run_dir: str | Path, stage: str, settings: ProbeSpec | None = None
     clip = dict(modalities=modalities, rank=0, world=1, seed=spec.seed,
                 device_id=device.index if device.type == "cuda" else None)
     probe = MotionProbe(network, modality, settings.layers, manifest.flow_bound, settings.hidden, device)
-    train = ClipLoader(shards, "train", spec.data, train=True, epochs=settings.views or settings.epochs, **clip)
+    train = ClipLoader(shards, "train", spec.data, train=True, whole_epochs=True, epochs=settings.views or settings.epochs,
+                       **clip)
     history = probe.train(train, settings.epochs, settings.lr, settings.views)
     train.close()
     val = ClipLoader(shards, "val", spec.data, train=False, **clip)

@@ -95,7 +95,7 @@ class Stage:
         """The frozen teacher's logits or map for the batch's clips: stored (read onto `device`, by default left on
         the host), or computed on their flow (on the flow's device)."""
         if self.precomputed is not None:
-            return self.precomputed.targets(batch.epoch, batch.samples, device or torch.device("cpu"))
+            return self.precomputed.targets(batch.epochs, batch.samples, device or torch.device("cpu"))
         with torch.no_grad():
             return teacher_target(self.teacher, batch.flow, self.distill.target)
 

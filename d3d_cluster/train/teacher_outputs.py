@@ -4,7 +4,7 @@
 A training clip's view is a pure function of (seed, epoch, sample) (`data.order.train_view`), so a flow-only
 `ClipLoader` built with the student's seed, data settings and world hands the teacher exactly the clips the
 live teacher would see. The student then decodes RGB only and reads the teacher's output of each clip by
-(batch.epoch, batch.samples).
+(batch.epochs, batch.samples).
 
 RUN/student/teacher_outputs/ holds
 - manifest.json: the fingerprint the outputs were computed from (the teacher weights' sha256, seed, shard list
@@ -137,19 +137,26 @@ class TeacherOutputs:
     def channels(self) -> int:
         return self.shape[0]
 
-    def targets(self, epoch: int, samples: torch.Tensor, device: torch.device = torch.device("cpu")) -> torch.Tensor:
-        """The teacher's outputs for these samples' clips of `epoch`, in the stored dtype, on `device`: read into
-        pinned memory and copied without making the host wait when that is a GPU."""
-        if epoch not in self._epochs:
-            self._epochs[epoch] = np.load(epoch_path(self.directory, epoch), mmap_mode="r")
-        stored = self._epochs[epoch]
-        rows = torch.empty((len(samples), *stored.shape[1:]), dtype=torch.from_numpy(np.empty(0, stored.dtype)).dtype,
+    def targets(self, epochs: torch.Tensor, samples: torch.Tensor,
+                device: torch.device = torch.device("cpu")) -> torch.Tensor:
+        """The teacher's outputs for these clips (clip i: sample `samples[i]`'s view of epoch `epochs[i]`; a training
+        step may span two epochs), in the stored dtype, on `device`: read into pinned memory and copied without making
+        the host wait when that is a GPU."""
+        wanted = epochs.numpy()
+        for epoch in np.unique(wanted).tolist():
+            if epoch not in self._epochs:
+                self._epochs[epoch] = np.load(epoch_path(self.directory, epoch), mmap_mode="r")
+        first = self._epochs[int(wanted[0])]
+        rows = torch.empty((len(samples), *first.shape[1:]), dtype=torch.from_numpy(np.empty(0, first.dtype)).dtype,
                            pin_memory=pins(device))
-        np.take(stored, samples.numpy(), axis=0, out=rows.numpy())
+        for epoch in np.unique(wanted).tolist():
+            of_epoch = wanted == epoch
+            rows.numpy()[of_epoch] = np.take(self._epochs[epoch], samples.numpy()[of_epoch], axis=0)
         empty = np.isnan(rows.numpy().reshape(len(rows), -1)).any(axis=1)
         if empty.any():
-            names = [self.keys[s] for s in samples[torch.from_numpy(empty)].tolist()]
-            raise ValueError(f"{epoch_path(self.directory, epoch)}: no teacher output for samples {names}")
+            missing = [f"{self.keys[s]} (epoch {e})" for s, e in zip(samples.numpy()[empty].tolist(),
+                                                                      wanted[empty].tolist())]
+            raise ValueError(f"{self.directory}: no teacher output for samples {missing}")
         return to_device(rows, device)
 
 
@@ -173,7 +180,8 @@ def precompute_teacher_outputs(spec: Spec, teacher: S3DG, teacher_weights: Path,
         print(f"[student] reusing the teacher outputs of epochs {sorted(done)} in {directory}", flush=True)
     if todo:
         loader = ClipLoader(shards, "train", spec.data, modalities=("flow",), rank=rank, world=world, seed=spec.seed,
-                            train=True, device_id=device_id, first_epoch=todo[0], epochs=epochs - todo[0],
+                            train=True, whole_epochs=True, device_id=device_id, first_epoch=todo[0],
+                            epochs=epochs - todo[0],
                             skip=[record["sample"] for record in stored["unusable"]])
         target = spec.student.distill.target
         for epoch in range(todo[0], epochs):

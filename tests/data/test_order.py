@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from d3d_cluster.data.order import Geometry, epoch_order, eval_views, global_steps, rank_steps, train_view
+from d3d_cluster.data.order import (Geometry, epoch_order, eval_views, global_steps, rank_steps, rank_windows,
+                                    step_capacity, train_view, window_count)
 
 GEOMETRY = Geometry(height=48, width=64, clip_frames=8, stride=2, crop=32)
 FRAMES = 20  # RGB frames of the video the views are cut from
@@ -16,16 +17,29 @@ def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
     assert list(epoch_order(5, seed=1, epoch=3, shuffle=False)) == [0, 1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("items, world, batch", [(100, 2, 8), (101, 3, 4), (17, 4, 2), (7, 2, 8), (33, 2, 16),
-                                                 (16, 16, 1), (49, 8, 3)])
-def test_the_world_reads_every_item_once_in_equal_steps_of_at_most_one_extra_clip(items, world, batch):
+# Dataset sizes around every remainder a step can leave, world sizes from one rank to Kinetics' 64 x 8 GPUs.
+ITEMS = [1, 2, 3, 5, 7, 16, 17, 33, 35, 64, 65, 97, 130, 255, 513]
+WORLDS = [1, 2, 3, 5, 8, 16, 64, 512]
+BATCHES = [1, 2, 3, 8, 16]
+
+
+def _whole_epoch(items: int, world: int, batch: int, position: int = 0) -> list[list[tuple[np.ndarray, int]]]:
     order = epoch_order(items, seed=0, epoch=0, shuffle=True)
-    per_rank = [rank_steps(order, 0, rank, world, batch) for rank in range(world)]
-    assert len({len(steps) for steps in per_rank}) == 1
-    seen = np.concatenate([chunk for steps in per_rank for chunk, _ in steps])
-    assert sorted(seen.tolist()) == list(range(items))
-    assert all(1 <= len(chunk) <= batch + 1 for steps in per_rank for chunk, _ in steps)
-    assert per_rank[0][-1][1] == items
+    return [rank_steps(order, position, rank, world, batch) for rank in range(world)]
+
+
+def test_whole_epochs_of_every_size_read_each_item_once_in_the_same_steps_within_the_pipelines_capacity():
+    for items in ITEMS:
+        for world in (w for w in WORLDS if w <= items):
+            for batch in BATCHES:
+                for position in sorted({0, min(items // 3, items - world), items - world}):
+                    per_rank = _whole_epoch(items, world, batch, position)
+                    assert len({len(steps) for steps in per_rank}) == 1, (items, world, batch, position)
+                    seen = np.concatenate([chunk for steps in per_rank for chunk, _ in steps] or [np.array([], int)])
+                    order = epoch_order(items, seed=0, epoch=0, shuffle=True)
+                    assert sorted(seen.tolist()) == sorted(order[position:].tolist()), (items, world, batch, position)
+                    sizes = [len(chunk) for steps in per_rank for chunk, _ in steps]
+                    assert all(1 <= size <= step_capacity(batch) for size in sizes), (items, world, batch, position)
 
 
 @pytest.mark.parametrize("world, resumed_world", [(2, 2), (2, 3), (3, 1), (4, 2)])
@@ -43,18 +57,58 @@ def test_resuming_from_a_position_reads_exactly_the_items_not_yet_read(world, re
             [c.tolist() for c, _ in first[1][3:]]
 
 
-@pytest.mark.parametrize("items, world, batch", [(11, 1, 2), (13, 2, 3), (31, 3, 4), (100, 2, 8)])
-def test_training_steps_give_every_rank_at_least_two_clips(items, world, batch):
-    order = epoch_order(items, seed=0, epoch=0, shuffle=True)
-    per_rank = [rank_steps(order, 0, rank, world, batch, min_per_rank=2) for rank in range(world)]
-    assert sorted(np.concatenate([c for steps in per_rank for c, _ in steps]).tolist()) == list(range(items))
-    assert all(2 <= len(chunk) <= batch + 2 for steps in per_rank for chunk, _ in steps)
-
-
 def test_fewer_items_than_ranks_is_refused():
     assert global_steps(0, 4, 2) == []
     with pytest.raises(ValueError, match="3 items cannot be shared among 4 ranks"):
         global_steps(3, 4, 2)
+
+
+def _orders(items: int):
+    return lambda epoch: epoch_order(items, seed=7, epoch=epoch, shuffle=True)
+
+
+def _windows(items, epochs, world, batch, start=(0, 0)):
+    """Every rank's windows from `start`: per step, the world's (epoch, item) pairs in stream order, and the end."""
+    per_rank = [list(rank_windows(_orders(items), items, *start, epochs, rank, world, batch)) for rank in range(world)]
+    steps = []
+    for shares in zip(*per_rank, strict=True):
+        assert len({end for _, _, end in shares}) == 1
+        pairs = [None] * (world * batch)
+        for rank, (epochs_of, chosen, _) in enumerate(shares):
+            assert len(chosen) == len(epochs_of) == batch  # every step full, on every rank
+            pairs[rank::world] = list(zip(epochs_of.tolist(), chosen.tolist()))
+        steps.append((pairs, shares[0][2]))
+    return steps
+
+
+def test_training_windows_of_every_size_are_full_and_use_every_clip_once_per_epoch_in_order():
+    for items in ITEMS:
+        for world in WORLDS[:6]:
+            for batch in BATCHES:
+                epochs = 3
+                steps = _windows(items, epochs, world, batch)
+                window = world * batch
+                assert len(steps) == window_count(items, 0, 0, epochs, world, batch) == epochs * items // window
+                stream = [pair for pairs, _ in steps for pair in pairs]
+                expected = [(e, int(i)) for e in range(epochs) for i in _orders(items)(e)]
+                assert stream == expected[: len(stream)], (items, world, batch)  # the stream, in order
+                assert len(expected) - len(stream) < window  # only the last epoch's short remainder is left out
+
+
+@pytest.mark.parametrize("world, batch, resumed_world, resumed_batch", [(2, 16, 2, 16), (2, 16, 3, 8), (4, 3, 1, 5),
+                                                                        (1, 7, 8, 2)])
+def test_training_resumes_from_any_step_on_any_world_and_batch_with_the_rest_of_the_stream(world, batch,
+                                                                                           resumed_world,
+                                                                                           resumed_batch):
+    items, epochs = 35, 4
+    first = _windows(items, epochs, world, batch)
+    expected = [(e, int(i)) for e in range(epochs) for i in _orders(items)(e)]
+    for stop in range(len(first)):
+        read = [pair for pairs, _ in first[: stop + 1] for pair in pairs]
+        rest = [pair for pairs, _ in _windows(items, epochs, resumed_world, resumed_batch, first[stop][1])
+                for pair in pairs]
+        assert read + rest == expected[: len(read) + len(rest)]
+        assert len(expected) - len(read) - len(rest) < resumed_world * resumed_batch
 
 
 def test_plain_crops_are_reproducible_whole_pixel_boxes_inside_the_clip_range():

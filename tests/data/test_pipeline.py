@@ -1,5 +1,6 @@
 import errno
 import io
+import itertools
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from d3d_cluster.data import index
 from d3d_cluster.data.index import ShardReadError
 from d3d_cluster.data.order import View
 from d3d_cluster.data.pipeline import (ClipLoader, LoaderState, _Planned, _build_pipeline, _to_torch,
-                                       decodes_on_gpu, training_epoch_steps)
+                                       decodes_on_gpu, training_steps)
 from d3d_cluster.data.schema import FLOW_EXT, RGB_EXT, Manifest, frame_to_flow
 from d3d_cluster.spec import DataSpec
 
@@ -38,7 +39,7 @@ def _keys(loader, batches):
 def test_batches_carry_rgb_and_flow_clips_with_their_labels(tiny_shards, crop_area):
     loader = _loader(tiny_shards, data=DATA.model_copy(update={"crop_area": crop_area}))
     assert loader.resizes == (crop_area is not None)
-    batch = next(loader.epoch(0))
+    batch = next(loader.batches())
     assert batch.rgb.shape == (2, 3, 8, 24, 24) and batch.rgb.dtype == torch.float32
     assert batch.flow.shape == (2, 2, 8, 24, 24)
     assert batch.flow.abs().max() <= (1.0 if crop_area is None else 1.0 / 0.3)
@@ -48,20 +49,58 @@ def test_batches_carry_rgb_and_flow_clips_with_their_labels(tiny_shards, crop_ar
 
 def test_one_modality_decodes_only_that_one(tiny_shards):
     loader = _loader(tiny_shards, modalities=("flow",))
-    batch = next(loader.epoch(0))
+    batch = next(loader.batches())
     assert batch.rgb is None and batch.flow.shape[1] == 2
     loader.close()
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_the_world_reads_every_training_sample_once_per_epoch_in_equal_steps(tiny_shards, world):
-    loaders = [_loader(tiny_shards, rank=r, world=world, epochs=2) for r in range(world)]
-    for epoch in range(2):
-        per_rank = [list(loader.epoch(epoch)) for loader in loaders]
-        assert {len(batches) for batches in per_rank} == {training_epoch_steps(Manifest.load(tiny_shards), DATA, world)}
-        seen = [key for loader, batches in zip(loaders, per_rank) for key in _keys(loader, batches)]
-        assert sorted(seen) == sorted(loaders[0].table.keys)
+def _epoch_keys(loader, batches) -> dict[int, list[str]]:
+    """The keys each epoch's clips came from, in the order they were handed out."""
+    keys: dict[int, list[str]] = {}
+    for batch in batches:
+        for epoch, sample in zip(batch.epochs.tolist(), batch.samples.tolist()):
+            keys.setdefault(epoch, []).append(loader.table.keys[sample])
+    return keys
+
+
+@pytest.mark.parametrize("world, batch", [(1, 2), (2, 2), (3, 2), (5, 2), (2, 5)])
+def test_the_world_trains_on_full_steps_that_use_every_sample_once_per_epoch(tiny_shards, world, batch):
+    """12 training videos: 2 epochs in windows of world x batch clips, an epoch's remainder opening the next one's
+    first step; only the last epoch's remainder, fewer clips than a step, is not read."""
+    data = DATA.model_copy(update={"batch_size": batch})
+    loaders = [_loader(tiny_shards, rank=r, world=world, epochs=2, data=data) for r in range(world)]
+    per_rank = [list(loader.batches()) for loader in loaders]
+    steps, _ = training_steps(Manifest.load(tiny_shards), data, world, 2)
+    assert [len(batches) for batches in per_rank] == [steps] * world == [24 // (world * batch)] * world
+    assert all(len(b.labels) == batch for batches in per_rank for b in batches)
+    seen: dict[int, list[str]] = {}
+    for loader, batches in zip(loaders, per_rank):
+        for epoch, keys in _epoch_keys(loader, batches).items():
+            seen.setdefault(epoch, []).extend(keys)
+    keys = sorted(loaders[0].table.keys)
+    assert sorted(seen[0]) == keys
+    assert len(set(seen[1])) == len(seen[1]) == 12 - 24 % (world * batch)
+    assert {loader.state() for loader in loaders} == {LoaderState(2, 0, 0, loaders[0].shard_hash)}  # finished
     for loader in loaders:
+        loader.close()
+
+
+def test_a_split_whose_last_steps_crashed_the_pipelines_trains_full_steps_on_every_rank(shards_of_35):
+    """35 training videos on 2 ranks x 16 clips left 3 over: they joined the last step, a rank got 18 clips, and
+    the pipelines, built for 17, crashed at the end of every epoch. Now 2 epochs make 2 full steps of 32 clips."""
+    data = DATA.model_copy(update={"batch_size": 16})
+    loaders = [_loader(shards_of_35, rank=r, world=2, epochs=2, data=data, modalities=("rgb",)) for r in range(2)]
+    per_rank = [list(loader.batches()) for loader in loaders]
+    assert [[len(b.labels) for b in batches] for batches in per_rank] == [[16, 16]] * 2
+    seen = [_epoch_keys(loader, batches) for loader, batches in zip(loaders, per_rank)]
+    assert sorted(seen[0][0] + seen[1][0]) == sorted(loaders[0].table.keys)  # epoch 0 whole, in steps 1 and 2
+    assert len(set(seen[0][1] + seen[1][1])) == 70 - 35 - 6  # epoch 1 opened step 2; 6 clips are left over
+    for loader in loaders:
+        loader.close()
+    val = [_loader(shards_of_35, split="train", rank=r, world=2, train=False, data=data, modalities=("rgb",))
+           for r in range(2)]  # scoring reads every video of an epoch once: 32, then 3 over the 2 ranks
+    assert [[len(b.labels) for b in loader.epoch(0)] for loader in val] == [[16, 2], [16, 1]]
+    for loader in val:
         loader.close()
 
 
@@ -74,15 +113,11 @@ def test_evaluation_reads_every_view_of_every_video_once_across_ranks(tiny_shard
         loader.close()
 
 
-def _fields(batches) -> list[tuple]:
-    return [(b.rgb, b.flow, b.labels, b.samples, b.views, b.epoch) for b in batches]
-
-
 def _assert_same_batches(got, want) -> None:
     assert len(got) == len(want)
-    for step, (got_batch, want_batch) in enumerate(zip(_fields(got), _fields(want))):
-        for name, a, b in zip(("rgb", "flow", "labels", "samples", "views", "epoch"), got_batch, want_batch):
-            assert (a == b if isinstance(a, int) else torch.equal(a, b)), f"step {step}: {name}"
+    for step, (got_batch, want_batch) in enumerate(zip(got, want)):
+        for name in got_batch._fields:
+            assert torch.equal(getattr(got_batch, name), getattr(want_batch, name)), f"step {step}: {name}"
 
 
 @pytest.mark.parametrize("pipelines", [2, 3])
@@ -91,7 +126,7 @@ def test_several_pipelines_a_rank_deliver_the_batches_one_pipeline_does(tiny_sha
     def batches(data):
         loader = _loader(tiny_shards, split=split, train=split == "train", epochs=2,
                          data=data.model_copy(update={"eval_clips": 2}))
-        read = [b for epoch in range(2) for b in loader.epoch(epoch)]
+        read = list(loader.batches())
         state = loader.state()
         loader.close()
         return read, state
@@ -103,10 +138,14 @@ def test_several_pipelines_a_rank_deliver_the_batches_one_pipeline_does(tiny_sha
     assert several_state == one_state
 
 
-def test_epochs_must_be_read_in_order(tiny_shards):
-    loader = _loader(tiny_shards, epochs=2)
+def test_whole_epochs_must_be_read_in_order_and_training_windows_are_not_read_by_epoch(tiny_shards):
+    loader = _loader(tiny_shards, epochs=2, whole_epochs=True)
     with pytest.raises(ValueError, match="epoch 1 requested; the loader is at epoch 0"):
         next(loader.epoch(1))
+    loader.close()
+    loader = _loader(tiny_shards, epochs=2)
+    with pytest.raises(TypeError, match="span epochs: read them with batches()"):
+        next(loader.epoch(0))
     loader.close()
 
 
@@ -114,16 +153,9 @@ def _interrupted(shards, world, stop_after, resumed_world, epochs=2, pipelines=1
     """Keys read before an interruption after `stop_after` steps, and after resuming on `resumed_world` ranks."""
     loaders = [_loader(shards, rank=r, world=world, epochs=epochs, data=DATA.model_copy(update={"pipelines": pipelines}))
                for r in range(world)]
-    before, steps = [], 0
-    for epoch in range(epochs):
-        iterators = [loader.epoch(epoch) for loader in loaders]
-        for batches in zip(*iterators):
-            before.append([key for loader, b in zip(loaders, batches) for key in _keys(loader, [b])])
-            steps += 1
-            if steps == stop_after:
-                break
-        if steps == stop_after:
-            break
+    before = []
+    for batches in itertools.islice(zip(*(loader.batches() for loader in loaders)), stop_after):
+        before.append([key for loader, b in zip(loaders, batches) for key in _keys(loader, [b])])
     states = {loader.state() for loader in loaders}
     assert len(states) == 1
     state = LoaderState.from_dict(states.pop().to_dict())
@@ -133,9 +165,8 @@ def _interrupted(shards, world, stop_after, resumed_world, epochs=2, pipelines=1
                        data=DATA.model_copy(update={"pipelines": resumed_pipelines}))
                for r in range(resumed_world)]
     after = []
-    for epoch in range(state.epoch, epochs):
-        for batches in zip(*(loader.epoch(epoch) for loader in resumed)):
-            after.append([key for loader, b in zip(resumed, batches) for key in _keys(loader, [b])])
+    for batches in zip(*(loader.batches() for loader in resumed)):
+        after.append([key for loader, b in zip(resumed, batches) for key in _keys(loader, [b])])
     for loader in resumed:
         loader.close()
     return before, after
@@ -157,16 +188,13 @@ def test_a_loader_of_several_pipelines_stops_and_resumes_where_one_pipeline_woul
     assert before + after == uninterrupted
 
 
-def test_resuming_on_another_number_of_ranks_reads_every_remaining_sample_once(tiny_shards):
-    uninterrupted, _ = _interrupted(tiny_shards, 2, 10**6, 2)
-    before, after = _interrupted(tiny_shards, 2, 2, 3)  # mid-epoch 0 of 2
-    per_epoch = len(uninterrupted) // 2
-    remaining_epoch0 = sorted(k for step in uninterrupted[2:per_epoch] for k in step)
-    assert before == uninterrupted[:2]
-    resumed_keys = [k for step in after for k in step]
-    epoch0_rest = len(remaining_epoch0)
-    assert sorted(resumed_keys[:epoch0_rest]) == remaining_epoch0
-    assert sorted(resumed_keys[epoch0_rest:]) == sorted(k for step in uninterrupted[per_epoch:] for k in step)
+def test_resuming_on_another_number_of_ranks_reads_the_rest_of_the_stream_in_full_steps(tiny_shards):
+    stream, _ = _interrupted(tiny_shards, 1, 10**6, 1)  # one rank reads the stream in its order, 2 clips a step
+    stream = [key for step in stream for key in step]
+    before, after = _interrupted(tiny_shards, 2, 2, 3)  # 8 of epoch 0's 12 clips, then windows of 6
+    assert [len(step) for step in after] == [6, 6]  # 16 clips left: 2 full steps, 4 of epoch 1 not read
+    assert sorted(k for step in before for k in step) == sorted(stream[:8])
+    assert sorted(k for step in after for k in step) == sorted(stream[8:20])
 
 
 def test_resuming_on_changed_shards_is_refused(tiny_shards):
@@ -193,13 +221,23 @@ def test_a_corrupt_sample_is_skipped_named_and_counted_and_nothing_else_is_lost(
         handle.write(b"\x00garbage" * (member.size // 8))
     loader = _loader(shards, modalities=("rgb", "flow"), epochs=2, data=DATA.model_copy(update={"pipelines": pipelines}))
     victim_key = loader.table.keys[victim]
-    for epoch in range(2):
-        keys = _keys(loader, list(loader.epoch(epoch)))
+    for keys in _epoch_keys(loader, list(loader.batches())).values():
         assert sorted(keys) == sorted(k for k in loader.table.keys if k != victim_key)
     assert loader.skipped == [{"key": victim_key, "shard": manifest.splits["train"].shards[member.tar].path,
                                "modality": "rgb", "error": loader.skipped[0]["error"]}]
     loader.close()
     assert f"skipping corrupt sample {victim_key} (rgb)" in capfd.readouterr().err
+
+
+def test_each_batch_is_told_to_on_plan_before_it_is_handed_out(tiny_shards):
+    """The student reads its stored teacher outputs ahead from what `on_plan` is told."""
+    told = []
+    loader = _loader(tiny_shards, epochs=2, on_plan=lambda epochs, samples: told.append((epochs.tolist(),
+                                                                                        samples.tolist())))
+    for step, batch in enumerate(loader.batches()):
+        assert told[step] == (batch.epochs.tolist(), batch.samples.tolist())
+    loader.close()
+    assert len(told) == step + 1
 
 
 def test_shards_are_read_ahead_on_a_reader_thread_not_on_the_thread_that_runs_the_pipeline(tiny_shards):
@@ -211,9 +249,10 @@ def test_shards_are_read_ahead_on_a_reader_thread_not_on_the_thread_that_runs_th
         return read(sample, ext)
 
     loader.table.read = recording
-    batches = [b for epoch in range(2) for b in loader.epoch(epoch)]
+    steps = loader.steps_left()
+    batches = list(loader.batches())
     loader.close()
-    assert len(batches) == 2 * len(loader) and threads
+    assert len(batches) == steps > 0 and threads
     assert threading.current_thread() not in threads and all(t.name.startswith("shard-reader") for t in threads)
     assert not any(t.is_alive() for t in threads)  # closing the loader ends its reader
 
@@ -231,8 +270,7 @@ def test_a_sample_that_cannot_be_read_is_skipped_named_and_counted_and_nothing_e
 
     loader.table.read = failing
     victim_key = loader.table.keys[victim]
-    for epoch in range(2):
-        keys = _keys(loader, list(loader.epoch(epoch)))
+    for keys in _epoch_keys(loader, list(loader.batches())).values():
         assert sorted(keys) == sorted(k for k in loader.table.keys if k != victim_key)
     assert [(r["key"], r["modality"], r["error"]) for r in loader.skipped] == [(victim_key, "rgb", "truncated member")]
     loader.close()
@@ -262,14 +300,14 @@ def test_a_shard_the_os_keeps_failing_to_read_fails_the_step_naming_it_and_no_sa
     tar = loader.table.tars[loader.table.members[3][RGB_EXT].tar]
     failures = _failing(monkeypatch, call, tar, code)
     with pytest.raises(ShardReadError, match=re.escape(str(tar))) as raised:
-        list(loader.epoch(0))
+        list(loader.batches())
     assert raised.value.errno == code and len(failures) >= 3
     assert loader.skipped == [] and loader.skipped_samples == []
     loader.close()
 
 
 def _epoch(loader) -> list:
-    batches = list(loader.epoch(0))
+    batches = list(loader.batches())
     loader.close()
     return batches
 
@@ -292,7 +330,7 @@ def test_batch_labels_are_pinned_only_for_a_gpu_and_reach_the_cpu_unchanged(tiny
     from d3d_cluster.data.pipeline import pins, to_device
 
     loader = _loader(tiny_shards, modalities=("flow",))
-    batch = next(loader.epoch(0))
+    batch = next(loader.batches())
     loader.close()
     assert not pins(torch.device("cpu")) and pins(torch.device("cuda", 0))
     assert not batch.labels.is_pinned() and to_device(batch.labels, torch.device("cpu")) is batch.labels
@@ -308,7 +346,7 @@ def test_a_missing_shard_is_an_error_naming_it_before_anything_is_read(tiny_shar
 
 
 def _decode(loader, views: list[View], resize: bool = False):
-    planned = _Planned(0, 0, [0] * len(views), [0] * len(views))
+    planned = _Planned([0] * len(views), (0, 0), [0] * len(views), [0] * len(views))
     loader._view = lambda epoch, sample, view, _views=iter(views * 2): next(_views)
     loader.resizes = resize
     columns = loader.columns(planned)
@@ -404,12 +442,12 @@ def test_each_video_keeps_its_own_length_in_the_manifest(mixed_length_shards):
     loader = _loader(mixed_length_shards)
     assert sorted(loader.table.frames) == sorted(LENGTHS)
     stored = [json.loads(loader.table.read(s, "json").tobytes())["frames"] for s in range(len(loader.table))]
-    assert loader.table.frames == stored  # the manifest's counts follow the index's order
+    assert list(loader.table.frames) == stored  # the manifest's counts follow the index's order
     loader.close()
 
 
 def test_training_clips_start_anywhere_in_each_video_and_are_decoded_from_there(mixed_length_shards):
-    loader = _loader(mixed_length_shards, epochs=3)
+    loader = _loader(mixed_length_shards, epochs=3, whole_epochs=True)
     span = (DATA.clip_frames - 1) * DATA.frame_stride
     for sample, frames in enumerate(loader.table.frames):
         starts = {loader._view(epoch, sample, 0).start for epoch in range(12 * frames)}
@@ -437,7 +475,7 @@ def test_a_late_clip_reaches_dali_as_its_stream_from_the_keyframe_before_its_sta
     interval = Manifest.load(mixed_length_shards).keyframe_interval
     keyframe, last = start - start % interval, start + (DATA.clip_frames - 1) * DATA.frame_stride
     loader._view = lambda epoch, sample, view: View(start, 0, 0, 24, 24, False)
-    columns = loader.columns(_Planned(0, 0, [loader.table.frames.index(250)], [0]))
+    columns = loader.columns(_Planned([0], (0, 0), [list(loader.table.frames).index(250)], [0]))
     rgb, flow = (column[0] for column in columns if column[0].dtype == np.uint8)  # the encoded streams
     assert [len(_frames_of(stream)) for stream in (rgb, flow)] == [last + 1 - keyframe] * 2
     assert [int(columns[i][0]) for i in (-4, -2)] == [start - keyframe] * 2  # each stream's start, before it
@@ -497,7 +535,7 @@ def test_left_and_right_classes_stay_apart_without_mirroring_or_with_their_pair_
     loader = _loader(left_right_shards, data=data, modalities=("flow",), epochs=4)
     right = Manifest.load(left_right_shards).classes.index("right")
     agree = [(float(flow[0].mean()) > 0) == (int(label) == right)
-             for epoch in range(4) for batch in loader.epoch(epoch) for flow, label in zip(batch.flow, batch.labels)]
+             for batch in loader.batches() for flow, label in zip(batch.flow, batch.labels)]
     loader.close()
     share = sum(agree) / len(agree)
     assert len(agree) == 48

@@ -101,8 +101,13 @@ def test_a_stage_stopped_by_a_signal_at_a_random_step_requeues_and_ends_with_the
 
 
 @pytest.mark.integration
-def test_a_finished_stage_submitted_again_keeps_its_network_summary_and_log(tmp_path, uninterrupted):
+@pytest.mark.parametrize("changed", [{}, {"cluster.tasks_per_node": 1}])
+def test_a_finished_stage_submitted_again_keeps_its_network_summary_and_log(tmp_path, uninterrupted, changed):
+    """Also on another number of ranks (free to change): one rank would take 24 steps where two took 12, and the
+    stage counted as finished only at a step count."""
     run = RunDir(shutil.copytree(uninterrupted.path, tmp_path / "run"))
+    if changed:
+        RunDir.create(run.spec().with_overrides(**changed))
     outputs = (EXPORT_NAME, "summary.json", "train_log.jsonl")
     kept = {name: (run.path / "teacher" / name).read_bytes() for name in outputs}
     before = len(run.events())
@@ -111,6 +116,18 @@ def test_a_finished_stage_submitted_again_keeps_its_network_summary_and_log(tmp_
     assert {name: (run.path / "teacher" / name).read_bytes() for name in outputs} == kept
     assert [e["event"] for e in run.events()[before:] if e["stage"] == "teacher"][-1:] == ["finished"]
     assert "started" not in [e["event"] for e in run.events()[before:]]  # told apart before anything was built
+
+
+@pytest.mark.integration
+def test_a_stage_whose_split_leaves_a_rank_more_than_one_clip_over_trains_to_its_end(tmp_path, shards_of_35):
+    """35 videos on 2 ranks x 16 clips: the stage crashed at the end of every epoch (the pipelines were built for
+    17 clips and got 18), then was requeued as a crash until its budget was spent."""
+    run = RunDir.create(tiny_spec(tmp_path, data={**TINY["data"], "shards": str(shards_of_35), "batch_size": 16},
+                                  deepspeed={"global_batch_size": 32}, teacher={"epochs": 2}))
+    summary = run_stage(run, "teacher", echo=lambda line: None)
+    assert summary["steps"] == 2 and summary["clips"] == 64  # 70 clips: two full steps, 6 of epoch 1 left over
+    assert len(logged_losses(run)) == 2 and (run.path / "teacher" / EXPORT_NAME).is_file()
+    assert "requeued" not in [e["event"] for e in run.events()]
 
 
 @pytest.mark.integration

@@ -1,6 +1,7 @@
 """The one training loop on a real DeepSpeed engine (CPU, gloo, one rank) reading the tiny shards through DALI."""
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -31,13 +32,14 @@ def test_mixed_5c_distillation_trains_student_and_projection_in_the_engine_in_fp
     loader = ClipLoader(tiny_shards, "train", spec.data, modalities=stage.modalities, rank=0, world=1, seed=0,
                         train=True, epochs=1)
     accumulation = spec.deepspeed.global_batch_size // 2
-    engine = initialize(trainable, spec.student.optimizer, spec.deepspeed, 2, accumulation, len(loader) // accumulation,
-                        len(loader) // accumulation)
+    steps = loader.steps_left()
+    engine = initialize(trainable, spec.student.optimizer, spec.deepspeed, 2, accumulation, steps // accumulation,
+                        steps // accumulation)
     log = tmp_path / "train_log.jsonl"
     summary = train(engine, stage, loader, TrainMetrics("t", "student", 0), world=1, log_path=log)
     loader.close()
 
-    assert summary.steps == len(loader) and torch.isfinite(torch.tensor(summary.final_loss))
+    assert summary.steps == steps and torch.isfinite(torch.tensor(summary.final_loss))
     assert all(p.dtype == torch.float32 for p in engine.module.parameters())  # fp32 on CPU
     assert not torch.equal(trainable.projection.weight, projection_before)
     assert not torch.equal(network.base.conv_1a[0][0].weight, student_before)
@@ -103,7 +105,8 @@ def _teacher_run(tmp_path, tiny_shards, poisoned: set[int], epochs: int = 2):
     network = build_network(spec, spec.teacher, "flow", 3)
     loader = ClipLoader(tiny_shards, "train", spec.data, modalities=("flow",), rank=0, world=1, seed=0, train=True,
                         epochs=epochs)
-    engine = initialize(network, spec.teacher.optimizer, spec.deepspeed, 2, 1, len(loader) * epochs, len(loader))
+    engine = initialize(network, spec.teacher.optimizer, spec.deepspeed, 2, 1, loader.steps_left(),
+                        loader.steps_per_epoch)
     metrics = TrainMetrics("t", "teacher", 0)
     log = tmp_path / "train_log.jsonl"
     return spec, network, loader, engine, metrics, log, PoisonedStage(spec, poisoned)
@@ -119,10 +122,11 @@ def test_a_nan_loss_skips_its_step_on_every_rank_and_is_counted(tmp_path, tiny_s
         weights.append(network.base.conv_1a[0][0].weight.detach().clone())
 
     engine.step = step_recording_weights
+    planned = loader.steps_left()
     summary = train(engine, stage, loader, metrics, world=1, log_path=log)
     loader.close()
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert summary.skipped_steps == 1 and summary.steps == len(records) == 2 * len(loader)
+    assert summary.skipped_steps == 1 and summary.steps == len(records) == planned
     assert [r["skipped"] for r in records[:3]] == [False, True, False]
     assert len(weights) == summary.steps - 1  # the poisoned step updated nothing
     assert all(torch.isfinite(w).all() for w in weights)
@@ -154,11 +158,8 @@ class LeavingOut:
     def __getattr__(self, name):
         return getattr(self.loader, name)
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def epoch(self, epoch: int):
-        for count, batch in enumerate(self.loader.epoch(epoch), 1):
+    def batches(self):
+        for count, batch in enumerate(self.loader.batches(), 1):
             if count != self.left_out:
                 yield batch
 
@@ -206,9 +207,10 @@ def test_a_stop_request_without_checkpointing_ends_the_loop_at_the_next_step(tmp
         polls.append(True)
         return len(polls) == 3
 
+    planned = loader.steps_left()
     summary = train(engine, stage, loader, metrics, world=1, stop_requested=stop_requested, log_path=log)
     loader.close()
-    assert summary.stopped and summary.steps == 3 < 2 * len(loader)
+    assert summary.stopped and summary.steps == 3 < planned
     assert len(log.read_text().splitlines()) == 3
 
 
@@ -232,15 +234,17 @@ def test_figures_read_back_every_few_steps_give_the_log_and_metrics_of_reading_e
             lines_at_poll.append(len(log.read_text().splitlines()) if log.exists() else 0)
             return False
 
+        planned = loader.steps_left()
         summary = train(engine, stage, loader, metrics, world=1, log_path=log, stop_requested=stop_requested,
                         report_every=every)
         loader.close()
         runs[every] = summary, _logged(log), metrics, lines_at_poll
     (summary_1, records_1, metrics_1, _), (summary_4, records_4, metrics_4, polls_4) = runs[1], runs[4]
-    assert records_4 == records_1 and len(records_4) == summary_4.steps == 2 * len(loader)
+    assert records_4 == records_1 and len(records_4) == summary_4.steps == planned
     assert records_4[2]["skipped"] and records_4[2]["loss"] != records_4[2]["loss"]  # NaN, as logged every step
     assert [r["grad_norm"] is None for r in records_4] == [r["skipped"] for r in records_4]
-    assert summary_4.final_loss == summary_1.final_loss == records_4[-1]["loss"]
+    last_epoch = [r["loss"] for r in records_4 if not r["skipped"]][-6:]  # 12 videos, 2 a step: 6 steps an epoch
+    assert summary_4.final_loss == summary_1.final_loss == pytest.approx(sum(last_epoch) / 6)
     # Written four steps at a time: during step k the log holds the steps of the last full group of four.
     assert polls_4 == [(k - 1) // 4 * 4 for k in range(1, summary_4.steps + 1)]
     for name in ("d3d_train_steps_total", "d3d_train_clips_total", "d3d_train_loss", "d3d_train_grad_norm",
@@ -278,3 +282,36 @@ def test_nan_losses_in_a_row_leave_the_steps_before_the_last_in_the_log(tmp_path
               max_nonfinite_steps=spec.deepspeed.max_nonfinite_steps)
     loader.close()
     assert [r["skipped"] for r in _logged(log)] == [False, False, False, True]  # read back before the error rose
+
+
+def test_a_skipped_steps_activations_are_freed_before_the_next_forward_pass(tmp_path, tiny_shards,
+                                                                            deepspeed_single_rank):
+    """A skipped step runs no backward, so its graph (every activation it saved) would live on through the next
+    forward pass and double the peak memory exactly when a step is skipped."""
+    spec, network, loader, engine, metrics, _, stage = _teacher_run(tmp_path, tiny_shards, poisoned={2}, epochs=1)
+    saved, alive_at_forward = [], []
+    first_conv = network.base.conv_1a[0][0]  # its output is saved by the BatchNorm after it for the backward pass
+    first_conv.register_forward_hook(lambda module, args, output: saved.append(weakref.ref(output)))
+    network.register_forward_pre_hook(lambda module, args: alive_at_forward.append(
+        saved[-1]() is not None if saved else False))
+    summary = train(engine, stage, loader, metrics, world=1)
+    loader.close()
+    assert summary.skipped_steps == 1 and len(alive_at_forward) == summary.steps > 3
+    assert not any(alive_at_forward)  # step 3's forward pass found step 2's activations gone
+
+
+def test_a_stop_that_lands_on_the_last_step_ends_the_stage_as_finished(tmp_path, tiny_shards, deepspeed_single_rank):
+    """The stage has nothing left to train: it must export and finish, not checkpoint and requeue to find that out."""
+    spec, network, loader, engine, metrics, log, stage = _teacher_run(tmp_path, tiny_shards, poisoned=set(), epochs=1)
+    planned, polls, saves = loader.steps_left(), [], []
+
+    def stop_requested() -> bool:
+        polls.append(True)
+        return len(polls) == planned
+
+    summary = train(engine, stage, loader, metrics, world=1, stop_requested=stop_requested,
+                    checkpointing=Checkpointing(tmp_path / "checkpoints", 100, 2,
+                                                lambda checkpoint, seconds, reason: saves.append(reason)))
+    loader.close()
+    assert not summary.stopped and summary.steps == planned and saves == ["end"]
+    assert checkpoints.latest_valid(tmp_path / "checkpoints").loader.epoch == loader.end_epoch == 1

@@ -67,9 +67,10 @@ class _SparseMotion:
                 y, x = torch.randint(0, 10, (2,), generator=generator).tolist()
                 clip[:, :, y:y + 6, x:x + 6] = (torch.rand(2, generator=generator) * 2 - 1)[:, None, None, None]
             self.batches.append(Batch(None, flow, torch.zeros(8, dtype=torch.long), torch.arange(8),
-                                      torch.zeros(8, dtype=torch.long), 0))
+                                      torch.zeros(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)))
 
-    def __len__(self) -> int:
+    @property
+    def steps_per_epoch(self) -> int:
         return len(self.batches)
 
     def epoch(self, epoch: int):

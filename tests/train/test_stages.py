@@ -12,7 +12,8 @@ from d3d_cluster.train.stages import Stage, build_network
 def clips():
     torch.manual_seed(0)
     return Batch(rgb=torch.randn(2, 3, 8, 32, 32), flow=torch.randn(2, 2, 8, 32, 32), labels=torch.tensor([1, 2]),
-                 samples=torch.tensor([0, 1]), views=torch.zeros(2, dtype=torch.long), epoch=0)
+                 samples=torch.tensor([0, 1]), views=torch.zeros(2, dtype=torch.long),
+                 epochs=torch.zeros(2, dtype=torch.long))
 
 
 @pytest.fixture
