@@ -13,14 +13,15 @@ from typing import Callable
 
 import torch
 
-from d3d_cluster.data.pipeline import clip_geometry, decodes_on_gpu, mirrored_labels
+from d3d_cluster.data.pipeline import clip_geometry, decodes_on_gpu, mirrored_labels, training_steps
 from d3d_cluster.data.schema import SPLITS, Manifest
 from d3d_cluster.launch.executor import check_cluster, make_executor
 from d3d_cluster.launch.job import EvalJob, StageJob
 from d3d_cluster.launch.requeue import count_events, exit_hook, job_events
 from d3d_cluster.rundir import RESULTS_NAME, SUMMARY_NAME, RunDir
 from d3d_cluster.spec import Spec
-from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, STAGES, build_network, load_frozen_teacher
+from d3d_cluster.train.stages import (EXPORT_NAME, STAGE_INPUT, STAGES, build_network, load_frozen_teacher,
+                                      stage_settings)
 from d3d_cluster.train.teacher_outputs import check_space
 
 EVAL = "eval"
@@ -72,6 +73,11 @@ def check_ready(spec: Spec, *stages: str) -> None:
     unknown = [stage for stage in stages if stage not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage {unknown[0]!r} (expected one of {', '.join(STAGES)})")
+    for stage in stages:
+        try:
+            training_steps(manifest, spec.data, spec.world_size, stage_settings(spec, stage).epochs)
+        except ValueError as error:
+            raise ValueError(f"{shards}: {stage}: {error}") from None
     teacher = spec.run_dir / "teacher" / EXPORT_NAME
     if "student" in stages and "teacher" not in stages:
         if not teacher.is_file():

@@ -180,6 +180,15 @@ def test_one_clip_a_rank_is_refused_before_queueing_where_batchnorm_would_see_on
                                                    "prep.short_side": 256, "prep.synthetic.frames": 65}))
 
 
+def test_a_stage_too_short_for_one_full_step_is_refused_before_queueing(tmp_path, tiny_shards):
+    spec = _spec_file(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)})
+    refused = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec), "--set", "data.batch_size=8",
+                                        "--set", "deepspeed.global_batch_size=16", "--set", "teacher.epochs=1"])
+    assert refused.exit_code != 0 and not (tmp_path / "work" / "runs").exists()
+    assert ("teacher: the training split has 12 videos: 1 epoch(s) of them make fewer clips than one step of 2 "
+            "ranks x data.batch_size 8") in refused.output
+
+
 def test_nvdec_asked_for_frames_it_cannot_decode_is_refused_before_queueing(tmp_path, tiny_shards):
     spec = _spec_file(tmp_path, data={**TINY["data"], "shards": str(tiny_shards)})
     refused = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec), "--set", "data.decoder=gpu"])
