@@ -46,7 +46,7 @@ def _clips(shards: Path, device_id: int | None, batches: int, decoder: str = "au
                         modalities=("rgb", "flow"), rank=0, world=1, seed=0, train=True, device_id=device_id)
     try:
         out = []
-        for batch in loader.epoch(0):
+        for batch in loader.batches():
             assert batch.rgb.device == batch.flow.device == loader.device
             out.append((batch.rgb.cpu().numpy(), batch.flow.cpu().numpy(), batch.samples.numpy()))
             if len(out) == batches:
