@@ -17,6 +17,9 @@ one rank whose loader runs that many pipelines (`data.pipelines`) of that many t
 It says whether the decoder's feed is limited per pipeline (two pipelines of 4 threads beat one of 8) or per device;
 a layout ending in `cpu` decodes with DALI's CPU decoder on a GPU rank (`data.decoder: cpu`), the machine's cores
 against NVDEC.
+`--member-reads 1 8 --read-latency-ms 2` times DALI alone reading each batch's members that many at a time
+(`pipeline.MEMBER_READS`), rounds alternating, with every read of a shard made that much slower first: a network
+filesystem's round trip (1-5 ms on NFS or Lustre), which a rank pays about twice a clip.
 `--smoke`: 12 videos of 12 frames at 32 px, 8-frame clips cropped to 24 px, batches of 2, 2 per round, 1 round.
 """
 
@@ -38,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from benchmarks import parse_args
+from d3d_cluster.data import pipeline
 from d3d_cluster.data.index import SampleTable
 from d3d_cluster.data.order import epoch_order, train_view
 from d3d_cluster.data.pipeline import RGB_MEAN, RGB_STD, ClipLoader, clip_geometry
@@ -120,9 +124,15 @@ class PyAVClips(Dataset):
         return clips, self.table.label(sample)
 
 
-def _batches(loader: ClipLoader):
-    for epoch in itertools.count():
-        yield from loader.epoch(epoch)
+def _slow_reads(seconds: float) -> None:
+    """Every pread of this process (the loader's reads of its shards) waits `seconds` first, as on NFS."""
+    read = os.pread
+
+    def slow(*args):
+        time.sleep(seconds)
+        return read(*args)
+
+    os.pread = slow
 
 
 def time_dali(shards: Path, data: DataSpec, modalities, batches: int, device_id: int | None) -> float:
@@ -131,7 +141,7 @@ def time_dali(shards: Path, data: DataSpec, modalities, batches: int, device_id:
     loader = ClipLoader(shards, "train", data, modalities=modalities, rank=0, world=1, seed=0, train=True,
                         device_id=device_id, epochs=10**6)
     try:
-        stream = _batches(loader)
+        stream = loader.batches()
         for _ in range(data.pipelines):
             next(stream)
         started = time.perf_counter()
@@ -172,6 +182,10 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, help="prepared shards to read (default: make them under --workdir)")
     parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the PyAV DataLoader")
+    parser.add_argument("--member-reads", type=int, nargs="+", metavar="N",
+                        help="time DALI alone with each number of a batch's members read at once")
+    parser.add_argument("--read-latency-ms", type=float, default=0.0,
+                        help="added before every read of a shard (a network filesystem's round trip)")
     parser.add_argument("--layouts", nargs="+", metavar="PIPELINESxTHREADS[cpu]",
                         help="time DALI alone in each layout (1x8 2x4 1x16cpu), instead of against the baseline")
     args = parse_args(parser, SMOKE)
@@ -184,11 +198,26 @@ def main() -> None:
     data = DataSpec(clip_frames=args.clip_frames, crop_size=args.crop, batch_size=args.batch,
                     reader_threads=args.cores)
     torch.set_num_threads(1)
+    if args.read_latency_ms:
+        _slow_reads(args.read_latency_ms / 1000)
     results = {}
     for modalities in (("rgb",), ("rgb", "flow")):
         name = "+".join(modalities)
         # Decoded frames: every modality's clip is its own stream of clip_frames frames.
         frames_per_clip = args.clip_frames * len(modalities)
+        if args.member_reads:
+            rates = {reads: [] for reads in args.member_reads}
+            for _ in range(args.rounds):
+                for reads in args.member_reads:
+                    pipeline.MEMBER_READS = reads
+                    rates[reads].append(time_dali(shards, data, modalities, args.batches, args.device_id))
+            results[name] = {f"member_reads_{reads}": {"dali_clips_per_second": r, "dali_median": statistics.median(r)}
+                             for reads, r in rates.items()}
+            first = statistics.median(rates[args.member_reads[0]])
+            print(f"{name} ({args.read_latency_ms:g} ms a read): " + ", ".join(
+                f"{reads} at a time {statistics.median(r):.1f} clips/s ({statistics.median(r) / first:.2f}x)"
+                for reads, r in rates.items()), flush=True)
+            continue
         if layouts:
             rates = {layout: [] for layout in layouts}
             for _ in range(args.rounds):

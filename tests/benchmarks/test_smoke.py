@@ -41,6 +41,15 @@ def test_the_loader_benchmark_runs_at_smoke_size_and_reports_both_loaders(tmp_pa
         assert result["ratio"] == pytest.approx(result["dali_median"] / result["pyav_median"])
 
 
+def test_the_loader_benchmark_times_member_reads_under_an_injected_read_latency(tmp_path):
+    report = run_benchmark("loader", tmp_path, "--workdir", str(tmp_path / "work"), "--no-baseline",
+                           "--member-reads", "1", "4", "--read-latency-ms", "1")
+    assert report["args"]["read_latency_ms"] == 1 and report["args"]["member_reads"] == [1, 4]
+    for result in report["results"].values():
+        assert set(result) == {"member_reads_1", "member_reads_4"}
+        assert all(reads["dali_median"] > 0 for reads in result.values())
+
+
 def test_the_metrics_overhead_benchmark_runs_at_smoke_size_and_relates_observing_to_a_step(tmp_path):
     report = run_benchmark("metrics_overhead", tmp_path)
     assert report["observe_step_seconds"] > 0 and report["scrape_seconds"] > 0 and report["train_step_seconds"] > 0
