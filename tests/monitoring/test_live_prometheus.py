@@ -1,7 +1,9 @@
 """A real Prometheus scrapes live training: every dashboard query and alert expression must answer, and the
 data-starvation alert must fire on a starved loader and stay quiet on a fed one."""
 
+import itertools
 import json
+import math
 import re
 import socket
 import subprocess
@@ -128,22 +130,22 @@ def _every_query_answers(prometheus: Prometheus, name: str, run: RunDir, at: flo
 
 
 class PacedLoader:
-    """The real loader's first epoch, decoded up front and then handed out for every epoch, each batch `delay`
-    seconds after the step asks for it: with no delay a loader that never keeps a step waiting, with one a loader
-    on a slow file system, whatever this machine's decoding speed."""
+    """An epoch's worth of the real loader's steps, decoded up front and then handed out again and again, each batch
+    `delay` seconds after the step asks for it: with no delay a loader that never keeps a step waiting, with one a
+    loader on a slow file system, whatever this machine's decoding speed."""
 
     def __init__(self, loader: ClipLoader, delay: float = 0.0):
         self.loader, self.delay = loader, delay
-        self.batches = list(loader.epoch(loader.first_epoch))
+        self.decoded = list(itertools.islice(loader.batches(), math.ceil(loader.steps_per_epoch)))
 
     def __getattr__(self, name: str):
         return getattr(self.loader, name)
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.decoded)
 
-    def epoch(self, epoch: int):
-        for batch in self.batches:
+    def batches(self):
+        for batch in itertools.cycle(self.decoded):
             time.sleep(self.delay)
             yield batch
 
