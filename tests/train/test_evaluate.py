@@ -148,13 +148,41 @@ def test_ensemble_cli_prints_members_and_ensemble(two_students, tmp_path):
     assert result.exit_code != 0 and "predictions.npz: no predictions" in result.output
 
 
+class Rendezvous:
+    """A barrier whose abort fails only the waits it interrupts: `threading.Barrier.abort` also fails a rank that
+    the last arrival had already released but that had not yet woken, as a real collective never does."""
+
+    def __init__(self, size: int):
+        self.size, self.arrived, self.generation, self.broken = size, 0, 0, False
+        self.condition = threading.Condition()
+
+    def wait(self) -> None:
+        with self.condition:
+            if self.broken:
+                raise threading.BrokenBarrierError
+            generation = self.generation
+            self.arrived += 1
+            if self.arrived == self.size:
+                self.arrived, self.generation = 0, generation + 1
+                self.condition.notify_all()
+                return
+            self.condition.wait_for(lambda: self.generation != generation or self.broken)
+            if self.generation == generation:
+                raise threading.BrokenBarrierError
+
+    def abort(self) -> None:
+        with self.condition:
+            self.broken = True
+            self.condition.notify_all()
+
+
 class ThreadWorld:
     """Ranks as threads in one process, with a stand-in for `gather_to_rank0` that hands rank 0 every rank's value
     through pickle, as torch's gather_object does, and records what each gather brought rank 0. A rank that raises
     breaks the barrier, so the others fail at their next gather instead of waiting for it."""
 
     def __init__(self, size: int):
-        self.size, self.barrier, self.local = size, threading.Barrier(size), threading.local()
+        self.size, self.barrier, self.local = size, Rendezvous(size), threading.local()
         self.values, self.received = [None] * size, []
 
     def gather_to_rank0(self, value):
