@@ -1,7 +1,8 @@
 """What the training loop itself costs the host per step: `train.loop.train` over a tiny network on batches decoded
 once beforehand, against the same network's step alone (forward, `Stage.loss`, backward, optimizer step), in
 alternating rounds of one run. The difference is the loop's own work per step: the flags all-reduce, reading the
-step's figures back from the device, the gradient norm, the Prometheus metrics, rank 0's train log, the loader state.
+step's figures back from the device, the gradient norm, the Prometheus metrics, rank 0's train log and its
+TensorBoard event files, the loader state.
 
     .venv/bin/python -m benchmarks.loop_overhead --out benchmarks/results/loop_overhead.json
 

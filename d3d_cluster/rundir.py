@@ -26,6 +26,7 @@ EVENTS_NAME = "events.jsonl"
 RESULTS_NAME = "results.json"
 SUMMARY_NAME = "summary.json"
 TRAIN_LOG_NAME = "train_log.jsonl"  # rank 0's record of every step of a stage
+TENSORBOARD_NAME = "tb"  # beside the train log: the same records as TensorBoard event files
 
 
 # What the trained networks and their data are made of: a run whose spec changes any of it would mix stages trained

@@ -82,7 +82,8 @@ def finish_stage(run, stage: str, seed: int, steps: int = 6):
     network.eval()
     directory = run.stage(stage)
     torch.save({k: v.float() for k, v in network.state_dict().items()}, directory / EXPORT_NAME)
-    write_json_atomically(directory / SUMMARY_NAME, {"clips_per_second": 10.0 + seed, "wall_seconds": 60.0 + seed})
+    write_json_atomically(directory / SUMMARY_NAME, {"steps": steps, "clips_per_second": 10.0 + seed,
+                                                     "wall_seconds": 60.0 + seed})
     records = [{"step": step, "loss": 1.0 / step, "accuracy": step / steps, "clips_per_second": 20.0 + seed}
                for step in range(1, steps + 1)]
     (directory / TRAIN_LOG_NAME).write_text("".join(json.dumps(record) + "\n" for record in records))
@@ -115,6 +116,36 @@ def logged_losses(run, stage: str = "teacher") -> list[float]:
     from d3d_cluster.train.curves import read_train_log
 
     return [record["loss"] for record in read_train_log(run.path / stage / TRAIN_LOG_NAME)]
+
+
+def tensorboard_scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in a directory's event files as TensorBoard's own loader shows them (earlier files'
+    purged steps left out): tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(directory), size_guidance={"scalars": 0})  # 0: every point, none sampled away
+    board.Reload()
+    return {tag: [(event.step, event.value) for event in board.Scalars(tag)] for tag in board.Tags()["scalars"]}
+
+
+def assert_tensorboard_shows_the_train_log(stage_dir: Path) -> None:
+    """The stage's tb/ holds every field of every train log record as `train/FIELD` at the record's step, in float32
+    as TensorBoard stores scalars, and nothing else."""
+    from d3d_cluster.rundir import TENSORBOARD_NAME, TRAIN_LOG_NAME
+    from d3d_cluster.train.curves import read_train_log
+
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for record in read_train_log(stage_dir / TRAIN_LOG_NAME):
+        for field, value in record.items():
+            if field != "step" and value is not None:
+                expected.setdefault(f"train/{field}", []).append((record["step"], value))
+    shown = {tag: points for tag, points in tensorboard_scalars(stage_dir / TENSORBOARD_NAME).items()
+             if tag.startswith("train/")}
+    assert set(shown) == set(expected)
+    for tag, points in expected.items():
+        assert [step for step, _ in shown[tag]] == [step for step, _ in points], tag
+        np.testing.assert_array_equal([value for _, value in shown[tag]],
+                                      np.float32([value for _, value in points]), err_msg=tag)
 
 
 def require(missing: str | None) -> None:

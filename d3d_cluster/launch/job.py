@@ -348,7 +348,7 @@ def _evaluate_run(run_path: Path, stages: tuple[str, ...], rank: Rank) -> dict |
     """Every rank evaluates its share of each stage's views; rank 0 writes the predictions and the results."""
     from d3d_cluster.files import write_json_atomically
     from d3d_cluster.rundir import RESULTS_NAME, RunDir
-    from d3d_cluster.train.evaluate import evaluate_stage, results_table
+    from d3d_cluster.train.evaluate import add_results_to_tensorboard, evaluate_stage, results_table
 
     run = RunDir(run_path)
     spec = run.spec()
@@ -365,6 +365,7 @@ def _evaluate_run(run_path: Path, stages: tuple[str, ...], rank: Rank) -> dict |
     results = results_table(run.path, stages) if rank.rank == 0 else None
     if rank.rank == 0:
         write_json_atomically(run.path / RESULTS_NAME, results)
+        add_results_to_tensorboard(run.path, results, stages)
         run.event("finished", stage="eval", job_id=rank.job_id)
     barrier()
     return results

@@ -24,6 +24,7 @@ from d3d_cluster.models.weights import load_s3dg
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.loop import predict
 from d3d_cluster.train.stages import EXPORT_NAME, STAGE_INPUT, build_model
+from d3d_cluster.train.step_log import add_evaluation
 
 PREDICTIONS_NAME = "predictions.npz"
 
@@ -247,3 +248,16 @@ def results_table(run_path: Path, stages: tuple[str, ...]) -> dict:
     reference = next(iter(predictions.values()))
     return {"run": run_path.name, "val_samples": len(reference.labels), "views_per_video": reference.views,
             "classes": classes, "chance": 1.0 / len(classes), "models": models}
+
+
+def add_results_to_tensorboard(run_path: Path, results: dict, stages: tuple[str, ...]) -> None:
+    """The top-1 of each stage this run evaluated (not those a study's other run owns and reports) as `eval/top1` in
+    its TensorBoard run, at its last training step, the student's with the two-stream ensemble's beside it
+    (`eval/top1_two_stream`): every point of a study in one chart."""
+    models = results["models"]
+    for stage in stages:
+        scores = {"top1": models[stage]["top1"]}
+        if stage == "student" and "student+teacher" in models:
+            scores["top1_two_stream"] = models["student+teacher"]["top1"]
+        steps = json.loads((run_path / stage / SUMMARY_NAME).read_text())["steps"]
+        add_evaluation(run_path / stage, steps, scores)

@@ -22,13 +22,12 @@ ZeRO-1/2 step itself still reads the gradient norm on the host at each optimizer
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, TextIO
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -38,6 +37,7 @@ from d3d_cluster.metrics import StepObservation, TrainMetrics
 from d3d_cluster.train import checkpoint as checkpoints
 from d3d_cluster.train.engine import autocast, step_with_grad_norm
 from d3d_cluster.train.stages import Stage
+from d3d_cluster.train.step_log import StepLog
 
 # Steps slower than this are reported as they end, whatever `report_every` says: a read per half minute costs nothing,
 # and the dashboard and the stall alert (no step for 5 minutes) never wait for several slow steps.
@@ -92,10 +92,10 @@ class _Step(NamedTuple):
 
 class StepReports:
     """Finished steps, kept until `flush` reads their device figures back in one transfer; then the metrics take
-    them, and rank 0's train log gets one record per step (fields as `curves` and `d3dc results` read them) and
-    the printed progress its lines, in step order."""
+    them, and rank 0's step log (train log and TensorBoard) gets one record per step (fields as `curves` and
+    `d3dc results` read them) and the printed progress its lines, in step order."""
 
-    def __init__(self, metrics: TrainMetrics, log: TextIO | None, stage: str, print_every: int, final_window: int):
+    def __init__(self, metrics: TrainMetrics, log: StepLog | None, stage: str, print_every: int, final_window: int):
         self.metrics, self.log, self.stage, self.print_every = metrics, log, stage, print_every
         self.pending: list[_Step] = []
         self.recent_losses: deque[float] = deque(maxlen=final_window)  # of applied steps
@@ -118,19 +118,19 @@ class StepReports:
             return
         on_device = [value for step in self.pending for value in step.on_device if value is not None]
         values = iter(torch.stack(on_device).tolist())  # the one transfer
-        observed, lines = [], []
+        observed, records = [], []
         for step in self.pending:
             loss, cross_entropy, distillation, hits, grad_norm = (None if value is None else next(values)
                                                                   for value in step.on_device)
             observed.append(StepObservation(step.clips, step.step_seconds, step.data_wait_seconds, loss, distillation,
                                             step.learning_rate, step.epoch, grad_norm, step.samples))
             if self.log:
-                lines.append(json.dumps({
+                records.append({
                     "step": step.step, "epoch": round(step.epoch, 4), "loss": loss, "cross_entropy": cross_entropy,
                     "distillation": distillation, "accuracy": hits / step.clips, "lr": step.learning_rate,
                     "grad_norm": grad_norm, "skipped": step.skipped, "step_seconds": step.step_seconds,
                     "data_wait_seconds": step.data_wait_seconds,
-                    "clips_per_second": step.world_clips / step.step_seconds}) + "\n")
+                    "clips_per_second": step.world_clips / step.step_seconds})
             if self.print_every and step.step % self.print_every == 0:
                 print(f"[{self.stage}] epoch {step.epoch:.2f} step {step.step} loss {loss:.4f} "
                       f"lr {step.learning_rate:.2e}", flush=True)
@@ -139,8 +139,7 @@ class StepReports:
         self.pending = []
         self.metrics.observe_steps(observed)
         if self.log:
-            self.log.write("".join(lines))
-            self.log.flush()
+            self.log.write(records)
 
 
 class _Buffers:
@@ -170,13 +169,14 @@ def train(engine, stage: Stage, loader: ClipLoader, metrics: TrainMetrics, world
           max_nonfinite_steps: int = 3, log_path: Path | None = None, print_every: int = 0,
           report_every: int = 1) -> TrainSummary:
     """Train from the loader's position to its end; `step` is the global step the loader's position corresponds to
-    (0 for a fresh start). Rank 0 passes `log_path` to keep a JSON-lines record of every step.
+    (0 for a fresh start). Rank 0 passes `log_path` to keep a JSON-lines record of every step, and the same records
+    as TensorBoard event files beside it (`step_log`).
     Metrics, log and printed progress are brought up to date every `report_every` steps, before every checkpoint
     and at the end (see the module docstring)."""
     if report_every < 1:
         raise ValueError(f"report_every must be >= 1, got {report_every}")
     engine.train()
-    log = log_path.open("a") if log_path else None
+    log = StepLog(log_path, resumed_at=step) if log_path else None
     reports = StepReports(metrics, log, stage.name, print_every, final_window=math.ceil(loader.steps_per_epoch))
     buffers = _Buffers(engine.module)
     clips, skipped, in_a_row, corrupt_reported = 0, 0, 0, 0

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import EVAL_VIEWS, EVALUATED_STAGES
+from conftest import EVAL_VIEWS, EVALUATED_STAGES, tensorboard_scalars
 
 from d3d_cluster.data.index import SampleTable
 from d3d_cluster.data.schema import Manifest
@@ -34,7 +34,7 @@ def test_two_rank_evaluation_scores_every_validation_video_once_when_the_views_d
 
 
 @pytest.mark.integration
-def test_results_json_scores_each_model_and_the_two_stream_ensemble(evaluated_run, tiny_shards):
+def test_results_json_and_tensorboard_score_each_model_and_the_two_stream_ensemble(evaluated_run, tiny_shards):
     import json
 
     run, _ = evaluated_run
@@ -55,6 +55,11 @@ def test_results_json_scores_each_model_and_the_two_stream_ensemble(evaluated_ru
     assert results["models"]["student"]["clips_per_second"] == 11.0 and "clips_per_second" not in results["models"]["student+teacher"]
     for stage in EVALUATED_STAGES:
         assert results["models"][stage]["top1"] == pytest.approx(Predictions.load(run.path / stage).top1())
+    # In each stage's TensorBoard run, at its last training step (6); the ensemble's in the student's.
+    boards = {stage: tensorboard_scalars(run.path / stage / "tb") for stage in EVALUATED_STAGES}
+    shown = {"teacher": boards["teacher"]["eval/top1"], "student": boards["student"]["eval/top1"],
+             "student+teacher": boards["student"]["eval/top1_two_stream"]}
+    assert shown == {name: [(6, pytest.approx(row["top1"]))] for name, row in results["models"].items()}
 
 
 @pytest.mark.integration

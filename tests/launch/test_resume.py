@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY, logged_losses, tiny_spec
+from conftest import TINY, assert_tensorboard_shows_the_train_log, logged_losses, tiny_spec
 from job_control import child_processes, frozen, signal_pending, wait_until
 
 from d3d_cluster.cli import main
@@ -147,6 +147,7 @@ def test_a_stage_killed_without_warning_resumes_from_its_last_periodic_checkpoin
     resumed = [e for e in run.events() if e["event"] == "started" and "resumed_from" in e]
     assert resumed[-1]["step"] == 5 and resumed[-1]["steps_lost"] >= 3
     assert logged_losses(run) == logged_losses(uninterrupted)
+    assert_tensorboard_shows_the_train_log(run.path / "teacher")  # the lost steps once, as logged again
 
 
 @pytest.mark.integration

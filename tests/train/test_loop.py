@@ -5,7 +5,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import tiny_spec
+from conftest import assert_tensorboard_shows_the_train_log, tiny_spec
 
 from d3d_cluster.data.pipeline import ClipLoader
 from d3d_cluster.metrics import TrainMetrics
@@ -131,6 +131,7 @@ def test_a_nan_loss_skips_its_step_on_every_rank_and_is_counted(tmp_path, tiny_s
     assert len(weights) == summary.steps - 1  # the poisoned step updated nothing
     assert all(torch.isfinite(w).all() for w in weights)
     assert metrics.registry.get_sample_value("d3d_train_skipped_steps_total", metrics.labels) == 1
+    assert_tensorboard_shows_the_train_log(tmp_path)  # the skipped step's NaN loss too, without a gradient norm
 
 
 class InfiniteInputStage(Stage):
