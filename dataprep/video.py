@@ -72,12 +72,15 @@ def frame_size(path: str | os.PathLike) -> tuple[int, int]:
 
 
 def write_h264(path: str | os.PathLike, frames: np.ndarray, fps: float) -> None:
-    """An .mp4 like the raw videos a user brings: H.264, yuv420p (even sizes only)."""
+    """An .mp4 like the raw videos a user brings: H.264, yuv420p (even sizes only); the same frames, the same bytes."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "12"}
+        # cpu-independent: x264's SIMD MB-tree code made the bytes depend on uninitialised heap memory (12 of the
+        # quickstart's 480 videos differed between two runs); it swaps in the C code, the same on every CPU.
+        stream.options = {"preset": "veryfast", "crf": "12", "x264-params": "cpu-independent=1"}
+        stream.codec_context.thread_count = 1  # an automatic count follows the machine's cores, and slices with it
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
@@ -146,6 +149,8 @@ def encode_vp9(frames: np.ndarray, fps: float, keyframe_interval: int, crf: int)
         stream.height, stream.width = height, width
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = keyframe_interval
+        # one thread: prep runs a worker per core already, and the bytes cannot hinge on libvpx's threads being exact
+        stream.codec_context.thread_count = 1
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(stream.encode())

@@ -1,11 +1,18 @@
+import ctypes
 import io
+import os
+import subprocess
+import sys
 
 import av
 import cv2
 import numpy as np
 import pytest
 
-from dataprep.synthetic import render_video
+from d3d_cluster.data import schema
+from d3d_cluster.spec import FlowSpec
+from dataprep.flow import compute_flow
+from dataprep.synthetic import CLASSES, render_video
 from dataprep.video import (
     VideoError,
     dali_decode,
@@ -17,7 +24,11 @@ from dataprep.video import (
     resample_fps,
     resize_and_crop,
     resize_short_side,
+    write_h264,
 )
+
+M_PERTURB = -6  # glibc's mallopt parameter
+HEAP_BYTES = (0x11, 0x5A, 0xEE, 0x80)
 
 
 def _motion_video(frames=12, size=32):
@@ -107,6 +118,55 @@ def test_read_video_names_the_file_and_the_reason_it_cannot_be_read(tmp_path, co
     assert error.value.reason == reason
 
 
-def test_the_same_frames_encode_to_the_same_bytes():
-    frames = _motion_video()
-    assert encode_vp9(frames, 25.0, 8, 10) == encode_vp9(frames, 25.0, 8, 10)
+@pytest.fixture
+def busy_machine():
+    """A CPU-bound process per core beside the test, so an encoder whose bytes follow load or thread timing shows it."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
+def _quickstart_videos(count=12):
+    """`sideways` videos drawn as make_motion_dataset draws them: most of the H.264 files that differed between two
+    quickstart runs were of this class."""
+    return [render_video(np.random.default_rng([0, CLASSES.index("sideways"), number]), "sideways", 20, 64)
+            for number in range(count)]
+
+
+def _encodings_per_video(encode, videos) -> list[int]:
+    """How many different results each video's encodings gave, one encoding per heap byte: glibc fills memory it
+    hands out with that byte (M_PERTURB), so an encoder that reads uninitialised memory gives itself away."""
+    libc = ctypes.CDLL(None)
+    seen = [set() for _ in videos]
+    try:
+        for byte in HEAP_BYTES:
+            libc.mallopt(M_PERTURB, byte)
+            for encodings, frames in zip(seen, videos):
+                encodings.add(encode(frames))
+    finally:
+        libc.mallopt(M_PERTURB, 0)
+    return [len(encodings) for encodings in seen]
+
+
+def test_h264_writes_the_same_bytes_whatever_the_heap_held_on_a_busy_machine(tmp_path, busy_machine):
+    path = tmp_path / "video.mp4"
+
+    def encode(frames):
+        write_h264(path, frames, 25.0)
+        return path.read_bytes()
+
+    videos = _quickstart_videos()
+    assert _encodings_per_video(encode, videos) == [1] * len(videos)
+
+
+@pytest.mark.parametrize("content", ["rgb", "flow"])
+def test_vp9_encodes_the_same_bytes_whatever_the_heap_held_on_a_busy_machine(busy_machine, content):
+    videos = _quickstart_videos()
+    if content == "flow":  # as a shard stores it: quantized, x and y side by side in gray
+        flows = [schema.quantize_flow(compute_flow(frames, FlowSpec(algorithm="farneback")), 20.0) for frames in videos]
+        videos = [np.stack([schema.flow_to_frame(pair) for pair in flow]) for flow in flows]
+    assert _encodings_per_video(lambda frames: encode_vp9(frames, 25.0, 8, 10), videos) == [1] * len(videos)
