@@ -6,8 +6,10 @@
 The dataset is made and prepared once, by `d3dc prep` in a process of its own (its time is reported on its own).
 Each seed then trains the teacher, the student and the RGB-only baseline from scratch. Student and baseline of
 a seed are paired: the same initial weights, the same clips in the same order, the same crops and mirrors (a
-training view is a function of seed, epoch and sample), so their difference is distillation's alone. With
-`--probe`, `d3dc probe` then decodes optical flow from each network's layers (D3D section 3).
+training view is a function of seed, epoch and sample), so their difference is distillation's alone; the
+report's `paired` section is `d3dc compare`'s summary of those differences (`d3d_cluster.compare`), with a 95%
+Student t interval. With `--probe`, `d3dc probe` then decodes optical flow from each network's layers (D3D
+section 3).
 
 `--set KEY=VALUE` changes the spec (a setting under test: `--set student.distill.weight=0.3`); the report keeps
 the spec it trained. A seed whose run an earlier invocation finished with the same spec is not trained again
@@ -33,6 +35,7 @@ import time
 from pathlib import Path
 
 from benchmarks import SMOKE_SPEC, parse_args
+from d3d_cluster.compare import paired_row, paired_summary, spread
 from d3d_cluster.launch.pipeline import run_pipeline
 from d3d_cluster.rundir import RESULTS_NAME, SPEC_NAME, RunDir, spec_changes, trained_with
 from d3d_cluster.spec import ProbeSpec, Spec, load_spec, parse_assignment
@@ -41,25 +44,6 @@ from d3d_cluster.train.stages import EXPORT_NAME
 
 SMOKE = {"seeds": [0], "probe_epochs": 1}
 NETWORKS = ("teacher", "student", "baseline")
-
-
-def spread(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "per_seed": values}
-
-
-def compare(runs: dict[int, dict]) -> dict:
-    """The paired comparison the claim rests on, seed by seed: student minus baseline, the share of the
-    baseline-to-teacher gap the student closes, and whether the student + teacher ensemble matches the teacher."""
-    top1 = {seed: {model: result["top1"] for model, result in run["models"].items()} for seed, run in runs.items()}
-    gains = [top1[s]["student"] - top1[s]["baseline"] for s in runs]
-    closed = [(top1[s]["student"] - top1[s]["baseline"]) / (top1[s]["teacher"] - top1[s]["baseline"])
-              for s in runs if top1[s]["teacher"] > top1[s]["baseline"]]
-    report = {"student_minus_baseline": spread(gains), "student_wins": sum(gain > 0 for gain in gains),
-              "gap_closed": spread(closed) if closed else None}
-    if all("student+teacher" in top1[s] for s in runs):
-        report["ensemble_minus_teacher"] = spread([top1[s]["student+teacher"] - top1[s]["teacher"] for s in runs])
-    return report
 
 
 def compare_probes(probes: dict[int, dict]) -> dict:
@@ -190,7 +174,7 @@ def main() -> None:
                                                        for r in runs.values()),
         "seeds": args.seeds,
         "models": summary,
-        "paired": compare(runs),
+        "paired": paired_summary([paired_row(seed, run["models"]) for seed, run in runs.items()]),
         **({"probe": compare_probes(probes), "probe_settings": probe_settings.model_dump()} if probes else {}),
         "spec_changes": changes,
         "reused_stages": reused,

@@ -56,6 +56,15 @@ set_option = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", c
                           help="Override a spec key, as YAML: --set student.distill.weight=0.5 (repeatable).")
 
 
+def _seeds(context, parameter, value: str | None) -> list[int] | None:
+    from d3d_cluster.launch.study import parse_seeds
+
+    try:
+        return None if value is None else parse_seeds(value)
+    except SpecError as error:
+        raise click.BadParameter(str(error)) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """D3D on a cluster: prepare video shards, train the flow teacher, distill the RGB student."""
@@ -175,19 +184,35 @@ def verify(shard_dir: str, spec_path: str | None, workdir: str | None, workers: 
 @click.option("--workers", "prep_workers", type=click.IntRange(min=1), help="prep: processes per task "
               "(default: prep.workers).")
 @click.option("--dry-run", is_flag=True, help="Print the sbatch scripts that would be submitted; submit nothing.")
+@click.option("--seeds", callback=_seeds, help="A study of the pipeline over these seeds: 0-4, or 0,2,7.")
+@click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2", help="A study of the pipeline over these "
+              "values of a spec key, read as --set reads them (repeatable: every combination).")
+@click.option("--max-parallel", type=click.IntRange(min=1), help="A study on Slurm: points run at once, at most.")
 @set_option
 @force_option
 def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: int, prep_workers: int | None,
-           dry_run: bool, sets: dict, force: bool, **flags) -> None:
+           dry_run: bool, seeds: list[int] | None, sweeps: tuple[str, ...], max_parallel: int | None, sets: dict,
+           force: bool, **flags) -> None:
     """Queue a stage, the evaluation, the whole pipeline or dataprep on Slurm (teacher and baseline, the student
     after the teacher, the evaluation after both), or run it in the foreground with the local executor. Flags
     override the spec; everything is checked before the first job is queued. `doctor` runs `d3dc doctor` on
-    each node the spec asks for, as a job, waits for it and prints every node's report."""
+    each node the spec asks for, as a job, waits for it and prints every node's report. `pipeline --seeds
+    --sweep` queues a study: one run per point under WORKDIR/runs/NAME, each stage trained once per distinct
+    input; `d3dc status NAME` and `d3dc compare NAME` read it."""
     from d3d_cluster.launch import submit as submission
     from d3d_cluster.launch.pipeline import JobCancelled
+    from d3d_cluster.launch.study import parse_sweep
 
     if target != "prep" and (prep_tasks != 1 or prep_workers is not None):
         raise click.ClickException("--array and --workers are for `d3dc submit prep`")
+    try:
+        sweep = parse_sweep(sweeps)
+    except SpecError as error:
+        raise click.BadParameter(str(error), param_hint="--sweep") from None
+    study = bool(seeds or sweep)
+    if study and dry_run:
+        raise click.ClickException("--dry-run shows one run's jobs; submit the pipeline without --seeds and --sweep "
+                                   "to see a point's scripts")
     try:
         overrides = submission.flag_overrides(**flags)
     except ValueError as error:  # a malformed --time
@@ -199,10 +224,13 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
             click.echo(submission.dry_run(spec, target, prep_tasks, prep_workers), nl=False)
             return
         result = submission.submit(spec, target, echo=echo, prep_tasks=prep_tasks, prep_workers=prep_workers,
-                                   force=force)
+                                   force=force, seeds=seeds, sweep=sweep, max_parallel=max_parallel)
     except (FileNotFoundError, ValueError, JobCancelled) as error:
         raise click.ClickException(str(error)) from None
-    if target == "doctor":
+    if study:
+        follow = f"`d3dc status {spec.name}`, then " if spec.cluster.executor == "slurm" else ""
+        console.print(f"follow the study with {follow}`d3dc compare {spec.name}`", markup=False)
+    elif target == "doctor":
         _show_doctor(result["reports"])
     elif spec.cluster.executor == "slurm" and target != "prep":
         console.print(f"follow it with `d3dc status {spec.name}` and `d3dc logs {spec.name} --follow`", markup=False)
@@ -310,6 +338,10 @@ def status(run: str | None, spec_path: str | None, workdir: str | None) -> None:
     epoch, last checkpoint, requeues."""
     from d3d_cluster.launch.status import run_status
 
+    study = _study(run, spec_path, workdir)
+    if study is not None:
+        _show_study_status(study)
+        return
     found = _run(run, spec_path, workdir)
     spec = found.spec()
     table = Table(title=f"{spec.name}: {spec.cluster.executor} executor, {spec.world_size} ranks ({found.path})")
@@ -323,6 +355,34 @@ def status(run: str | None, spec_path: str | None, workdir: str | None) -> None:
                       "" if job.epoch is None else f"{job.epoch:.2f}",
                       Text(f"{checkpoint.get('tag', '')} (step {checkpoint.get('step')}) {checkpoint['time']}")
                       if checkpoint else "", _requeues(job), Text(note))  # Text: an error is not markup
+    console.print(table)
+
+
+def _study(name: str | None, spec_path: str | None, workdir: str | None):
+    from d3d_cluster.launch.study import find_study
+
+    return find_study(name, _spec(spec_path, workdir).path("runs"))
+
+
+def _show_study_status(path) -> None:
+    from d3d_cluster.launch.pipeline import EVAL
+    from d3d_cluster.launch.study import study_status
+    from d3d_cluster.train.stages import STAGES
+
+    table = Table(title=f"study {path.name} ({path}); a stage marked shared is trained once, in the first point "
+                        "with the same inputs")
+    for column in ("point", *STAGES, EVAL, *(f"{stage} top-1" for stage in ("teacher", "student", "baseline"))):
+        table.add_column(column, justify="right" if column.endswith("top-1") else "left")
+    for point in study_status(path):
+        cells = []
+        for job, status in point.jobs.items():
+            state = "not submitted" if status is None else status.state
+            if status is not None and status.step is not None and job != EVAL and not status.ended:
+                state += f" step {status.step}"
+            cells.append(Text(state if point.owners[job] == point.name else f"{state} (shared)"))
+        models = (point.results or {}).get("models", {})
+        top1 = [f"{models[stage]['top1']:.1%}" if stage in models else "" for stage in ("teacher", "student", "baseline")]
+        table.add_row(point.name.split("/", 1)[-1], *cells, *top1)
     console.print(table)
 
 
@@ -344,7 +404,7 @@ def runs(spec_path: str | None, workdir: str | None) -> None:
     for column in ("run", "jobs", "last event"):
         table.add_column(column)
     for summary in list_runs(spec.path("runs")):
-        table.add_row(summary.run.path.name, ", ".join(f"{job.stage} {job.state}" for job in summary.stages),
+        table.add_row(summary.run.spec().name, ", ".join(f"{job.stage} {job.state}" for job in summary.stages),
                       summary.last_time)
     console.print(table)
 
@@ -377,22 +437,29 @@ def logs(run: str, spec_path: str | None, workdir: str | None, stage: str | None
 @spec_option
 @workdir_option
 def cancel(run: str, spec_path: str | None, workdir: str | None) -> None:
-    """Cancel every live job of a run (Slurm's, and local ones run by a `d3dc submit` elsewhere), and record it
-    in the run's events. A running stage checkpoints at its next step first."""
+    """Cancel every live job of a run, or of every point of a study (Slurm's, and local ones run by a `d3dc submit`
+    elsewhere), and record it in the run's events. A running stage checkpoints at its next step first."""
     from d3d_cluster.launch.status import cancel_run
+    from d3d_cluster.launch.study import cancel_study
 
-    found = _run(run, spec_path, workdir)
+    study = _study(run, spec_path, workdir)
     try:
-        cancelled, gone = cancel_run(found)
+        if study is not None:
+            reports = cancel_study(study)
+        else:
+            found = _run(run, spec_path, workdir)
+            reports = [(found.path.name, *cancel_run(found))]
     except RuntimeError as error:
         raise click.ClickException(str(error)) from None
-    for job in cancelled:
-        console.print(f"cancelled {job.stage} job {job.job_id} (was {job.state})", markup=False)
-    for job in gone:
-        console.print(f"{job.stage}: local job {job.job_id} ({job.last_event}) is not running on this machine "
-                      "(its process is gone, or it runs on another host)", markup=False)
-    if not cancelled and not gone:
-        console.print(f"{found.path.name}: no live job to cancel")
+    for name, cancelled, gone in reports:
+        where = f"{name}: " if study is not None else ""
+        for job in cancelled:
+            console.print(f"{where}cancelled {job.stage} job {job.job_id} (was {job.state})", markup=False)
+        for job in gone:
+            console.print(f"{name}: {job.stage}: local job {job.job_id} ({job.last_event}) is not running on this "
+                          "machine (its process is gone, or it runs on another host)", markup=False)
+    if not any(cancelled or gone for _, cancelled, gone in reports):
+        console.print(f"{(study or found.path).name}: no live job to cancel")
 
 
 @main.command("check-spec")
@@ -526,6 +593,85 @@ def ensemble(stage_dirs: tuple[str, ...]) -> None:
         table.add_row(name, f"{top1:.1%}")
     table.add_row("ensemble", f"{report['ensemble_top1']:.1%}")
     console.print(table)
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True)
+@spec_option
+@workdir_option
+@click.option("--figure", type=click.Path(dir_okay=False), help="Where to draw the paired differences (default: "
+              "STUDY/study.png for a study; none for a list of runs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of tables.")
+def compare(targets: tuple[str, ...], spec_path: str | None, workdir: str | None, figure: str | None,
+            as_json: bool) -> None:
+    """Student against baseline, paired by seed: `d3dc compare STUDY` (a study's name or directory) or
+    `d3dc compare RUN RUN...` (runs that differ only in seed make one setting). Per point and per setting: top-1
+    of every network, student minus baseline with a 95% Student t interval over seeds, wins/ties/losses, the
+    share of the baseline-to-teacher gap closed; points not evaluated yet show their evaluation job's state."""
+    import json
+    from pathlib import Path
+
+    from d3d_cluster.compare import FIGURE_NAME, compare_runs, compare_study, write_figure
+
+    study = _study(targets[0], spec_path, workdir) if len(targets) == 1 else None
+    try:
+        if study is not None:
+            report = compare_study(study)
+            figure = figure or str(study / FIGURE_NAME)
+        else:
+            report = compare_runs([_run(target, spec_path, workdir) for target in targets])
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise click.ClickException(f"cannot compare: {error}") from None
+    if figure:
+        report["figure"] = str(write_figure(report, Path(figure)))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        _print_comparison(report)
+
+
+def _print_comparison(report: dict) -> None:
+    from d3d_cluster.compare import MODELS, settings_label
+
+    points = Table(title=f"{report['study'] or 'runs'}: top-1 per point (seed x setting)")
+    for column in ("setting", "seed", "teacher", "student", "baseline", "student - baseline", "gap closed",
+                   "student+teacher", "evaluation"):
+        points.add_column(column, justify="left" if column in ("setting", "evaluation") else "right")
+    for row in report["points"]:
+        top1 = row["top1"] or {}
+        state = row["state"] + (f": {row['detail']}" if row["detail"] else "")
+        points.add_row(Text(settings_label(row["settings"])), str(row["seed"]),
+                       *(_percent(top1.get(model)) for model in ("teacher", "student", "baseline")),
+                       _percent(row["student_minus_baseline"], "+"), _percent(row["gap_closed"]),
+                       _percent(top1.get("student+teacher")), Text(state, style="" if top1 else "yellow"))
+    console.print(points)
+    settings = Table(title="per setting, over its evaluated seeds: mean ± standard deviation")
+    for column in ("setting", "seeds", *MODELS, "student - baseline", "95% interval", "wins/ties/losses",
+                   "left out"):
+        settings.add_column(column, justify="left" if column == "setting" else "right")
+    for setting in report["settings"]:
+        difference = setting["student_minus_baseline"]
+        interval = difference["interval"] if difference else None
+        settings.add_row(Text(setting["label"]), str(len(setting["seeds"])),
+                         *(_mean_sd(setting["top1"][model]) for model in MODELS), _mean_sd(difference, "+"),
+                         f"[{interval[0]:+.1%}, {interval[1]:+.1%}]" if interval else
+                         "none (one seed)" if difference else "-",
+                         f"{setting['student_wins']}/{setting['ties']}/{setting['student_losses']}",
+                         str(setting["left_out"]))
+    console.print(settings)
+    console.print(f"interval: {report['interval']}", soft_wrap=True)
+    if "figure" in report:
+        console.print(f"figure: {report['figure']}", soft_wrap=True)
+
+
+def _percent(value: float | None, sign: str = "") -> str:
+    return "-" if value is None else f"{value:{sign}.1%}"
+
+
+def _mean_sd(summary: dict | None, sign: str = "") -> str:
+    if summary is None:
+        return "-"
+    return _percent(summary["mean"], sign) + ("" if summary["stdev"] is None else f" ± {summary['stdev']:.1%}")
 
 
 @main.command()

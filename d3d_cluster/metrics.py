@@ -286,8 +286,9 @@ def targets_dir(spec: Spec, run: RunDir) -> Path:
 
 
 def target_path(targets: Path, run: str, stage: str, rank: int) -> Path:
-    """One file per rank, named so that runs can share one targets directory."""
-    return targets / f"{run}-{stage}-rank{rank}.json"
+    """One file per rank, named so that runs can share one targets directory (a study point's `/` becomes `+`, which
+    no run name holds: every file stays where the file_sd glob looks)."""
+    return targets / f"{run.replace('/', '+')}-{stage}-rank{rank}.json"
 
 
 def write_target(path: Path, host: str, port: int, labels: dict[str, str]) -> None:

@@ -26,6 +26,7 @@ EVENTS_NAME = "events.jsonl"
 RESULTS_NAME = "results.json"
 SUMMARY_NAME = "summary.json"
 TRAIN_LOG_NAME = "train_log.jsonl"  # rank 0's record of every step of a stage
+STUDY_NAME = "study.json"  # in a study's directory: its points, each a run inside it
 TENSORBOARD_NAME = "tb"  # beside the train log: the same records as TensorBoard event files
 
 

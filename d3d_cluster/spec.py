@@ -384,7 +384,8 @@ class MetricsSpec(_Section):
 
 
 class Spec(_Section):
-    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # A study's points are runs inside the study's directory: NAME/seed-0/student.distill.weight-10.
+    name: str = Field("quickstart", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)*$")
     workdir: str = "d3dc-work"
     seed: int = 0
     prep: PrepSpec = PrepSpec()

@@ -9,7 +9,7 @@ def test_help_lists_every_command_with_its_help():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
     for command in ("quickstart", "prep", "submit", "status", "runs", "logs", "cancel", "results", "export",
-                    "check-spec", "monitor", "model-info", "ensemble", "probe", "doctor"):
+                    "check-spec", "monitor", "model-info", "ensemble", "compare", "probe", "doctor"):
         assert command in result.output
     assert "Make a small motion dataset" in result.output
 

@@ -165,17 +165,19 @@ class StopSignals:
 
 @dataclass(frozen=True)
 class EvalJob:
-    """Evaluates the run's trained `stages` on the validation split and writes the run's results."""
+    """Evaluates the run's trained `stages` on the validation split and writes the run's results, with the stages
+    `reported` from predictions already made (a study's shared stages, evaluated in their own run)."""
 
     run_dir: str
     stages: tuple[str, ...]
+    reported: tuple[str, ...] = ()
 
     def __call__(self) -> dict | None:
         from d3d_cluster.rundir import RunDir
 
         run_path = Path(self.run_dir)
         with failures_recorded(run_path, "eval"), distributed(RunDir(run_path).spec()) as rank:
-            return _evaluate_run(run_path, self.stages, rank)
+            return _evaluate_run(run_path, self.stages, rank, self.reported)
 
 
 def _check_world(spec, run_path: Path, rank: Rank) -> None:
@@ -344,7 +346,7 @@ def _logged_step(line: str) -> float:
         return float("inf")
 
 
-def _evaluate_run(run_path: Path, stages: tuple[str, ...], rank: Rank) -> dict | None:
+def _evaluate_run(run_path: Path, stages: tuple[str, ...], rank: Rank, reported: tuple[str, ...] = ()) -> dict | None:
     """Every rank evaluates its share of each stage's views; rank 0 writes the predictions and the results."""
     from d3d_cluster.files import write_json_atomically
     from d3d_cluster.rundir import RESULTS_NAME, RunDir
@@ -362,7 +364,7 @@ def _evaluate_run(run_path: Path, stages: tuple[str, ...], rank: Rank) -> dict |
             print(f"[eval] {stage}: top-1 {predictions.top1():.1%} on {len(predictions.keys)} videos"
                   + (f" ({len(predictions.skipped)} not decodable, left out)" if len(predictions.skipped) else ""),
                   flush=True)
-    results = results_table(run.path, stages) if rank.rank == 0 else None
+    results = results_table(run.path, (*stages, *reported)) if rank.rank == 0 else None
     if rank.rank == 0:
         write_json_atomically(run.path / RESULTS_NAME, results)
         add_results_to_tensorboard(run.path, results, stages)

@@ -30,16 +30,17 @@ TARGETS = (*STAGES, EVAL, "pipeline")
 
 @dataclass(frozen=True)
 class PlannedJob:
-    """One job of a submission: a stage's training, or the evaluation of `stages`; `after` names the jobs of the
-    same submission it waits for (`afterok`)."""
+    """One job of a submission: a stage's training, or the evaluation of `stages` (reporting `reported` too, stages
+    another run of a study evaluated); `after` names the jobs of the same submission it waits for (`afterok`)."""
 
     name: str
     after: tuple[str, ...] = ()
     stages: tuple[str, ...] = ()
+    reported: tuple[str, ...] = ()
 
     def function(self, run: RunDir) -> StageJob | EvalJob:
         if self.name == EVAL:
-            return EvalJob(str(run.path), self.stages)
+            return EvalJob(str(run.path), self.stages, self.reported)
         return StageJob(str(run.path), self.name)
 
 
@@ -133,7 +134,7 @@ def run_jobs(run: RunDir, jobs: list[PlannedJob], echo: Callable[[str], None] = 
     result: dict = {}
     for planned in jobs:
         if planned.name == EVAL:
-            result = run_evaluation(run, planned.stages, echo, poll_seconds)
+            result = run_evaluation(run, planned.stages, echo, poll_seconds, planned.reported)
         else:
             result = run_stage(run, planned.name, echo, poll_seconds)
     return result
@@ -148,9 +149,9 @@ def run_stage(run: RunDir, stage: str, echo: Callable[[str], None] = print, poll
 
 
 def run_evaluation(run: RunDir, stages: tuple[str, ...], echo: Callable[[str], None] = print,
-                   poll_seconds: float = 1.0) -> dict:
+                   poll_seconds: float = 1.0, reported: tuple[str, ...] = ()) -> dict:
     """Evaluate the trained `stages` as a job of the run's world size; the results table it writes."""
-    job = submit_job(run, EVAL, EvalJob(str(run.path), tuple(stages)), echo)
+    job = submit_job(run, EVAL, EvalJob(str(run.path), tuple(stages), tuple(reported)), echo)
     _follow(run, EVAL, job, echo, poll_seconds)
     return json.loads((run.path / RESULTS_NAME).read_text())
 

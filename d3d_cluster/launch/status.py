@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from d3d_cluster.launch.requeue import last_run_failures, requeue_counts
-from d3d_cluster.rundir import SPEC_NAME, TRAIN_LOG_NAME, RunDir
+from d3d_cluster.rundir import SPEC_NAME, STUDY_NAME, TRAIN_LOG_NAME, RunDir
 
 # Slurm job states in which a job still holds, or waits for, resources.
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
@@ -186,12 +186,36 @@ class RunSummary:
 
 def list_runs(runs_dir: Path) -> list[RunSummary]:
     """Every run under `runs_dir` with its jobs, Slurm asked once for all of them; the most recent first."""
-    runs = [RunDir(path) for path in sorted(runs_dir.iterdir()) if (path / SPEC_NAME).is_file()] \
-        if runs_dir.is_dir() else []
+    runs = [RunDir(path) for path in _run_paths(runs_dir)] if runs_dir.is_dir() else []
+    statuses = runs_status(runs)
+    summaries = [RunSummary(run, statuses[run.path]) for run in runs]
+    return sorted(summaries, key=lambda summary: summary.last_time, reverse=True)
+
+
+def _run_paths(runs_dir: Path) -> Iterable[Path]:
+    """The runs directory's runs, and the runs of the studies in it (their points)."""
+    for path in sorted(runs_dir.iterdir()):
+        if (path / SPEC_NAME).is_file():
+            yield path
+        elif (path / STUDY_NAME).is_file():
+            yield from (Path(point["run"]) for point in json.loads((path / STUDY_NAME).read_text())["points"]
+                        if (Path(point["run"]) / SPEC_NAME).is_file())
+
+
+def runs_status(runs: list[RunDir]) -> dict[Path, list[StageStatus]]:
+    """Every job of each run, Slurm asked once for all of them."""
     grouped = {run.path: stage_events(run.events()) for run in runs}
     slurm = slurm_jobs(job_id for stages in grouped.values() for job_id in _slurm_job_ids(stages.values()))
-    summaries = [RunSummary(run, run_status(run, slurm)) for run in runs]
-    return sorted(summaries, key=lambda summary: summary.last_time, reverse=True)
+    return {run.path: run_status(run, slurm) for run in runs}
+
+
+def refuse_live_jobs(run: RunDir) -> None:
+    """One run, one chain of jobs: queueing more into a run whose jobs still run would change the spec they read."""
+    live = [status for status in run_status(run) if status.live]
+    if live:
+        jobs = ", ".join(f"{status.stage} {status.job_id} {status.slurm.state}" for status in live)
+        raise ValueError(f"{run.path}: the run has live jobs ({jobs}); `d3dc cancel {run.spec().name}` them first, "
+                         "or submit under another --name")
 
 
 def cancel_run(run: RunDir) -> tuple[list[StageStatus], list[StageStatus]]:

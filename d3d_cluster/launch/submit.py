@@ -14,7 +14,9 @@ from d3d_cluster.launch.executor import parse_time, sbatch_script
 from d3d_cluster.launch.requeue import exit_hook
 from d3d_cluster.launch.pipeline import PlannedJob, check_ready, plan_jobs, queue_jobs, run_jobs
 from d3d_cluster.launch.prep import LOGS, prep_clusters, prepare_locally, submit_prep
-from d3d_cluster.rundir import RunDir
+from d3d_cluster.launch.status import refuse_live_jobs
+from d3d_cluster.launch.study import submit_study
+from d3d_cluster.rundir import STUDY_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.stages import STAGES
 
@@ -95,19 +97,30 @@ def _job_script(spec: Spec, planned: PlannedJob) -> str:
 
 
 def submit(spec: Spec, target: str, echo: Callable[[str], None] = print, prep_tasks: int = 1,
-           prep_workers: int | None = None, force: bool = False) -> dict:
+           prep_workers: int | None = None, force: bool = False, seeds: list[int] | None = None,
+           sweep: dict | None = None, max_parallel: int | None = None) -> dict:
     """Check everything, then queue `target`'s jobs (Slurm: their job ids by name) or run them in the foreground
     (local: the last job's result). `prep` writes the spec's shards, outside any run; `doctor` checks the nodes,
-    also outside any run, and waits on Slurm too: its result is every node's report."""
+    also outside any run, and waits on Slurm too: its result is every node's report. Seeds or a sweep make the
+    pipeline a study (`launch.study`)."""
+    if seeds or sweep:
+        if target != "pipeline":
+            raise ValueError(f"--seeds and --sweep make a study of the pipeline, not of {target}")
+        return submit_study(spec, seeds or [spec.seed], sweep or {}, echo, max_parallel, force)
+    if max_parallel is not None:
+        raise ValueError("--max-parallel limits a study's points (with --seeds or --sweep)")
     if target == PREP:
         return _submit_prep(spec, echo, prep_tasks, prep_workers)
     if target == DOCTOR:  # a check of the nodes, outside any run, as prep is
         return {"reports": submit_doctor(spec, echo)}
+    if (spec.run_dir / STUDY_NAME).is_file():
+        raise ValueError(f"{spec.run_dir}: {spec.name!r} is a study; submit it with its --seeds and --sweep, or name "
+                         "the run another way (--name)")
     jobs = plan_jobs(spec, target)
     check_ready(spec, *(planned.name for planned in jobs if planned.name in STAGES))
     slurm = spec.cluster.executor == "slurm"
     if slurm:
-        _refuse_live_jobs(RunDir(spec.run_dir))
+        refuse_live_jobs(RunDir(spec.run_dir))
     run = RunDir.create(spec, force)
     echo(f"run directory: {run.path}")
     for key, (before, after) in run.changes.items():
@@ -126,14 +139,3 @@ def _submit_prep(spec: Spec, echo: Callable[[str], None], tasks: int, workers: i
         raise ValueError("--array needs the slurm executor (locally, --workers sets the parallelism)")
     prepare_locally(spec, workers)
     return {}
-
-
-def _refuse_live_jobs(run: RunDir) -> None:
-    """One run, one chain of jobs: queueing more into a run whose jobs still run would change the spec they read."""
-    from d3d_cluster.launch.status import run_status
-
-    live = [status for status in run_status(run) if status.live]
-    if live:
-        jobs = ", ".join(f"{status.stage} {status.job_id} {status.slurm.state}" for status in live)
-        raise ValueError(f"{run.path}: the run has live jobs ({jobs}); `d3dc cancel {run.path.name}` them first, "
-                         "or submit under another --name")
