@@ -25,7 +25,8 @@ class StepLog:
 
     def __init__(self, path: Path, resumed_at: int):
         self.file = path.open("a")
-        self.board = SummaryWriter(path.parent / TENSORBOARD_NAME, purge_step=resumed_at + 1)
+        # A fresh start purges nothing: a purge at step 1 would also hide the points of any file read after it.
+        self.board = SummaryWriter(path.parent / TENSORBOARD_NAME, purge_step=resumed_at + 1 if resumed_at else None)
 
     def write(self, records: list[dict]) -> None:
         self.file.write("".join(json.dumps(record) + "\n" for record in records))

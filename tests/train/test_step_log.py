@@ -1,6 +1,7 @@
 """Rank 0's step log: the train log and TensorBoard's event files, written from the same records."""
 
 import json
+import time
 
 from conftest import assert_tensorboard_shows_the_train_log, tensorboard_scalars
 
@@ -20,6 +21,9 @@ def test_a_resumed_step_log_shows_each_step_once_with_the_values_logged_after_th
     # As the resumed job cuts it: the records past the checkpoint are run again.
     (tmp_path / TRAIN_LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in _records(range(1, 6), loss=1.0)))
 
+    # TensorBoard reads event files in name order, which starts with the second a file was made in: the resumed job
+    # runs later, and so does this one (within one second the order would hang on a counter's digits).
+    time.sleep(1.1)
     resumed = StepLog(tmp_path / TRAIN_LOG_NAME, resumed_at=5)
     resumed.write(_records(range(6, 10), loss=2.0))
     resumed.close()
