@@ -381,7 +381,8 @@ def _show_study_status(path) -> None:
                 state += f" step {status.step}"
             cells.append(Text(state if point.owners[job] == point.name else f"{state} (shared)"))
         models = (point.results or {}).get("models", {})
-        top1 = [f"{models[stage]['top1']:.1%}" if stage in models else "" for stage in ("teacher", "student", "baseline")]
+        top1 = [f"{models[stage]['top1']:.1%}" if stage in models else ""
+                for stage in ("teacher", "student", "baseline")]
         table.add_row(point.name.split("/", 1)[-1], *cells, *top1)
     console.print(table)
 

@@ -97,7 +97,8 @@ def study_points(spec: Spec, seeds: list[int], sweep: dict[str, list[Any]]) -> l
     for seed in seeds:
         for values in itertools.product(*sweep.values()):
             settings = dict(zip(sweep, values))
-            name = "/".join([spec.name, f"seed-{seed}", *(f"{key}-{_segment(value)}" for key, value in settings.items())])
+            name = "/".join([spec.name, f"seed-{seed}",
+                             *(f"{key}-{_segment(value)}" for key, value in settings.items())])
             try:
                 point_spec = spec.with_overrides(seed=seed, name=name, **settings)
             except SpecError as error:
@@ -320,8 +321,9 @@ def study_status(path: Path) -> list[PointStatus]:
     for point in points:
         owners = {**point["stages"], EVAL: point["name"]}
         results_file = runs[point["name"]].path / RESULTS_NAME
-        report.append(PointStatus(point["name"], {job: statuses.get(owner, {}).get(job) for job, owner in owners.items()},
-                                  owners, json.loads(results_file.read_text()) if results_file.is_file() else None))
+        jobs = {job: statuses.get(owner, {}).get(job) for job, owner in owners.items()}
+        results = json.loads(results_file.read_text()) if results_file.is_file() else None
+        report.append(PointStatus(point["name"], jobs, owners, results))
     return report
 
 

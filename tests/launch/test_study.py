@@ -11,7 +11,8 @@ from conftest import TINY, tiny_spec
 
 from d3d_cluster import cli
 from d3d_cluster.cli import main
-from d3d_cluster.launch.study import Point, finished_jobs, parse_seeds, parse_sweep, plan_study, stage_owners, study_points
+from d3d_cluster.launch.study import (Point, finished_jobs, parse_seeds, parse_sweep, plan_study, stage_owners,
+                                      study_points)
 from d3d_cluster.rundir import STUDY_NAME, RunDir
 from d3d_cluster.spec import SpecError, load_spec
 
@@ -42,11 +43,12 @@ def test_points_are_the_cartesian_product_each_a_run_named_for_its_seed_and_sett
     spec = tiny_spec(tmp_path).with_overrides(name="study")
     points = study_points(spec, [0, 1], {"student.distill.weight": [1, 0.3], "teacher.epochs": [2, 3]})
     assert [point.name for point in points][:4] == [
-        "study/seed-0/student.distill.weight-1/teacher.epochs-2", "study/seed-0/student.distill.weight-1/teacher.epochs-3",
+        "study/seed-0/student.distill.weight-1/teacher.epochs-2",
+        "study/seed-0/student.distill.weight-1/teacher.epochs-3",
         "study/seed-0/student.distill.weight-0.3/teacher.epochs-2",
         "study/seed-0/student.distill.weight-0.3/teacher.epochs-3"]
     assert len(points) == 8 and points[5].seed == 1
-    assert points[5].spec.seed == 1 and points[5].spec.teacher.epochs == 3 and points[5].spec.student.distill.weight == 1
+    assert (points[5].spec.seed, points[5].spec.teacher.epochs, points[5].spec.student.distill.weight) == (1, 3, 1)
     assert points[5].spec.run_dir == tmp_path.resolve() / "runs" / "study" / "seed-1" / "student.distill.weight-1" / \
         "teacher.epochs-3"
     with pytest.raises(SpecError, match="study point study/seed-0/teacher.epochs--1: .*teacher.epochs"):
