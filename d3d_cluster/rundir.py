@@ -95,8 +95,20 @@ class RunDir:
         it (spec.yaml.001, .002...), and the changes are in `changes` for the caller to show."""
         run = cls(spec.run_dir)
         stored = run.path / SPEC_NAME
-        changes = spec_changes(run.spec(), spec) if stored.is_file() else {}
-        started = {event["stage"] for event in run.events() if event["event"] == "started"}
+        changes = run.check_spec(spec, force)
+        run.path.mkdir(parents=True, exist_ok=True)
+        if changes:  # the spec the earlier stages ran with stays beside the new one, numbered in order
+            number = len(list(run.path.glob(f"{SPEC_NAME}.*"))) + 1
+            write_text_atomically(run.path / f"{SPEC_NAME}.{number:03d}", stored.read_text())
+        write_text_atomically(stored, spec.to_yaml())
+        run.changes = changes
+        return run
+
+    def check_spec(self, spec: Spec, force: bool = False) -> dict[str, tuple]:
+        """What `spec` would change in this run's spec, refused as `create` refuses it; nothing is written."""
+        stored = self.path / SPEC_NAME
+        changes = spec_changes(self.spec(), spec) if stored.is_file() else {}
+        started = {event["stage"] for event in self.events() if event["event"] == "started"}
         concerned = {key: [stage for stage in STAGE_SETTINGS
                            if stage in started and key.startswith(STAGE_SETTINGS[stage])]
                      for key in changes if key not in FREE_TO_CHANGE}
@@ -109,13 +121,7 @@ class RunDir:
                               f"stages trained on different data, networks or settings:\n{lines}\npass --force to "
                               "rewrite the run's spec anyway, or give the new spec its own run (--name, or --set "
                               "name=...)")
-        run.path.mkdir(parents=True, exist_ok=True)
-        if changes:  # the spec the earlier stages ran with stays beside the new one, numbered in order
-            number = len(list(run.path.glob(f"{SPEC_NAME}.*"))) + 1
-            write_text_atomically(run.path / f"{SPEC_NAME}.{number:03d}", stored.read_text())
-        write_text_atomically(stored, spec.to_yaml())
-        run.changes = changes
-        return run
+        return changes
 
     def spec(self) -> Spec:
         return load_spec(self.path / SPEC_NAME)

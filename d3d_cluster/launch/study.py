@@ -198,6 +198,8 @@ def submit_study(spec: Spec, seeds: list[int], sweep: dict[str, list[Any]], echo
             refuse_live_jobs(point.run)
     _refuse_other_study(spec, points)
     for point in points:
+        point.run.check_spec(point.spec, force)
+    for point in points:
         run = RunDir.create(point.spec, force)
         for key, (before, after) in run.changes.items():
             echo(f"{point.name}: spec change in this run: {key}: {before!r} -> {after!r}")

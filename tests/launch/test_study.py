@@ -155,6 +155,10 @@ def test_a_local_study_trains_shared_stages_once_and_submitting_it_again_trains_
     assert again.exit_code == 0 and "(0 left)" in again.output, again.output
     assert [len(run.events()) for run in (first, second)] == events
 
+    changed = CliRunner().invoke(main, [*submit, "--set", "teacher.epochs=2"])
+    assert changed.exit_code != 0 and "teacher.epochs: 1 -> 2 (the teacher and student started" in changed.output
+    assert not list(study.glob("seed-0/*/spec.yaml.*"))  # every point is checked before any spec is written
+
     other = CliRunner().invoke(main, ["submit", "pipeline", "-c", str(spec), "--name", "st", "--seeds", "1"])
     assert other.exit_code != 0 and "leaves out" in other.output
     plain = CliRunner().invoke(main, ["submit", "teacher", "-c", str(spec), "--name", "st"])
