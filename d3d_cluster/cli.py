@@ -210,9 +210,6 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
     except SpecError as error:
         raise click.BadParameter(str(error), param_hint="--sweep") from None
     study = bool(seeds or sweep)
-    if study and dry_run:
-        raise click.ClickException("--dry-run shows one run's jobs; submit the pipeline without --seeds and --sweep "
-                                   "to see a point's scripts")
     try:
         overrides = submission.flag_overrides(**flags)
     except ValueError as error:  # a malformed --time
@@ -221,7 +218,8 @@ def submit(target: str, spec_path: str | None, workdir: str | None, prep_tasks: 
                      (lambda line: click.echo(f"# {line}")) if dry_run else echo)
     try:
         if dry_run:
-            click.echo(submission.dry_run(spec, target, prep_tasks, prep_workers), nl=False)
+            click.echo(submission.dry_run(spec, target, prep_tasks, prep_workers, seeds, sweep, max_parallel),
+                       nl=False)
             return
         result = submission.submit(spec, target, echo=echo, prep_tasks=prep_tasks, prep_workers=prep_workers,
                                    force=force, seeds=seeds, sweep=sweep, max_parallel=max_parallel)

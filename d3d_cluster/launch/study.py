@@ -21,10 +21,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from d3d_cluster.files import write_json_atomically
+from d3d_cluster.launch.executor import sbatch_script
 from d3d_cluster.launch.pipeline import EVAL, PlannedJob, check_ready, run_jobs, submit_job
+from d3d_cluster.launch.requeue import exit_hook
 from d3d_cluster.launch.status import StageStatus, cancel_run, refuse_live_jobs, runs_status
 from d3d_cluster.rundir import RESULTS_NAME, SPEC_NAME, STUDY_NAME, RunDir, trained_with
 from d3d_cluster.spec import Spec, SpecError, parse_assignment
@@ -225,8 +227,20 @@ def submit_study(spec: Spec, seeds: list[int], sweep: dict[str, list[Any]], echo
 def queue_study(points: list[Point], jobs: list[StudyJob], echo: Callable[[str], None],
                 max_parallel: int | None) -> dict[str, str]:
     """Queue every job without waiting; their Slurm job ids as `point/job`."""
-    order = [point.name for point in points]
     ids: dict[tuple[str, str], str] = {}
+    for job, dependency in _dependencies(points, jobs, max_parallel, ids):
+        submitted = submit_job(job.point.run, job.job.name, job.job.function(job.point.run),
+                               lambda line, name=job.point.name: echo(f"{name} {line}"), dependency)
+        ids[job.point.name, job.job.name] = submitted.job_id
+    return {f"{point}/{name}": job_id for (point, name), job_id in ids.items()}
+
+
+def _dependencies(points: list[Point], jobs: list[StudyJob], max_parallel: int | None,
+                  ids: dict[tuple[str, str], str]) -> Iterator[tuple[StudyJob, str | None]]:
+    """Each job with its Slurm dependency, made of the ids in `ids` of the jobs before it (the caller adds each
+    job's id before asking for the next): `afterok` on what it needs, and with `max_parallel` a point's first jobs
+    `afterany` on the evaluation of the point that many places before."""
+    order = [point.name for point in points]
     last_of = {job.point.name: (job.point.name, job.job.name) for job in jobs}  # each point's evaluation
     for job in jobs:
         dependency = ["afterok:" + ":".join(ids[dep] for dep in job.after)] if job.after else []
@@ -235,11 +249,28 @@ def queue_study(points: list[Point], jobs: list[StudyJob], echo: Callable[[str],
             ahead = last_of.get(order[index - max_parallel])
             if ahead in ids:
                 dependency.append(f"afterany:{ids[ahead]}")
-        submitted = submit_job(job.point.run, job.job.name, job.job.function(job.point.run),
-                               lambda line, name=job.point.name: echo(f"{name} {line}"),
-                               ",".join(dependency) or None)
-        ids[job.point.name, job.job.name] = submitted.job_id
-    return {f"{point}/{name}": job_id for (point, name), job_id in ids.items()}
+        yield job, ",".join(dependency) or None
+
+
+def dry_run_study(spec: Spec, seeds: list[int], sweep: dict[str, list[Any]], max_parallel: int | None = None) -> str:
+    """What submitting the study would queue, as the sbatch scripts submitit would write (a job id a script depends
+    on as `<point/job>`); what has finished is left out, as a submission leaves it. Nothing is created or queued."""
+    points = study_points(spec, seeds, sweep)
+    jobs = plan_study(points, stage_owners(points), finished_jobs(points))
+    header = f"# study {spec.name}: {len(points)} points, {len(jobs)} jobs to queue\n"
+    if spec.cluster.executor != "slurm":
+        return header + "".join(f"# local executor: no sbatch; runs {job.job.name} of {job.point.name}\n"
+                                for job in jobs)
+    ids: dict[tuple[str, str], str] = {}
+    scripts = []
+    for job, dependency in _dependencies(points, jobs, max_parallel, ids):
+        ids[job.point.name, job.job.name] = f"<{job.point.name}/{job.job.name}>"
+        folder = job.point.spec.run_dir / job.job.name / "submitit"
+        scripts.append((f"{job.point.name} {job.job.name}",
+                        sbatch_script(job.point.spec.cluster, folder, f"{job.point.spec.name}-{job.job.name}",
+                                      dependency=dependency, on_exit=exit_hook(job.point.spec.run_dir, job.job.name))))
+    return header + "".join(f"# ----- job {number} of {len(scripts)}: {name} -----\n{script}\n"
+                            for number, (name, script) in enumerate(scripts, 1))
 
 
 def study_record(spec: Spec, seeds: list[int], sweep: dict[str, list[Any]], points: list[Point],

@@ -15,7 +15,7 @@ from d3d_cluster.launch.requeue import exit_hook
 from d3d_cluster.launch.pipeline import PlannedJob, check_ready, plan_jobs, queue_jobs, run_jobs
 from d3d_cluster.launch.prep import LOGS, prep_clusters, prepare_locally, submit_prep
 from d3d_cluster.launch.status import refuse_live_jobs
-from d3d_cluster.launch.study import submit_study
+from d3d_cluster.launch.study import dry_run_study, submit_study
 from d3d_cluster.rundir import STUDY_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.stages import STAGES
@@ -66,9 +66,12 @@ def batch_plan(spec: Spec) -> str:
             f"student {spec.student.optimizer.lr:g} (as the spec says: the world size changes neither)")
 
 
-def dry_run(spec: Spec, target: str, prep_tasks: int = 1, prep_workers: int | None = None) -> str:
+def dry_run(spec: Spec, target: str, prep_tasks: int = 1, prep_workers: int | None = None,
+            seeds: list[int] | None = None, sweep: dict | None = None, max_parallel: int | None = None) -> str:
     """What `submit` would queue, as the sbatch scripts submitit would write for it; the job ids a script depends
     on are placeholders (`<teacher>`). Nothing is created or queued; Slurm is not needed."""
+    if _is_study(target, seeds, sweep, max_parallel):
+        return dry_run_study(spec, seeds or [spec.seed], sweep or {}, max_parallel)
     if spec.cluster.executor != "slurm":
         if target == DOCTOR:
             return "# local executor: no sbatch; `d3dc submit` runs doctor in the foreground, one task\n"
@@ -103,12 +106,8 @@ def submit(spec: Spec, target: str, echo: Callable[[str], None] = print, prep_ta
     (local: the last job's result). `prep` writes the spec's shards, outside any run; `doctor` checks the nodes,
     also outside any run, and waits on Slurm too: its result is every node's report. Seeds or a sweep make the
     pipeline a study (`launch.study`)."""
-    if seeds or sweep:
-        if target != "pipeline":
-            raise ValueError(f"--seeds and --sweep make a study of the pipeline, not of {target}")
+    if _is_study(target, seeds, sweep, max_parallel):
         return submit_study(spec, seeds or [spec.seed], sweep or {}, echo, max_parallel, force)
-    if max_parallel is not None:
-        raise ValueError("--max-parallel limits a study's points (with --seeds or --sweep)")
     if target == PREP:
         return _submit_prep(spec, echo, prep_tasks, prep_workers)
     if target == DOCTOR:  # a check of the nodes, outside any run, as prep is
@@ -139,3 +138,13 @@ def _submit_prep(spec: Spec, echo: Callable[[str], None], tasks: int, workers: i
         raise ValueError("--array needs the slurm executor (locally, --workers sets the parallelism)")
     prepare_locally(spec, workers)
     return {}
+
+
+def _is_study(target: str, seeds: list[int] | None, sweep: dict | None, max_parallel: int | None) -> bool:
+    if seeds or sweep:
+        if target != "pipeline":
+            raise ValueError(f"--seeds and --sweep make a study of the pipeline, not of {target}")
+        return True
+    if max_parallel is not None:
+        raise ValueError("--max-parallel limits a study's points (with --seeds or --sweep)")
+    return False

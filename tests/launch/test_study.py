@@ -107,6 +107,22 @@ def test_the_plan_queues_each_stage_once_each_after_what_it_needs_and_skips_what
     assert student.after == ()
 
 
+def test_the_dry_run_prints_every_points_scripts_chained_across_points_and_creates_nothing(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**TINY, "workdir": str(tmp_path / "work"), "cluster": {"executor": "slurm"}}))
+    result = CliRunner().invoke(main, ["submit", "pipeline", "-c", str(spec), "--name", "dry", "--seeds", "0-1",
+                                       "--sweep", "student.distill.weight=1,3", "--max-parallel", "2", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "# study dry: 4 points, 12 jobs to queue" in result.output
+    scripts = {script.split(" -----", 1)[0]: script for script in result.output.split("# ----- job ")[1:]}
+    first, second, third = "dry/seed-0/student.distill.weight-1", "dry/seed-0/student.distill.weight-3", \
+        "dry/seed-1/student.distill.weight-1"
+    assert scripts["5 of 12: " + f"{second} student"].count(f"--dependency='afterok:<{first}/teacher>'") == 1
+    assert f"--dependency='afterany:<{first}/eval>'" in scripts["7 of 12: " + f"{third} teacher"]
+    assert f"#SBATCH --job-name={second}-student" in scripts["5 of 12: " + f"{second} student"]
+    assert not (tmp_path / "work").exists()
+
+
 def _spec_file(tmp_path, shards):
     tree = {**TINY, "workdir": str(tmp_path / "work"), "data": {**TINY["data"], "shards": str(shards)},
             "teacher": {"epochs": 1}, "student": {"epochs": 1}, "cluster": {"executor": "local", "tasks_per_node": 1}}
