@@ -209,13 +209,15 @@ def runs_status(runs: list[RunDir]) -> dict[Path, list[StageStatus]]:
     return {run.path: run_status(run, slurm) for run in runs}
 
 
-def refuse_live_jobs(run: RunDir) -> None:
-    """One run, one chain of jobs: queueing more into a run whose jobs still run would change the spec they read."""
-    live = [status for status in run_status(run) if status.live]
-    if live:
-        jobs = ", ".join(f"{status.stage} {status.job_id} {status.slurm.state}" for status in live)
-        raise ValueError(f"{run.path}: the run has live jobs ({jobs}); `d3dc cancel {run.spec().name}` them first, "
-                         "or submit under another --name")
+def refuse_live_jobs(*runs: RunDir) -> None:
+    """One run, one chain of jobs: queueing more into a run whose jobs still run would change the spec they read.
+    Slurm is asked once for all `runs` (a study's points)."""
+    for run, statuses in zip(runs, runs_status(list(runs)).values()):
+        live = [status for status in statuses if status.live]
+        if live:
+            jobs = ", ".join(f"{status.stage} {status.job_id} {status.slurm.state}" for status in live)
+            raise ValueError(f"{run.path}: the run has live jobs ({jobs}); `d3dc cancel {run.spec().name}` them "
+                             "first, or submit under another --name")
 
 
 def cancel_run(run: RunDir) -> tuple[list[StageStatus], list[StageStatus]]:

@@ -150,9 +150,9 @@ def plan_study(points: list[Point], owners: dict[tuple[str, str], Point], done: 
             after = (((owners[point.name, "teacher"].name, "teacher"),) if stage == "student" else ())
             jobs.append(StudyJob(point, PlannedJob(stage), after))
         shared = tuple(stage for stage in STAGES if stage not in owned)
-        after = ((point.name, stage) for stage in owned)
-        after = (*after, *dict.fromkeys((owners[point.name, stage].name, EVAL) for stage in shared))
-        jobs.append(StudyJob(point, PlannedJob(EVAL, stages=tuple(owned), reported=shared), tuple(after)))
+        evaluated_elsewhere = dict.fromkeys((owners[point.name, stage].name, EVAL) for stage in shared)
+        after = (*((point.name, stage) for stage in owned), *evaluated_elsewhere)
+        jobs.append(StudyJob(point, PlannedJob(EVAL, stages=tuple(owned), reported=shared), after))
     return [StudyJob(job.point, job.job, tuple(dep for dep in job.after if dep not in done))
             for job in jobs if (job.point.name, job.job.name) not in done]
 
@@ -196,8 +196,7 @@ def submit_study(spec: Spec, seeds: list[int], sweep: dict[str, list[Any]], echo
     check_study(points)
     slurm = spec.cluster.executor == "slurm"
     if slurm:
-        for point in points:
-            refuse_live_jobs(point.run)
+        refuse_live_jobs(*(point.run for point in points))
     _refuse_other_study(spec, points)
     for point in points:
         point.run.check_spec(point.spec, force)
