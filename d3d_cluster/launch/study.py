@@ -115,6 +115,10 @@ def study_points(spec: Spec, seeds: list[int], sweep: dict[str, list[Any]]) -> l
 
 
 def _segment(value: Any) -> str:
+    """A setting as part of a run's name; a section swept whole reads as its keys and values (target-logits-weight-1),
+    so several keys that change together make one readable setting."""
+    if isinstance(value, dict):
+        return "-".join(f"{_segment(key)}-{_segment(item)}" for key, item in value.items())
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     return _SEGMENT_CHARACTER.sub("_", text)
 

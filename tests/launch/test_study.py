@@ -57,6 +57,17 @@ def test_points_are_the_cartesian_product_each_a_run_named_for_its_seed_and_sett
         study_points(spec, [0], {"data.shards": ["shards/a", "shards_a"]})
 
 
+def test_a_section_swept_whole_changes_several_keys_together_and_names_them_all(tmp_path):
+    spec = tiny_spec(tmp_path).with_overrides(name="study")
+    sweep = parse_sweep(["student.distill={target: conv_2c, weight: 100},{target: logits, weight: 1}"])
+    points = study_points(spec, [0], sweep)
+    assert [point.name for point in points] == ["study/seed-0/student.distill-target-conv_2c-weight-100",
+                                                "study/seed-0/student.distill-target-logits-weight-1"]
+    assert [(point.spec.student.distill.target, point.spec.student.distill.weight) for point in points] == [
+        ("conv_2c", 100), ("logits", 1)]
+    assert points[1].spec.student.distill.loss == spec.student.distill.loss
+
+
 def _owners(tmp_path, sweep, seeds=(0, 1)):
     points = study_points(tiny_spec(tmp_path).with_overrides(name="s"), list(seeds), sweep)
     owners = stage_owners(points)
