@@ -7,6 +7,7 @@ that a change of API breaks a test rather than a benchmark found broken months l
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 # The job spec a smoke run trains with (dotted overrides of the quickstart spec), as small as the tests' own:
@@ -49,3 +50,13 @@ def prepare(spec) -> Path:
     if not (shards / "manifest.json").exists():
         prepare_locally(spec, progress=False)
     return shards
+
+
+def data_layout(layout: str) -> dict:
+    """`PIPELINESxTHREADS` (DALI pipelines a rank, threads each), `cpu` after it for DALI's CPU decoder on a GPU
+    rank: the data spec's settings for it (`1x16cpu`)."""
+    parsed = re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)(cpu)?", layout)
+    if parsed is None:
+        raise argparse.ArgumentTypeError(f"{layout!r} is not PIPELINESxTHREADS, with cpu after it for the CPU "
+                                         f"decoder (2x4, 1x16cpu)")
+    return {"pipelines": int(parsed[1]), "reader_threads": int(parsed[2]), "decoder": "cpu" if parsed[3] else "auto"}

@@ -3,12 +3,13 @@ RGB and flow and runs the frozen teacher), each `--ranks` ranks (one by default)
 executor, DeepSpeed, the DALI loader: on the GPU machine its mixed decoder), on prepared shards. From rank 0's train log, after the first
 `--settle` steps (cuDNN's algorithm timing, DALI's warm-up): the median step time, clips/s and the share of the
 step time spent waiting for the batch.
-`--pipelines 1 2` runs both stages once per number of DALI pipelines a rank (`data.pipelines`), each in a run of its
-own, stage by stage in turn (the teachers, then the students), writing the figures after every stage (keyed
-PIPELINESxTHREADS, as `benchmarks.loader`'s layouts): a run cut short still has the pairs it finished.
+`--layouts 1x8 4x4 1x16cpu` runs both stages once per data layout of a rank, as `benchmarks.loader`'s layouts:
+PIPELINESxTHREADS (`data.pipelines`, `data.reader_threads`), `cpu` after it for DALI's CPU decoder in place of the
+mixed one (`data.decoder`); each in a run of its own, stage by stage in turn (the teachers, then the students),
+writing the figures after every stage: a run cut short still has the pairs it finished.
 
     python -m benchmarks.data_wait --shards .kit/bench --clip-frames 64 --crop 224 --batch 8 --width 1.0 \\
-        --pipelines 1 2 --out benchmarks/results/data_wait_h100.json
+        --layouts 1x8 2x8 4x4 1x16cpu --out benchmarks/results/data_wait_h100.json
 
 `--smoke`: tiny shards made here (PyAV), 8-frame clips at 24 px on the CPU.
 """
@@ -25,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import parse_args
+from benchmarks import data_layout, parse_args
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.rundir import TRAIN_LOG_NAME, RunDir
 from d3d_cluster.spec import Spec
 from d3d_cluster.train.curves import read_train_log
 
-SMOKE = {"clip_frames": 8, "crop": 24, "batch": 2, "width": 0.25, "steps": 4, "settle": 1, "pipelines": [1, 2]}
+SMOKE = {"clip_frames": 8, "crop": 24, "batch": 2, "width": 0.25, "steps": 4, "settle": 1, "layouts": ["1x4", "2x4"]}
 
 
 def stage_figures(run: RunDir, stage: str, settle: int) -> dict:
@@ -54,12 +55,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help="clips per step and rank")
     parser.add_argument("--ranks", type=int, default=1, help="ranks on this machine (the quickstart's CPU runs 2)")
     parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--reader-threads", type=int, default=4, help="threads of each DALI pipeline")
-    parser.add_argument("--pipelines", type=int, nargs="+", default=[1], help="DALI pipelines a rank: one run each")
+    parser.add_argument("--layouts", nargs="+", default=["1x4"], metavar="PIPELINESxTHREADS[cpu]",
+                        help="data layouts of a rank, one run each (2x4: two DALI pipelines of 4 threads; 1x16cpu: "
+                             "DALI's CPU decoder on 16 threads)")
     parser.add_argument("--steps", type=int, default=24, help="steps per stage, at least")
     parser.add_argument("--settle", type=int, default=4, help="first steps left out of the figures")
     parser.add_argument("--out", default="benchmarks/results/data_wait.json")
     args = parse_args(parser, SMOKE)
+    try:
+        layouts = {layout: data_layout(layout) for layout in args.layouts}
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--layouts: {error}")
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="d3dc-data-wait-"))
     shards = args.shards
@@ -70,24 +76,23 @@ def main() -> None:
     # Whole epochs of at least --steps steps (the last step of an epoch may be short).
     manifest = Manifest.load(shards)
     epochs = -(-args.steps * args.batch * args.ranks // manifest.splits["train"].samples)
-    runs = {pipelines: RunDir.create(Spec.model_validate({
-        "name": f"data-wait-{pipelines}-pipelines", "workdir": str(workdir),
+    runs = {layout: RunDir.create(Spec.model_validate({
+        "name": f"data-wait-{layout}", "workdir": str(workdir),
         "prep": {"short_side": min(manifest.height, manifest.width), "synthetic": {"frames": manifest.min_frames}},
         "data": {"shards": str(shards.resolve()), "clip_frames": args.clip_frames, "crop_size": args.crop,
-                 "batch_size": args.batch, "reader_threads": args.reader_threads, "pipelines": pipelines},
+                 "batch_size": args.batch, **settings},
         "model": {"width": args.width}, "teacher": {"epochs": epochs}, "student": {"epochs": epochs},
         "deepspeed": {"global_batch_size": args.batch * args.ranks}, "checkpoint": {"every_steps": 10**6},
-        "cluster": {"executor": "local", "tasks_per_node": args.ranks}})) for pipelines in args.pipelines}
+        "cluster": {"executor": "local", "tasks_per_node": args.ranks}})) for layout, settings in layouts.items()}
     gpu = torch.cuda.is_available()
     report = {"date": time.strftime("%Y-%m-%d"), "args": {**vars(args), "shards": str(shards), "workdir": str(workdir)},
               "machine": f"{platform.node()}, " + (torch.cuda.get_device_name(0) if gpu else "CPU"),
-              "decoder": "mixed" if gpu else "cpu", "results": {}}
+              "decoder": "mixed, cpu where the layout says" if gpu else "cpu", "results": {}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for stage in ("teacher", "student"):
-        for pipelines, run in runs.items():
+        for layout, run in runs.items():
             run_stage(run, stage, echo=lambda line: None)
             figures = stage_figures(run, stage, args.settle)
-            layout = f"{pipelines}x{args.reader_threads}"  # PIPELINESxTHREADS, as benchmarks.loader's layouts
             report["results"].setdefault(layout, {})[stage] = figures
             print(f"{stage}, {layout}: {json.dumps(figures)}", flush=True)
             Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -31,7 +31,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks import parse_args
+from benchmarks import data_layout, parse_args
 from d3d_cluster.data import pipeline
 from d3d_cluster.data.index import SampleTable
 from d3d_cluster.data.order import epoch_order, train_view
@@ -189,10 +188,10 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", metavar="PIPELINESxTHREADS[cpu]",
                         help="time DALI alone in each layout (1x8 2x4 1x16cpu), instead of against the baseline")
     args = parse_args(parser, SMOKE)
-    layouts = {layout: re.fullmatch(r"([1-9][0-9]*)x([1-9][0-9]*)(cpu)?", layout) for layout in args.layouts or []}
-    bad = [layout for layout, parsed in layouts.items() if parsed is None]
-    if bad:
-        parser.error(f"--layouts: {bad[0]!r} is not PIPELINESxTHREADS, with cpu after it for the CPU decoder (2x4)")
+    try:
+        layouts = {layout: data_layout(layout) for layout in args.layouts or []}
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--layouts: {error}")
 
     shards = args.shards or make_shards(Path(args.workdir), args.frames, args.size, args.videos)
     data = DataSpec(clip_frames=args.clip_frames, crop_size=args.crop, batch_size=args.batch,
@@ -221,11 +220,8 @@ def main() -> None:
         if layouts:
             rates = {layout: [] for layout in layouts}
             for _ in range(args.rounds):
-                for layout, parsed in layouts.items():
-                    pipelines, threads, cpu = int(parsed[1]), int(parsed[2]), parsed[3] is not None
-                    settings = data.model_copy(update={"pipelines": pipelines, "reader_threads": threads,
-                                                       "decoder": "cpu" if cpu else "auto"})
-                    rates[layout].append(time_dali(shards, settings, modalities, args.batches, args.device_id))
+                for layout, settings in layouts.items():
+                    rates[layout].append(time_dali(shards, data.model_copy(update=settings), modalities, args.batches, args.device_id))
             results[name] = {layout: {"dali_clips_per_second": r, "dali_median": statistics.median(r),
                                       "dali_frames_per_second": statistics.median(r) * frames_per_clip}
                              for layout, r in rates.items()}

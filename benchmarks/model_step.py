@@ -7,7 +7,9 @@ It runs the project's own step pieces (`Stage.loss`, `train.engine.autocast`), o
 data loading, so it measures the model. Per shape and precision it reports the median step time over the
 timed steps, clips/s, the student/teacher time ratio and, on a GPU, MFU: the step's model FLOPs (2 per
 multiply-add, from `model_info`; x3 for forward + backward, x1 for the teacher's forward in the student step)
-divided by time and by the peak (default: H100 SXM dense bf16, 989 TFLOP/s).
+divided by time and by the card's dense bf16 peak (`--card`, default h100: 989 TFLOP/s), and the share of the
+step's rooflines it reached (`d3dc model-info --roofline`: the clips/s the card's bandwidth allows for the bytes the
+step moves, unfused and with BatchNorm and ReLU folded into the convolutions).
 
     python -m benchmarks.model_step --out benchmarks/results/model_step_cpu.json                 # CPU: fp32
     python -m benchmarks.model_step --shapes 1.0:64:224:8 --precisions bf16 fp32 \\
@@ -39,6 +41,7 @@ from d3d_cluster.models.s3dg import MaxPool3d
 from d3d_cluster.models.info import model_info
 from d3d_cluster.spec import DistillSpec, Spec
 from d3d_cluster.train.engine import autocast, build_optimizer, prepare_device
+from d3d_cluster.train.roofline import CARDS, training_step
 from d3d_cluster.train.stages import Stage
 
 CLASSES = 400
@@ -93,7 +96,7 @@ def _top_kernels(stage: Stage, network: torch.nn.Module, batch: Batch, device: t
 
 
 def measure(width: float, frames: int, size: int, batch_size: int, precision: str, device: torch.device,
-            warmup: int, steps: int, peak_flops: float, compile: bool, profile: bool = False,
+            warmup: int, steps: int, card: dict, compile: bool, profile: bool = False,
             pooling: str = "separable") -> dict:
     if precision == "bf16" and device.type != "cuda":
         raise SystemExit("bf16 is the GPU path (autocast on CUDA); the CPU trains in fp32")
@@ -130,7 +133,11 @@ def measure(width: float, frames: int, size: int, batch_size: int, precision: st
         entry = {"median_step_s": median, "min_step_s": min(times), "clips_per_s": batch_size / median,
                  "step_tflop": flops[name] / 1e12}
         if device.type == "cuda":
-            entry["mfu"] = flops[name] / median / peak_flops
+            entry["mfu"] = flops[name] / median / card["bf16_flops"]
+            limits = training_step(name, CLASSES, frames, size, width, batch_size=batch_size).limits(card)
+            entry["roofline_clips_per_s"] = limits
+            entry["share_of_memory_roofline"] = {kind: entry["clips_per_s"] / limits[f"memory_{kind}"]
+                                                 for kind in ("unfused", "fused")}
             if profile:
                 entry["top_kernels"] = _top_kernels(stage, network, batch, device, precision)
                 for kernel in entry["top_kernels"]:
@@ -150,7 +157,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100 SXM dense bf16)")
+    parser.add_argument("--card", choices=sorted(CARDS), default="h100",
+                        help="the GPU's peaks for MFU and the rooflines (SXM parts)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the networks")
     parser.add_argument("--profile", action="store_true", help="GPU: the top kernels of each step kind")
     parser.add_argument("--pooling", choices=["separable", "3d"], default="separable",
@@ -168,7 +176,7 @@ def main() -> None:
         width, frames, size, batch_size = shape.split(":")
         for precision in precisions:
             row = measure(float(width), int(frames), int(size), int(batch_size), precision, device, args.warmup,
-                          args.steps, args.peak_tflops * 1e12, args.compile, args.profile, args.pooling)
+                          args.steps, CARDS[args.card], args.compile, args.profile, args.pooling)
             print(json.dumps(row), flush=True)
             results.append(row)
     if gpu and "bf16" in precisions and "fp32" in precisions:
@@ -184,7 +192,7 @@ def main() -> None:
         "machine": f"{platform.node()} {platform.machine()}, {len(os.sched_getaffinity(0))} cores, "
                    f"{args.threads} threads" + (f", {torch.cuda.get_device_name(device)}" if gpu else ""),
         "torch": torch.__version__, "device": device.type, "steps": args.steps, "warmup": args.warmup,
-        "peak_tflops": args.peak_tflops if gpu else None, "results": results,
+        "card": CARDS[args.card] if gpu else None, "results": results,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -482,21 +482,33 @@ def check_spec(spec_path: str, sets: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("-c", "--spec", "spec_path", type=click.Path(exists=True, dir_okay=False),
               help="Take the defaults from this job spec instead of the S3D-G paper's 64x224x224.")
+@click.option("--roofline", is_flag=True, help="The training step instead: FLOPs and bytes moved per clip, layer by "
+                                               "layer, and the clips/s the card's bandwidth and bf16 rate allow.")
+@click.option("--gpu", "card", type=click.Choice(["h100", "h200", "a100"]), default="h100", show_default=True,
+              help="With --roofline: the card whose peaks bound the step.")
+@click.option("--batch", type=click.IntRange(min=1), help="With --roofline: clips a step (default: the spec's "
+                                                          "data.batch_size, or 8); the weights' updates are shared.")
 def model_info_command(stage: str, frames: int | None, size: int | None, classes: int | None, width: float | None,
-                       gating: bool | None, as_json: bool, spec_path: str | None) -> None:
-    """Parameters and multiply-adds of the S3D-G for one clip, layer by layer."""
+                       gating: bool | None, as_json: bool, spec_path: str | None, roofline: bool, card: str,
+                       batch: int | None) -> None:
+    """Parameters and multiply-adds of the S3D-G for one clip, layer by layer; with --roofline, how close a card
+    could run its training step to memory and compute limits."""
     import json
 
     from d3d_cluster.models.info import model_info
     from d3d_cluster.train.stages import INPUT_CHANNELS, STAGE_INPUT
 
-    defaults = dict(frames=64, size=224, classes=400, width=1.0, gating=True)
+    defaults = dict(frames=64, size=224, classes=400, width=1.0, gating=True, batch=8, distill=None)
     if spec_path:
         spec = _spec(spec_path, None)
         defaults = dict(frames=spec.data.clip_frames, size=spec.data.crop_size, classes=_spec_classes(spec),
-                        width=spec.model.width, gating=spec.model.gating)
+                        width=spec.model.width, gating=spec.model.gating, batch=spec.data.batch_size,
+                        distill=spec.student.distill)
     given = dict(frames=frames, size=size, classes=classes, width=width, gating=gating)
     chosen = {key: defaults[key] if value is None else value for key, value in given.items()}
+    if roofline:
+        _show_roofline(stage, chosen, batch or defaults["batch"], defaults["distill"], card, as_json)
+        return
     try:
         info = model_info(chosen["classes"], INPUT_CHANNELS[STAGE_INPUT[stage]], chosen["frames"], chosen["size"],
                           chosen["width"], chosen["gating"])
@@ -517,6 +529,52 @@ def model_info_command(stage: str, frames: int | None, size: int | None, classes
     console.print(table)
     console.print(f"{info.multiply_adds / 1e9:.2f} G multiply-adds = {2 * info.multiply_adds / 1e9:.2f} GFLOPs per clip "
                   f"forward; a training step (forward + backward) is about 3x that.")
+
+
+def _show_roofline(stage: str, chosen: dict, batch: int, distill, card_name: str, as_json: bool) -> None:
+    import json
+
+    from d3d_cluster.train.roofline import CARDS, training_step
+
+    card = CARDS[card_name]
+    geometry = dict(num_classes=chosen["classes"], frames=chosen["frames"], size=chosen["size"],
+                    width=chosen["width"], gating=chosen["gating"], batch_size=batch)
+    try:
+        steps = {name: training_step(name, **geometry, distill=distill) for name in ("teacher", "student")}
+    except (ValueError, RuntimeError) as error:
+        raise click.ClickException(f"cannot build this S3D-G: {error}") from None
+    if as_json:
+        click.echo(json.dumps({**chosen, "batch": batch, **{name: step.to_dict(card) for name, step in steps.items()}},
+                              indent=2))
+        return
+    step = steps[stage]
+    table = Table(title=f"{stage} training step per clip: {chosen['frames']}x{chosen['size']}x{chosen['size']}, "
+                        f"width {chosen['width']}, batch {batch}, bf16 (bytes fused: BatchNorm and ReLU folded into "
+                        f"the convolution)")
+    for column in ("part", "GFLOP forward", "GFLOP backward", "MB moved", "MB fused", "FLOP/byte", "share of bytes"):
+        table.add_column(column, justify="left" if column == "part" else "right")
+    total_bytes = step.total("bytes_unfused")
+    for part in step.parts:
+        table.add_row(part.name, f"{part.forward_flops / 1e9:.2f}", f"{part.backward_flops / 1e9:.2f}",
+                      f"{part.bytes_unfused / 1e6:,.0f}", f"{part.bytes_fused / 1e6:,.0f}", f"{part.intensity:.0f}",
+                      f"{part.bytes_unfused / total_bytes:.1%}")
+    table.add_row("total", f"{step.total('forward_flops') / 1e9:.2f}", f"{step.total('backward_flops') / 1e9:.2f}",
+                  f"{total_bytes / 1e6:,.0f}", f"{step.total('bytes_fused') / 1e6:,.0f}",
+                  f"{step.total('flops') / total_bytes:.0f}", "")
+    console.print(table)
+    limits = Table(title=f"clips/s a training step allows on the {card['name']} ({card['bandwidth'] / 1e12:g} TB/s, "
+                         f"{card['bf16_flops'] / 1e12:g} bf16 TFLOP/s)")
+    for column in ("step", "TFLOP a clip", "GB a clip", "GB fused", "memory", "memory fused", "compute",
+                   "each op at its roof", "fused"):
+        limits.add_column(column, justify="left" if column == "step" else "right")
+    for name, each in steps.items():
+        bound = each.limits(card)
+        limits.add_row(name, f"{each.total('flops') / 1e12:.3f}", f"{each.total('bytes_unfused') / 1e9:.2f}",
+                       f"{each.total('bytes_fused') / 1e9:.2f}",
+                       *(f"{bound[key]:,.0f}" for key in ("memory_unfused", "memory_fused", "compute",
+                                                          "per_operation_unfused", "per_operation_fused")))
+    console.print(limits)
+    console.print("The student's step runs its frozen teacher live (the spec's distillation, or the paper's on logits).")
 
 
 def _spec_classes(spec: Spec) -> int:
