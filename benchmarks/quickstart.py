@@ -4,20 +4,22 @@
         --out benchmarks/results/quickstart.json
 
 The dataset is made and prepared once, by `d3dc prep` in a process of its own (its time is reported on its own).
-Each seed then trains the teacher, the student and the RGB-only baseline from scratch. Student and baseline of
-a seed are paired: the same initial weights, the same clips in the same order, the same crops and mirrors (a
-training view is a function of seed, epoch and sample), so their difference is distillation's alone; the
+The seeds are then a study, as `d3dc submit pipeline --seeds` runs it with the local executor (one run per seed,
+`NAME/seed-S`, in turn): each trains the teacher, the student and the RGB-only baseline from scratch. Student and
+baseline of a seed are paired: the same initial weights, the same clips in the same order, the same crops and
+mirrors (a training view is a function of seed, epoch and sample), so their difference is distillation's alone; the
 report's `paired` section is `d3dc compare`'s summary of those differences (`d3d_cluster.compare`), with a 95%
 Student t interval. With `--probe`, `d3dc probe` then decodes optical flow from each network's layers (D3D
 section 3).
 
 `--set KEY=VALUE` changes the spec (a setting under test: `--set student.distill.weight=0.3`); the report keeps
-the spec it trained. A seed whose run an earlier invocation finished with the same spec is not trained again
-(nor a probe made with the same settings), so the same command resumes an interrupted benchmark, and adding
-`--probe` afterwards only probes; another setting needs runs of its own (`--set name=...`, or another
-`--workdir`), and `--reuse EARLIER_WORKDIR` copies into them the stages it does not change (the report lists
-them). `--shards DIR` trains on shards prepared elsewhere, as `d3dc prep` of the same spec wrote them (the GPU
-machine cannot prepare: it lacks PyAV). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of
+the spec it trained. Submitting the study again trains only what has not finished (nor probes again with the same
+settings), so the same command resumes an interrupted benchmark, adding `--probe` afterwards only probes, and more
+seeds extend it; a change that concerns a trained stage is refused, as `d3dc submit` refuses it: another setting
+needs a study of its own (`--set name=...`, or another `--workdir`), and `--reuse EARLIER_WORKDIR` copies into its
+runs the stages the setting does not change (the report lists them). Several settings at once are a sweep:
+`d3dc submit pipeline --seeds 0-4 --sweep KEY=V1,V2` and `d3dc compare`. `--shards DIR` trains on shards prepared
+elsewhere, as `d3dc prep` of the same spec wrote them (the GPU machine cannot prepare: it lacks PyAV). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of
 `benchmarks.SMOKE_SPEC`.
 """
 
@@ -36,8 +38,8 @@ from pathlib import Path
 
 from benchmarks import SMOKE_SPEC, parse_args
 from d3d_cluster.compare import paired_row, paired_summary, spread
-from d3d_cluster.launch.pipeline import run_pipeline
-from d3d_cluster.rundir import RESULTS_NAME, SPEC_NAME, RunDir, spec_changes, trained_with
+from d3d_cluster.launch.study import study_points, submit_study
+from d3d_cluster.rundir import RESULTS_NAME, RunDir, trained_with
 from d3d_cluster.spec import ProbeSpec, Spec, load_spec, parse_assignment
 from d3d_cluster.train.probe import PROBE_NAME, run_probe
 from d3d_cluster.train.stages import EXPORT_NAME
@@ -61,23 +63,6 @@ def compare_probes(probes: dict[int, dict]) -> dict:
             for layer in layers}
 
 
-def finished(spec: Spec) -> dict | None:
-    """The results of a seed's run that an earlier invocation finished with this same spec, so that an interrupted
-    benchmark, or the same one again with `--probe`, trains nothing twice. A run made with another spec is refused
-    (its probe settings aside, which change no training): its stages would resume from checkpoints trained with
-    other settings and be reported as this setting's."""
-    run = RunDir(spec.run_dir)
-    if not (run.path / SPEC_NAME).is_file():
-        return None
-    changed = [key for key in spec_changes(run.spec(), spec) if not key.startswith("probe.")]
-    if changed:
-        raise SystemExit(f"{run.path} was trained with another spec ({', '.join(changed)} differ); give this "
-                         "setting runs of its own (--set name=...) or another --workdir")
-    done = run.path / RESULTS_NAME
-    results = json.loads(done.read_text()) if done.is_file() else {"models": {}}
-    return results if set(NETWORKS) <= set(results["models"]) else None
-
-
 def reuse_stages(run: RunDir, earlier_workdir: Path) -> None:
     """Copy into a seed's new run, before it trains, every stage that a finished run of the same seed under
     `earlier_workdir` trained with the same settings (`trained_with`), so that a setting under test retrains only
@@ -86,7 +71,7 @@ def reuse_stages(run: RunDir, earlier_workdir: Path) -> None:
     for stage in NETWORKS:
         if (run.path / stage).exists():
             continue
-        for export in sorted((earlier_workdir / "runs").glob(f"*/{stage}/{EXPORT_NAME}")):
+        for export in sorted((earlier_workdir / "runs").glob(f"**/{stage}/{EXPORT_NAME}")):  # runs and study points
             earlier = RunDir(export.parent.parent)
             if trained_with(earlier.spec(), stage) == trained_with(spec, stage):
                 shutil.copytree(earlier.path / stage, run.path / stage, ignore=shutil.ignore_patterns("submitit"))
@@ -137,19 +122,23 @@ def main() -> None:
     prep_seconds = time.time() - started
     probe_settings = (spec.with_overrides(**{"probe.epochs": args.probe_epochs}) if args.probe_epochs else spec).probe
 
+    points = study_points(spec, args.seeds, {})
+    if args.reuse:
+        for point in points:
+            if not point.run.path.exists():
+                reuse_stages(RunDir.create(point.spec), args.reuse)
+    try:
+        submit_study(spec, args.seeds, {})
+    except ValueError as error:  # a spec change a trained stage concerns, or seeds the study had dropped
+        raise SystemExit(str(error)) from None
     runs, probes, reused = {}, {}, {}
-    for seed in args.seeds:
-        seeded = spec.with_overrides(seed=seed, name=f"{spec.name}-seed{seed}")
-        runs[seed] = finished(seeded)
-        if runs[seed] is None:
-            run = RunDir.create(seeded)
-            if args.reuse:
-                reuse_stages(run, args.reuse)
-            runs[seed] = run_pipeline(run)
-        reused[seed] = reused_stages(seeded)
+    for point in points:
+        runs[point.seed] = json.loads((point.run.path / RESULTS_NAME).read_text())
+        reused[point.seed] = reused_stages(point.spec)
         if args.probe:
-            probes[seed] = {network: probed(seeded, network, probe_settings) for network in NETWORKS}
-        print(json.dumps({"seed": seed, **{m: r["top1"] for m, r in runs[seed]["models"].items()}}), flush=True)
+            probes[point.seed] = {network: probed(point.spec, network, probe_settings) for network in NETWORKS}
+        print(json.dumps({"seed": point.seed, **{m: r["top1"] for m, r in runs[point.seed]["models"].items()}}),
+              flush=True)
 
     models = runs[args.seeds[0]]["models"]
     summary = {

@@ -3,6 +3,7 @@ change of API breaks one of these tests, not a benchmark found broken months lat
 mean nothing; what is checked is that it finishes and writes the report a reader of BENCHMARKS.md needs."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def test_the_quickstart_benchmark_runs_at_smoke_size_and_reports_every_model_pai
     assert report["spec"]["student"]["distill"]["weight"] == 3 and report["probe_settings"]["epochs"] == 1
 
     # The same command again resumes rather than repeats: the finished run and its probes are read back.
-    run = tmp_path / "work" / "runs" / "quickstart-seed0"
+    run = tmp_path / "work" / "runs" / "quickstart" / "seed-0"  # the seeds are a study's points
     probes = {network: (run / network / "probe.json").stat().st_mtime_ns for network in ("teacher", "student", "baseline")}
     again = run_benchmark("quickstart", tmp_path, "--workdir", str(tmp_path / "work"), "--probe",
                           "--set", "student.distill.weight=3", "--set", "probe.layers=[mixed_4f, mixed_5c]")
@@ -124,7 +125,9 @@ def test_the_quickstart_benchmark_runs_at_smoke_size_and_reports_every_model_pai
                             "--workdir", str(tmp_path / "work"), "--set", "student.distill.weight=4"],
                            cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
     assert other.returncode != 0 and not (tmp_path / "o.json").exists()
-    assert f"{run} was trained with another spec (student.distill.weight differ)" in other.stderr
+    assert f"{run}/spec.yaml: the run 'quickstart/seed-0' was made with another spec" in other.stderr
+    assert re.search(r"student.distill.weight: 3(\.0)? -> 4(\.0)? \(the student started with the old value\)",
+                     other.stderr), other.stderr
 
     # ... and in runs of its own it retrains only what it changes: the teacher and the baseline are copied over.
     reusing = run_benchmark("quickstart", tmp_path, "--workdir", str(tmp_path / "other"), "--reuse",
@@ -133,7 +136,8 @@ def test_the_quickstart_benchmark_runs_at_smoke_size_and_reports_every_model_pai
     for network in ("teacher", "baseline"):
         assert reusing["models"][network]["top1_per_seed"] == report["models"][network]["top1_per_seed"]
         log = "train_log.jsonl"  # not one step more: the copied stage resumed at its end
-        assert (tmp_path / "other" / "runs" / "quickstart-seed0" / network / log).read_text() == (run / network / log).read_text()
+        assert (tmp_path / "other" / "runs" / "quickstart" / "seed-0" / network / log).read_text() == \
+            (run / network / log).read_text()
 
 
 @pytest.mark.integration
