@@ -19,8 +19,8 @@ seeds extend it; a change that concerns a trained stage is refused, as `d3dc sub
 needs a study of its own (`--set name=...`, or another `--workdir`), and `--reuse EARLIER_WORKDIR` copies into its
 runs the stages the setting does not change (the report lists them). Several settings at once are a sweep:
 `d3dc submit pipeline --seeds 0-4 --sweep KEY=V1,V2` and `d3dc compare`. `--shards DIR` trains on shards prepared
-elsewhere, as `d3dc prep` of the same spec wrote them (the GPU machine cannot prepare: it lacks PyAV). `--smoke`: seed 0 only, one epoch per stage on the tiny spec of
-`benchmarks.SMOKE_SPEC`.
+elsewhere, as `d3dc prep` of the same spec wrote them (the GPU machine cannot prepare: it lacks PyAV). `--smoke`:
+seed 0 only, one epoch per stage on the tiny spec of `benchmarks.SMOKE_SPEC`.
 """
 
 from __future__ import annotations

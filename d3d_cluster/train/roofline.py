@@ -171,7 +171,8 @@ class _Parts:
 
 
 def step_roofline(stage: Stage, network: S3DG, batch_size: int, frames: int, size: int) -> StepRoofline:
-    """The training step of `stage` (its frozen teacher, if it has one, on the meta device) for `network` built on the meta device, on a batch of `batch_size` clips of frames x size x size, in bf16."""
+    """The training step of `stage` (its frozen teacher, if it has one, on the meta device) for `network` built on
+    the meta device, on a batch of `batch_size` clips of frames x size x size, in bf16."""
     meta = dict(device="meta", dtype=torch.bfloat16)
     batch = Batch(rgb=torch.empty(batch_size, 3, frames, size, size, **meta),
                   flow=torch.empty(batch_size, 2, frames, size, size, **meta),
