@@ -75,9 +75,11 @@ def test_gpu_check_dry_run_runs_every_tier_on_the_cpu_and_skips_only_the_gpu_par
     assert {name: sorted(by_layout) for name, by_layout in layouts.items()} == {"rgb": ["1x1", "1x1cpu", "2x1"],
                                                                                 "rgb+flow": ["1x1", "1x1cpu", "2x1"]}
     assert all(entry["dali_median"] > 0 for by_layout in layouts.values() for entry in by_layout.values())
+    loader = layouts["rgb+flow"]
+    fastest_mixed = max(("1x1", "2x1"), key=lambda layout: loader[layout]["dali_median"])
     layouts = json.loads((tmp_path / "data_wait.json").read_text())["results"]  # the one benchmark only this runs
-    assert {layout: sorted(stages) for layout, stages in layouts.items()} == {
-        layout: ["student", "teacher"] for layout in ("1x1", "2x1", "1x1cpu")}
+    assert {layout: sorted(stages) for layout, stages in layouts.items()} == {  # the specs' and the loader's best
+        layout: ["student", "teacher"] for layout in {"1x1", fastest_mixed, "1x1cpu"}}
     assert all(0 <= stage["data_wait_share"] < 1 and stage["median_clips_per_s"] > 0
                for stages in layouts.values() for stage in stages.values())
     if not report["preflight"]["torch"]["available"]:  # the GPU tests skip themselves without CUDA
