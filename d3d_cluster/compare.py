@@ -19,6 +19,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+import yaml
 
 from d3d_cluster.files import replace_atomically
 from d3d_cluster.launch.pipeline import EVAL
@@ -183,7 +184,13 @@ def point_row(point: Point, jobs: dict[str, StageStatus | None]) -> dict:
 
 
 def settings_label(settings: dict) -> str:
-    return ", ".join(f"{key}={value}" for key, value in settings.items()) or "(one setting)"
+    """KEY=VALUE as `--sweep` reads it; a section swept whole in YAML's flow style ({target: logits, weight: 1})."""
+    return ", ".join(f"{key}={_flow(value)}" for key, value in settings.items()) or "(one setting)"
+
+
+def _flow(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip() if isinstance(value, (dict, list)) \
+        else str(value)
 
 
 def compare_points(points: list[Point], jobs: dict[str, dict[str, StageStatus | None]],

@@ -12,8 +12,8 @@ from conftest import tiny_spec
 
 from d3d_cluster import cli
 from d3d_cluster.compare import (FIGURE_NAME, comparison_figure, compare_runs, compare_study, evaluation_state,
-                                 paired_row, paired_summary, student_t_cdf, student_t_quantile, t_interval,
-                                 write_figure)
+                                 paired_row, paired_summary, settings_label, student_t_cdf, student_t_quantile,
+                                 t_interval, write_figure)
 from d3d_cluster.launch.status import run_status
 from d3d_cluster.launch.study import STUDY_NAME
 from d3d_cluster.rundir import RESULTS_NAME, RunDir
@@ -90,6 +90,15 @@ def test_the_interval_is_the_mean_plus_or_minus_t_times_the_standard_error_and_o
     half = 4.302653 * 0.1 / math.sqrt(3)  # t(0.975, 2) from the tables; the sample standard deviation is 0.1
     assert t_interval(values) == pytest.approx([0.2 - half, 0.2 + half], abs=1e-6)
     assert t_interval([0.4]) is None
+
+
+def test_a_setting_reads_as_sweep_takes_it_a_section_swept_whole_in_yaml_flow_style():
+    assert settings_label({"student.distill.weight": 1, "data.pipelines": 2}) == \
+        "student.distill.weight=1, data.pipelines=2"
+    assert settings_label({"student.distill": {"target": "logits", "weight": 1}}) == \
+        "student.distill={target: logits, weight: 1}"
+    assert settings_label({"probe.layers": ["mixed_4f", "mixed_5c"]}) == "probe.layers=[mixed_4f, mixed_5c]"
+    assert settings_label({}) == "(one setting)"
 
 
 def test_each_point_is_paired_and_each_setting_summarised_over_its_evaluated_seeds(study):
