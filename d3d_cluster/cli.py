@@ -309,22 +309,31 @@ def results(run: str | None, spec_path: str | None, workdir: str | None, per_cla
 @click.argument("run", required=False)
 @click.option("--stage", type=click.Choice(["teacher", "student", "baseline"]), default="student", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), help="Where to write (default: RUN/export).")
+@click.option("--format", "formats", type=click.Choice(["onnx"]), multiple=True,
+              help="Also write STAGE.onnx (dynamic batch), checked by onnxruntime against PyTorch on validation clips.")
 @spec_option
 @workdir_option
-def export(run: str | None, stage: str, out: str | None, spec_path: str | None, workdir: str | None) -> None:
+def export(run: str | None, stage: str, out: str | None, formats: tuple[str, ...], spec_path: str | None,
+           workdir: str | None) -> None:
     """A trained stage as a plain fp32 state dict (.pt and .safetensors), with the run's spec.yaml and a
-    model.json that says how to rebuild and feed the network. RUN: a run directory or name."""
+    model.json that says how to rebuild and feed the network; with --format onnx as ONNX too. RUN: a run directory
+    or name."""
+    import json
     from pathlib import Path
 
     from d3d_cluster.train.export import export_stage
 
     found = _run(run, spec_path, workdir)
     try:
-        files = export_stage(found, stage, Path(out) if out else found.path / "export")
+        files = export_stage(found, stage, Path(out) if out else found.path / "export", onnx="onnx" in formats)
     except (FileNotFoundError, ValueError) as error:
         raise click.ClickException(str(error)) from None
     for kind, path in files.items():
         console.print(f"{kind:12} {path}", soft_wrap=True)
+    if "onnx" in files:
+        check = json.loads(files["model"].read_text())["onnx"]["check"]
+        console.print(f"onnxruntime against PyTorch on {check['clips']} validation clips: largest logit difference "
+                      f"{check['max_abs_logit_difference']:.2g} (at most {check['tolerance']:g})", soft_wrap=True)
 
 
 @main.command()
