@@ -599,44 +599,92 @@ def _spec_classes(spec: Spec) -> int:
 
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
-@click.argument("videos", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("videos", nargs=-1, required=True)
 @click.option("--clips", type=click.IntRange(min=1), default=10, show_default=True,
               help="Clips spread evenly over each video; their softmax scores are averaged.")
 @click.option("--top", "top_k", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def predict(export_dir: str, videos: tuple[str, ...], clips: int, top_k: int, as_json: bool) -> None:
-    """The classes an exported student (d3dc export) sees in video files, from RGB alone. A video that cannot
-    be read is reported and the others are still scored; the exit status is then 1."""
-    import json
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="onnx: the export's STAGE.onnx on onnxruntime (CPU; export with --format onnx).")
+@click.option("--batch", "batch_clips", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Clips a network pass takes, at least: whole videos' clips together.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Threads that read and cut the next videos while the network runs.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write a row per video to this .csv or .jsonl file as it "
+                                                             "finishes (with a progress bar) instead of printing it.")
+@click.option("--resume", is_flag=True, help="With --out: continue its file, skipping the videos it has rows for.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of tables.")
+def predict(export_dir: str, videos: tuple[str, ...], clips: int, top_k: int, backend: str, batch_clips: int,
+            workers: int, out: str | None, resume: bool, as_json: bool) -> None:
+    """The classes an exported student (d3dc export) sees in videos, from RGB alone. VIDEOS: files, folders (the
+    videos below them), quoted globs ('clips/**/*.mp4') or CSV files with a path column. A video that cannot be
+    read is named and counted and the others are still scored; the exit status is then 1."""
+    import os
 
     from d3d_cluster.predict import ExportedModel
-    from dataprep.video import VideoError
+    from d3d_cluster.predict_io import ResultsFile, list_videos
 
+    if resume and not out:
+        raise click.UsageError("--resume continues the file of --out")
+    # On a CPU the network gets the cores the reading threads leave: on every core beside them, PyTorch's threads
+    # waited on each other and the quickstart's student scored 7x fewer videos a second (BENCHMARKS).
+    threads = max(1, len(os.sched_getaffinity(0)) - workers)
     try:
-        model = ExportedModel.load(export_dir)
-    except (FileNotFoundError, ValueError) as error:
+        listed = list_videos(videos)
+        model = ExportedModel.load(export_dir, backend=backend, threads=threads)
+        results = ResultsFile(out, top_k, resume) if out else None
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise click.ClickException(str(error)) from None
-    results, failed = [], False
-    for video in videos:
-        try:
-            results.append({"video": video, "clips": clips, "top": model.top(model.probabilities(video, clips), top_k)})
-        except VideoError as error:
-            results.append({"video": video, "error": str(error)})
-            failed = True
-    if as_json:
-        click.echo(json.dumps(results, indent=1))
-    for result in [] if as_json else results:
-        if "error" in result:
-            console.print(Text(result["error"], style="red"), soft_wrap=True)
-            continue
-        table = Table(title=f"{result['video']} ({clips} clips, {model.device.type})")
-        table.add_column("class")
-        table.add_column("probability", justify="right")
-        for row in result["top"]:
-            table.add_row(row["class"], f"{row['probability']:.1%}")
-        console.print(table)
-    if failed:
+    todo = [video for video in listed if results is None or video not in results.done]
+    stderr = Console(stderr=True, highlight=False)  # stdout holds the results alone (JSON lines with --json)
+    try:
+        counts = _predict_videos(model, todo, clips, top_k, batch_clips, workers, results, as_json, stderr)
+    finally:
+        if results is not None:
+            results.close()
+    skipped = f"; {len(listed) - len(todo)} already in {out}, skipped" if len(todo) < len(listed) else ""
+    stderr.print(f"{counts['scored']} videos scored, {counts['unreadable']} unreadable{skipped}; "
+                 f"{counts['videos_per_second']:.2f} videos/s ({backend} on {model.device.type}"
+                 f"{f' with {threads} threads' if model.device.type == 'cpu' else ''}, batches of {batch_clips}+ "
+                 f"clips, {workers} reading threads)", soft_wrap=True, markup=False)
+    if counts["unreadable"]:
         raise SystemExit(1)
+
+
+def _predict_videos(model, videos: list[str], clips: int, top_k: int, batch_clips: int, workers: int, results,
+                    as_json: bool, stderr: Console) -> dict:
+    """Score `videos`, each row written to `results` (with a progress bar) or printed as it finishes; the counts."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from d3d_cluster.predict import score_videos
+    from d3d_cluster.predict_io import result_row
+
+    counts = {"scored": 0, "unreadable": 0}
+    progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=stderr, disable=results is None)
+    started = time.perf_counter()
+    with progress:
+        task = progress.add_task("videos", total=len(videos))
+        for scored in score_videos(model, videos, clips, batch_clips, workers):
+            row = result_row(model, scored, top_k)
+            counts["unreadable" if scored.error else "scored"] += 1
+            if scored.error:
+                progress.console.print(Text(scored.error, style="red"), soft_wrap=True)
+            if results is not None:
+                results.write(row)
+            elif as_json:
+                click.echo(json.dumps(row))
+            elif not scored.error:
+                table = Table(title=f"{scored.video} ({scored.clips} clips, {model.device.type})")
+                table.add_column("class")
+                table.add_column("probability", justify="right")
+                for entry in row["top"]:
+                    table.add_row(entry["class"], f"{entry['probability']:.1%}")
+                console.print(table)
+            progress.advance(task)
+    counts["videos_per_second"] = len(videos) / max(time.perf_counter() - started, 1e-9)
+    return counts
 
 
 @main.command()

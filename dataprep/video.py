@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
 from fractions import Fraction
 
 import av
@@ -17,6 +18,7 @@ import numpy as np
 
 _DALI_BATCH = 16
 _pipeline = None  # one DALI pipeline per process, built on first use
+_pipeline_lock = threading.Lock()  # predict's reader threads share it: one run, and the read of its output, at a time
 
 
 class VideoError(ValueError):
@@ -192,17 +194,19 @@ def dali_decodes(encoded: list[bytes]) -> list[int | None]:
     usable = [i for i, blob in enumerate(encoded) if len(blob)]  # DALI asserts on empty input
     for start in range(0, len(usable), _DALI_BATCH):
         batch = usable[start : start + _DALI_BATCH]
-        try:
-            decoded = _dali_run([encoded[i] for i in batch])
-            for i, shape in zip(batch, decoded.shape()):
-                counts[i] = int(shape[0])
-        except RuntimeError:
-            for i in batch:
-                with contextlib.suppress(RuntimeError):
-                    counts[i] = int(_dali_run([encoded[i]]).shape()[0][0])
+        with _pipeline_lock:
+            try:
+                decoded = _dali_run([encoded[i] for i in batch])
+                for i, shape in zip(batch, decoded.shape()):
+                    counts[i] = int(shape[0])
+            except RuntimeError:
+                for i in batch:
+                    with contextlib.suppress(RuntimeError):
+                        counts[i] = int(_dali_run([encoded[i]]).shape()[0][0])
     return counts
 
 
 def dali_decode(encoded: bytes) -> np.ndarray:
     """One blob decoded by DALI's CPU decoder to (F, H, W, 3) uint8, as the training loader will see it."""
-    return np.array(_dali_run([encoded])[0])
+    with _pipeline_lock:
+        return np.array(_dali_run([encoded])[0])
