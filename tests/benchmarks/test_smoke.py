@@ -51,6 +51,25 @@ def test_the_loader_benchmark_times_member_reads_under_an_injected_read_latency(
         assert all(reads["dali_median"] > 0 for reads in result.values())
 
 
+def test_the_inference_benchmark_runs_at_smoke_size_and_sets_the_student_against_two_stream(tmp_path,
+                                                                                            evaluated_run):
+    run, _ = evaluated_run
+    report = run_benchmark("inference", tmp_path, "--run", str(run.path))
+    [result] = report["results"]
+    assert result["videos"] == 2 and result["clips_per_video"] == 1 and result["clip"] == [8, 24, 24]
+    assert result["source_video"] == {"frames": 12, "height": 32, "width": 32}
+    assert result["flow"]["algorithm"] == "farneback"
+    seconds = result["seconds"]
+    assert all(len(values) == 2 and min(values) > 0 for values in seconds.values())
+    assert seconds["two_stream"] == pytest.approx([d + r + f + n for d, r, f, n in zip(
+        seconds["decode_s"], seconds["rgb_network_s"], seconds["flow_s"], seconds["flow_network_s"])])
+    assert result["two_stream_over_student"] == pytest.approx(result["medians"]["two_stream"] /
+                                                              result["medians"]["student"])
+    models = json.loads((run.path / "results.json").read_text())["models"]
+    assert report["accuracy"]["student_top1"] == models["student"]["top1"]
+    assert report["accuracy"]["two_stream_top1"] == models["student+teacher"]["top1"]
+
+
 def test_the_metrics_overhead_benchmark_runs_at_smoke_size_and_relates_observing_to_a_step(tmp_path):
     report = run_benchmark("metrics_overhead", tmp_path)
     assert report["observe_step_seconds"] > 0 and report["scrape_seconds"] > 0 and report["train_step_seconds"] > 0
