@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 ONNX_INPUT, ONNX_OUTPUT = "clips", "logits"
+STACK_TRACE = "pkg.torch.onnx.stack_trace"  # each node's Python stack at export: the exporting machine's paths
 TOLERANCE = 1e-4  # largest absolute difference of a logit, onnxruntime against PyTorch, that an export accepts
 
 
@@ -41,6 +42,20 @@ def write_onnx(network: torch.nn.Module, path: Path, clip_shape: list[int]) -> N
                               verbose=False)
     finally:
         registration.setLevel(level)
+    _drop_stack_traces(path)
+
+
+def _drop_stack_traces(path: Path) -> None:
+    """A deployed file should not carry the file names of the machine that exported it; the nodes keep their module
+    names and hierarchy, which is what debugging a graph needs."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for node in [*model.graph.node, *(node for function in model.functions for node in function.node)]:
+        kept = [entry for entry in node.metadata_props if entry.key != STACK_TRACE]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(model, str(path))
 
 
 def onnx_session(path: Path, threads: int | None = None):

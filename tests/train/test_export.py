@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,6 +11,7 @@ from conftest import finish_stage, tiny_spec
 from onnx import numpy_helper
 from safetensors.torch import load_file
 
+import d3d_cluster
 from d3d_cluster.cli import main
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.rundir import RunDir
@@ -110,6 +112,8 @@ def test_onnx_export_has_a_free_batch_axis_and_reproduces_the_pytorch_logits_of_
     assert 0 <= check["max_abs_logit_difference"] <= 1e-4
     assert f"on 8 validation clips: largest logit difference {check['max_abs_logit_difference']:.2g}" in printed
     assert info["input"]["layout"] == "N, C, T, H, W" and info["input"]["mean"] and info["input"]["std"]
+    exported_from = str(Path(d3d_cluster.__file__).resolve().parent.parent).encode()
+    assert exported_from not in (out / "student.onnx").read_bytes()  # no stack traces naming this machine's files
 
     session = onnxruntime.InferenceSession(str(out / "student.onnx"))  # as a serving stack would, on its own
     [given] = session.get_inputs()
