@@ -7,6 +7,7 @@ that a change of API breaks a test rather than a benchmark found broken months l
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -60,3 +61,12 @@ def data_layout(layout: str) -> dict:
         raise argparse.ArgumentTypeError(f"{layout!r} is not PIPELINESxTHREADS, with cpu after it for the CPU "
                                          f"decoder (2x4, 1x16cpu)")
     return {"pipelines": int(parsed[1]), "reader_threads": int(parsed[2]), "decoder": "cpu" if parsed[3] else "auto"}
+
+
+def write_report(report: dict, out: str | Path) -> Path:
+    """A benchmark's results as indented JSON at `out` (its folder made), said on stdout."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {out}", flush=True)
+    return out

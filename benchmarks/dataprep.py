@@ -26,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from benchmarks import parse_args
+from benchmarks import parse_args, write_report
 from d3d_cluster.spec import FlowSpec, PrepSpec
 from dataprep.flow import compute_flow
 from dataprep.prepare import plan_shards, prepare_dataset
@@ -128,9 +128,7 @@ def main() -> None:
         "tvl1_slowdown_vs_farneback": {name: farneback / result["videos_per_second_per_core"]
                                        for name, result in results.items() if name != "farneback"},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(json.dumps(report["tvl1_slowdown_vs_farneback"], indent=2))
 
 

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import SMOKE_SPEC, parse_args, prepare
+from benchmarks import SMOKE_SPEC, parse_args, prepare, write_report
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import plan_jobs, queue_jobs
 from d3d_cluster.launch.status import run_status
@@ -336,9 +336,7 @@ def main() -> None:
         "status": status.stdout,
         "faults": records,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(json.dumps({key: report[key] for key in ("survived", "comparison", "faults_by_kind", "requeues_by_cause",
                                                    "steps_lost", "median_seconds", "median_seconds_node_free")}, indent=2))
     print(status.stdout)

@@ -37,7 +37,7 @@ import cv2
 import numpy as np
 import torch
 
-from benchmarks import SMOKE_SPEC, parse_args
+from benchmarks import SMOKE_SPEC, parse_args, write_report
 from benchmarks.dataprep import make_videos
 from d3d_cluster.data.order import eval_views
 from d3d_cluster.data.schema import dequantize_flow, quantize_flow
@@ -178,10 +178,7 @@ def main() -> None:
         "results": results,
         "accuracy": report_accuracy,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

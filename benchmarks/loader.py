@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
-import json
 import os
 import platform
 import statistics
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from benchmarks import data_layout, parse_args
+from benchmarks import data_layout, parse_args, write_report
 from d3d_cluster.data import pipeline
 from d3d_cluster.data.index import SampleTable
 from d3d_cluster.data.order import epoch_order, train_view
@@ -247,8 +246,7 @@ def main() -> None:
               "cores": os.cpu_count(),
               "decoder": "mixed" if args.device_id is not None else "cpu", "date": time.strftime("%Y-%m-%d"),
               "results": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks import parse_args
+from benchmarks import parse_args, write_report
 from d3d_cluster.data.pipeline import Batch, LoaderState
 from d3d_cluster.metrics import TrainMetrics
 from d3d_cluster.spec import StageSpec
@@ -219,8 +219,7 @@ def main() -> None:
               "flags_all_reduce_median_us": flags * 1e6,
               "results": results, "machine": platform.machine(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(json.dumps({key: report[key] for key in ("bare_step_median_us", "flags_all_reduce_median_us")}
                      | {f"report_every={r['report_every']}": {"loop_step_median_us": r["loop_step_median_us"],
                                                              "overhead_median_us": r["overhead_median_us"]}

@@ -14,12 +14,11 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from prometheus_client import generate_latest
 
-from benchmarks import parse_args
+from benchmarks import parse_args, write_report
 from d3d_cluster.metrics import TrainMetrics
 from d3d_cluster.models import S3DG
 
@@ -63,8 +62,7 @@ def main() -> None:
     result = {"observe_step_seconds": observe, "scrape_seconds": scrape, "train_step_seconds": step,
               "observe_over_step": observe / step, "machine": platform.machine(), "python": platform.python_version(),
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_report(result, args.out)
     print(json.dumps(result, indent=2))
 
 

@@ -30,11 +30,10 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
-from benchmarks import parse_args
+from benchmarks import parse_args, write_report
 from d3d_cluster.data.pipeline import Batch
 from d3d_cluster.models import S3DG
 from d3d_cluster.models.s3dg import MaxPool3d
@@ -194,10 +193,7 @@ def main() -> None:
         "torch": torch.__version__, "device": device.type, "steps": args.steps, "warmup": args.warmup,
         "card": CARDS[args.card] if gpu else None, "results": results,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written to {out}")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

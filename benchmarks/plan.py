@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import write_report
 from d3d_cluster.models import S3DG, FeatureDistillation
 from d3d_cluster.spec import FEATURE_LAYERS, Spec, load_spec
 from d3d_cluster.train.teacher_outputs import stored_dtype
@@ -405,8 +406,7 @@ def main() -> None:
     except MissingInput as error:
         raise SystemExit(f"benchmarks.plan: {error}") from None
     print(render(plan))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(plan, indent=2) + "\n")
+    write_report(plan, args.out)
 
 
 if __name__ == "__main__":

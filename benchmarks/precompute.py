@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import SMOKE_SPEC, parse_args, prepare
+from benchmarks import SMOKE_SPEC, parse_args, prepare, write_report
 from d3d_cluster.data.schema import Manifest
 from d3d_cluster.launch.pipeline import run_stage
 from d3d_cluster.rundir import RunDir
@@ -126,9 +126,7 @@ def main() -> None:
                                max(max(r["load_average"]) for rs in rows.values() for r in rs)],
         "runs": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(json.dumps({key: report[key] for key in ("medians", "ratios", "paired_ratio_medians", "load_average_range")},
                      indent=2))
 

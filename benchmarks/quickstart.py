@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import SMOKE_SPEC, parse_args
+from benchmarks import SMOKE_SPEC, parse_args, write_report
 from d3d_cluster.compare import paired_row, paired_summary, spread
 from d3d_cluster.launch.study import study_points, submit_study
 from d3d_cluster.rundir import RESULTS_NAME, RunDir, trained_with
@@ -169,9 +169,7 @@ def main() -> None:
         "reused_stages": reused,
         "spec": spec.model_dump(),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(json.dumps({key: report[key] for key in ("models", "paired", "probe") if key in report}, indent=2))
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import parse_args
+from benchmarks import parse_args, write_report
 
 TAR_BLOCK = 512
 TAR_RECORD = 10240  # tar pads an archive to whole records of 20 blocks
@@ -435,8 +435,7 @@ def main() -> None:
                        "startup_seconds": report["startup"]["total_seconds"] < TARGETS["startup_seconds"],
                        "eval_rank0_bytes": max(after["rank0_peak_bytes"], after["rank0_peak_rss_bytes"])
                        < TARGETS["eval_rank0_bytes"]}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out)
     print(table(report))
 
 
