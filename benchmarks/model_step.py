@@ -133,10 +133,11 @@ def measure(width: float, frames: int, size: int, batch_size: int, precision: st
                  "step_tflop": flops[name] / 1e12}
         if device.type == "cuda":
             entry["mfu"] = flops[name] / median / card["bf16_flops"]
-            limits = training_step(name, CLASSES, frames, size, width, batch_size=batch_size).limits(card)
-            entry["roofline_clips_per_s"] = limits
-            entry["share_of_memory_roofline"] = {kind: entry["clips_per_s"] / limits[f"memory_{kind}"]
-                                                 for kind in ("unfused", "fused")}
+            if precision == "bf16" and pooling == "separable":  # the step the roofline counts (bf16 bytes)
+                limits = training_step(name, CLASSES, frames, size, width, batch_size=batch_size).limits(card)
+                entry["roofline_clips_per_s"] = limits
+                entry["share_of_memory_roofline"] = {kind: entry["clips_per_s"] / limits[f"memory_{kind}"]
+                                                     for kind in ("unfused", "fused")}
             if profile:
                 entry["top_kernels"] = _top_kernels(stage, network, batch, device, precision)
                 for kernel in entry["top_kernels"]:
