@@ -40,9 +40,10 @@ import torch
 from benchmarks import SMOKE_SPEC, parse_args, write_report
 from benchmarks.dataprep import make_videos
 from d3d_cluster.data.order import eval_views
+from d3d_cluster.data.pipeline import stored_geometry
 from d3d_cluster.data.schema import dequantize_flow, quantize_flow
 from d3d_cluster.models import S3DG
-from d3d_cluster.predict import ExportedModel, clip_geometry, view_crops
+from d3d_cluster.predict import ExportedModel, view_crops
 from d3d_cluster.rundir import RESULTS_NAME
 from d3d_cluster.spec import Spec, load_spec
 from dataprep.flow import compute_flow
@@ -64,7 +65,7 @@ def source_geometry(spec: Spec, frames: int) -> tuple[int, int, int]:
 def flow_clips(stored: np.ndarray, spec: Spec, count: int) -> torch.Tensor:
     """(count, 2, T, S, S) flow clips of the evaluation's views as the teacher is fed them, the flow computed only
     between the frame pairs the views read."""
-    geometry = clip_geometry(stored, spec.data)
+    geometry = stored_geometry(*stored.shape[1:3], spec.data)
     views = eval_views(geometry, len(stored), count, 1)
     needed = sorted({view.start + k * geometry.stride for view in views for k in range(geometry.clip_frames)})
     flow = np.zeros((len(stored) - 1, *stored.shape[1:3], 2), np.float32)
@@ -117,15 +118,15 @@ def measure(spec_path: str, spec: Spec, videos: int, frames: int, clips: int | N
     student_s = [d + r for d, r in zip(parts["decode_s"], parts["rgb_network_s"])]
     two_stream_s = [d + r + f + n for d, r, f, n in zip(parts["decode_s"], parts["rgb_network_s"], parts["flow_s"],
                                                         parts["flow_network_s"])]
+    seconds = {**parts, "student": student_s, "two_stream": two_stream_s}
     result = {
         "spec": spec_path, "name": spec.name, "videos": videos,
         "source_video": {"frames": frames, "height": height, "width": width},
         "clips_per_video": clips,
         "clip": [spec.data.clip_frames, spec.data.crop_size, spec.data.crop_size], "width": spec.model.width,
         "classes": classes, "flow": spec.prep.flow.model_dump(),
-        "seconds": {**parts, "student": student_s, "two_stream": two_stream_s},
-        "medians": {key: statistics.median(values) for key, values in
-                    {**parts, "student": student_s, "two_stream": two_stream_s}.items()},
+        "seconds": seconds,
+        "medians": {key: statistics.median(values) for key, values in seconds.items()},
         "per_video_two_stream_over_student": [t / s for t, s in zip(two_stream_s, student_s)],
     }
     result["two_stream_over_student"] = result["medians"]["two_stream"] / result["medians"]["student"]

@@ -27,10 +27,10 @@ import torch
 import yaml
 
 from d3d_cluster.data.order import Geometry, View, eval_views
-from d3d_cluster.data.pipeline import RGB_MEAN, RGB_STD
+from d3d_cluster.data.pipeline import RGB_MEAN, RGB_STD, stored_geometry
 from d3d_cluster.models import S3DG
 from d3d_cluster.models.weights import load_s3dg
-from d3d_cluster.spec import DataSpec, Spec
+from d3d_cluster.spec import Spec
 from d3d_cluster.train.engine import autocast, prepare_device
 
 BACKENDS = ("torch", "onnx")
@@ -96,7 +96,7 @@ class ExportedModel:
 
         prep = self.spec.prep
         frames = dali_decode(encode_vp9(stored, prep.fps, prep.keyframe_interval, prep.crf))
-        geometry = clip_geometry(frames, self.spec.data)
+        geometry = stored_geometry(*frames.shape[1:3], self.spec.data)
         crops = view_crops(frames, geometry, eval_views(geometry, len(frames), count, 1)).astype(np.float32)
         normalised = (crops - np.array(RGB_MEAN, np.float32)) / np.array(RGB_STD, np.float32)
         return torch.from_numpy(np.ascontiguousarray(normalised.transpose(0, 4, 1, 2, 3)))
@@ -127,10 +127,6 @@ class ExportedModel:
     def top(self, probabilities: np.ndarray, k: int) -> list[dict]:
         best = np.argsort(-probabilities, kind="stable")[: min(k, len(self.classes))]
         return [{"class": self.classes[c], "probability": float(probabilities[c])} for c in best]
-
-
-def clip_geometry(frames: np.ndarray, data: DataSpec) -> Geometry:
-    return Geometry(frames.shape[1], frames.shape[2], data.clip_frames, data.frame_stride, data.crop_size)
 
 
 def view_crops(frames: np.ndarray, geometry: Geometry, views: list[View]) -> np.ndarray:

@@ -111,7 +111,12 @@ def clip_geometry(manifest: Manifest, shard_dir, data: DataSpec) -> Geometry:
     if data.crop_size > min(manifest.height, manifest.width):
         raise ValueError(f"{shard_dir}: data.crop_size = {data.crop_size} exceeds the stored "
                          f"{manifest.height}x{manifest.width} frames")
-    return Geometry(manifest.height, manifest.width, data.clip_frames, data.frame_stride, data.crop_size)
+    return stored_geometry(manifest.height, manifest.width, data)
+
+
+def stored_geometry(height: int, width: int, data: DataSpec) -> Geometry:
+    """The data spec's clips over stored frames of this size (unchecked: `clip_geometry` checks a split's)."""
+    return Geometry(height, width, data.clip_frames, data.frame_stride, data.crop_size)
 
 
 def decodes_on_gpu(manifest: Manifest, shard_dir, data: DataSpec) -> bool:
